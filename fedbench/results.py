@@ -1,0 +1,143 @@
+"""Results on disk: atomic writes, one folder per config hash, loading every run as a DataFrame.
+
+Layout under a results root (default ``results/runs``)::
+
+    <root>/<config-hash>/config.json     the full config
+    <root>/<config-hash>/rounds.csv      one row per round (accuracy, loss, bytes, clients, wall-clock)
+    <root>/<config-hash>/summary.json    final numbers; written last, so its presence means "finished"
+
+A run whose summary.json exists is finished: :func:`cached_run` loads it instead of recomputing.
+Every file is written to a temporary name in the same folder and renamed into place, so an
+interrupted run never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_csv(path: str | Path, df: pd.DataFrame) -> None:
+    atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_savefig(fig, path: str | Path, **kwargs) -> None:
+    """Save a matplotlib figure atomically (PNG by the path's suffix)."""
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", bbox_inches="tight", dpi=kwargs.pop("dpi", 110),
+                **kwargs)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _json_default(x):
+    import numpy as np
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+@dataclass
+class RunResult:
+    """What one finished federated run leaves behind."""
+    config: dict
+    rounds: pd.DataFrame
+    summary: dict
+
+    @property
+    def final_accuracy(self) -> float:
+        return float(self.summary["final_accuracy"])
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("FEDBENCH_RESULTS", "results/runs"))
+
+
+def run_dir(config_hash: str, root: str | Path | None = None) -> Path:
+    return Path(root or default_root()) / config_hash
+
+
+def save_run(result: RunResult, config_hash: str, root: str | Path | None = None) -> Path:
+    d = run_dir(config_hash, root)
+    atomic_write_json(d / "config.json", result.config)
+    atomic_write_csv(d / "rounds.csv", result.rounds)
+    atomic_write_json(d / "summary.json", result.summary)   # last: marks the run finished
+    return d
+
+
+def load_run(config_hash: str, root: str | Path | None = None) -> RunResult | None:
+    d = run_dir(config_hash, root)
+    if not (d / "summary.json").exists():
+        return None
+    return RunResult(config=json.loads((d / "config.json").read_text()),
+                     rounds=pd.read_csv(d / "rounds.csv"),
+                     summary=json.loads((d / "summary.json").read_text()))
+
+
+def cached_run(config, compute: Callable[[], RunResult], root: str | Path | None = None,
+               force: bool = False) -> RunResult:
+    """Load the finished run of `config` if there is one, else compute and save it."""
+    h = config.hash()
+    if not force:
+        done = load_run(h, root)
+        if done is not None:
+            return done
+    result = compute()
+    save_run(result, h, root)
+    return result
+
+
+def load_results(root: str | Path | None = None, rounds: bool = False) -> pd.DataFrame:
+    """Every finished run under `root` as one DataFrame.
+
+    One row per run (summary fields + flattened config columns such as ``peft.method``), or with
+    ``rounds=True`` one row per (run, round).
+    """
+    root = Path(root or default_root())
+    frames = []
+    for summary_path in sorted(root.glob("*/summary.json")):
+        h = summary_path.parent.name
+        res = load_run(h, root)
+        flat_cfg = pd.json_normalize(res.config, sep=".").iloc[0].to_dict()
+        if rounds:
+            df = res.rounds.copy()
+            for k, v in flat_cfg.items():
+                df[k] = str(v) if isinstance(v, list) else v
+        else:
+            df = pd.DataFrame([{**{k: (str(v) if isinstance(v, list) else v) for k, v in flat_cfg.items()},
+                                **res.summary}])
+        df.insert(0, "config_hash", h)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
