@@ -1,0 +1,84 @@
+"""What every experiment shares: profiles, output folders, tables, figures, the claims table."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from fedbench.config import PROFILES, ConfigError
+from fedbench.results import atomic_savefig, atomic_write_csv
+
+
+def results_root() -> Path:
+    """Where experiment outputs go: $FEDBENCH_RESULTS_ROOT or ./results."""
+    return Path(os.environ.get("FEDBENCH_RESULTS_ROOT", "results"))
+
+
+def check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ConfigError("profile", profile, f"one of {list(PROFILES)}")
+    return profile
+
+
+def output_dir(experiment: str, profile: str) -> Path:
+    """results/<experiment>/ for the quick profile (the committed one), results/<experiment>/<profile>/
+    for smoke (git-ignored) and full."""
+    check_profile(profile)
+    d = results_root() / experiment
+    d = d if profile == "quick" else d / profile
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def runs_root() -> Path:
+    """The per-config run store (git-ignored): a finished config is loaded, not recomputed."""
+    return results_root() / "runs"
+
+
+def profile_settings(defaults: dict[str, dict], profile: str, overrides: dict) -> dict:
+    """The settings of `profile` with the user's non-None overrides on top; unknown keys are errors."""
+    check_profile(profile)
+    settings = dict(defaults[profile])
+    for key, value in overrides.items():
+        if key not in settings:
+            raise ConfigError(key, value, f"a parameter of this experiment: {sorted(settings)}")
+        if value is not None:
+            settings[key] = value
+    return settings
+
+
+def save_table(df: pd.DataFrame, out: Path, name: str) -> Path:
+    path = Path(out) / name
+    atomic_write_csv(path, df)
+    return path
+
+
+def save_figure(fig, out: Path, name: str) -> Path:
+    path = Path(out) / name
+    atomic_savefig(fig, path)
+    return path
+
+
+@dataclass
+class Claim:
+    """One published claim, our measured evidence and whether the two agree."""
+    claim: str
+    paper: str
+    ours: str
+    agrees: bool
+
+    def row(self) -> dict:
+        return {"claim": self.claim, "paper": self.paper, "ours": self.ours,
+                "agrees": "yes" if self.agrees else "no"}
+
+
+def claims_table(claims: list[Claim]) -> pd.DataFrame:
+    return pd.DataFrame([c.row() for c in claims], columns=["claim", "paper", "ours", "agrees"])
+
+
+def mean_std(df: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
+    """Mean, std and count of `value` over seeds, per group `by`."""
+    g = df.groupby(by, sort=False)[value]
+    return g.agg(mean="mean", std="std", n="count").reset_index()
