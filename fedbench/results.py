@@ -81,8 +81,20 @@ class RunResult:
         return float(self.summary["final_accuracy"])
 
 
+def project_results_dir() -> Path:
+    """results/ of the fedbench checkout (so notebooks run from notebooks/ write to the same place),
+    else ./results; $FEDBENCH_RESULTS_ROOT overrides both."""
+    if os.environ.get("FEDBENCH_RESULTS_ROOT"):
+        return Path(os.environ["FEDBENCH_RESULTS_ROOT"])
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").exists() and (checkout / "fedbench").is_dir():
+        return checkout / "results"
+    return Path("results")
+
+
 def default_root() -> Path:
-    return Path(os.environ.get("FEDBENCH_RESULTS", "results/runs"))
+    """The run store: $FEDBENCH_RESULTS, else results/runs."""
+    return Path(os.environ["FEDBENCH_RESULTS"]) if os.environ.get("FEDBENCH_RESULTS") else project_results_dir() / "runs"
 
 
 def run_dir(config_hash: str, root: str | Path | None = None) -> Path:

@@ -1,19 +1,18 @@
 """What every experiment shares: profiles, output folders, tables, figures, the claims table."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from fedbench.config import PROFILES, ConfigError
-from fedbench.results import atomic_savefig, atomic_write_csv
+from fedbench.results import atomic_savefig, atomic_write_csv, project_results_dir
 
 
 def results_root() -> Path:
-    """Where experiment outputs go: $FEDBENCH_RESULTS_ROOT or ./results."""
-    return Path(os.environ.get("FEDBENCH_RESULTS_ROOT", "results"))
+    """Where experiment outputs go: $FEDBENCH_RESULTS_ROOT, else the checkout's results/."""
+    return project_results_dir()
 
 
 def check_profile(profile: str) -> str:

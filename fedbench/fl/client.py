@@ -29,13 +29,24 @@ class ClientUpdate:
 
 
 def forward_batch(model, split: TokenizedSplit, batch: np.ndarray, cache: ActivationCache | None, pad_id: int):
-    """Logits for the examples `batch`, starting above the cached frozen layers when possible."""
+    """Logits for the examples `batch`, starting above the cached frozen layers when possible
+    (classes outside an example's ``split.class_mask`` row get -inf)."""
     if cache is not None and model.frozen_prefix > 0:
         cache.ensure(model.frozen_prefix)
         hidden, mask = cache.get(model, batch)
-        return model(hidden=hidden, attention_mask=mask, start_layer=model.frozen_prefix)
-    ids, mask = pad_batch([split.input_ids[i] for i in batch], pad_id)
-    return model(ids, mask)
+        logits = model(hidden=hidden, attention_mask=mask, start_layer=model.frozen_prefix)
+    else:
+        ids, mask = pad_batch([split.input_ids[i] for i in batch], pad_id)
+        logits = model(ids, mask)
+    return restrict_logits(logits, split, batch)
+
+
+def restrict_logits(logits: torch.Tensor, split: TokenizedSplit, batch) -> torch.Tensor:
+    """-inf on the classes an example may not take (its row of ``split.class_mask``); unchanged without a mask.
+    Cross-entropy and argmax then act within each example's own task: one head per task, in one matrix."""
+    if split.class_mask is None:
+        return logits
+    return logits.masked_fill(~split.class_mask[torch.as_tensor(np.asarray(batch))], float("-inf"))
 
 
 def make_optimizer(params, cfg):
@@ -60,17 +71,19 @@ def local_batches(indices, lengths, cfg, rng) -> list[np.ndarray]:
 
 def train_client(model, state_in: dict, split: TokenizedSplit, indices: np.ndarray, cfg, seed: int,
                  client_id: int = 0, cache: ActivationCache | None = None, pad_id: int = 0,
-                 dp_state: dict | None = None) -> ClientUpdate:
+                 dp_state: dict | None = None, dp_total_rounds: int = 1) -> ClientUpdate:
     """Local training of one client, seeded by `seed` (batch order and dropout).
 
     `cfg` is a :class:`fedbench.config.TrainConfig`. With ``cfg.dp.enabled`` the step is DP-SGD
-    (see :mod:`fedbench.fl.privacy`); `dp_state` then carries this client's privacy ledger across rounds.
+    (see :mod:`fedbench.fl.privacy`); `dp_state` then carries this client's privacy ledger across rounds,
+    and `dp_total_rounds` (the run's rounds) is what a ``dp.target_epsilon`` budget is calibrated over.
     """
     start = time.perf_counter()
     load_trainable_state(model, state_in)
     if cfg.dp.enabled:
         from fedbench.fl.privacy import train_client_dp
-        return train_client_dp(model, state_in, split, indices, cfg, seed, client_id, pad_id, dp_state, start)
+        return train_client_dp(model, state_in, split, indices, cfg, seed, client_id, pad_id, dp_state, start,
+                               total_rounds=dp_total_rounds, cache=cache)
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
@@ -124,5 +137,5 @@ def predict(model, split: TokenizedSplit, indices=None, batch_size: int = 256, p
         for s in range(0, len(idx), batch_size):
             pos = order[s:s + batch_size]
             ids, mask = pad_batch([split.input_ids[i] for i in idx[pos]], pad_id)
-            out[pos] = model(ids, mask).argmax(-1).numpy()
+            out[pos] = restrict_logits(model(ids, mask), split, idx[pos]).argmax(-1).numpy()
     return out

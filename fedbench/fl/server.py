@@ -82,6 +82,18 @@ def sample_clients(num_clients: int, clients_per_round: float, rng: np.random.Ge
     return np.sort(rng.choice(num_clients, size=min(k, num_clients), replace=False))
 
 
+@dataclass
+class RoundPlan:
+    """One round's participants: the sampled clients and which of them drop out before reporting."""
+    round_idx: int
+    sampled: np.ndarray          # sorted client ids
+    dropped: np.ndarray          # bool, one per sampled client
+
+    @property
+    def reporting(self) -> list[int]:
+        return [int(c) for c, d in zip(self.sampled, self.dropped) if not d]
+
+
 class LoraBase:
     """Applies a GlobalModel's dense base updates to the one shared model (stack semantics)."""
 
@@ -130,7 +142,8 @@ class FederatedRun:
         return train_client(
             self.model, self.global_model.state, self.data.train, self.data.client_indices[client_id],
             self.cfg.train, seed=derive_seed(self.cfg.seed, "client", round_idx, client_id), client_id=client_id,
-            cache=self.train_cache, pad_id=self.data.pad_id, dp_state=self.dp_states.setdefault(client_id, {}))
+            cache=self.train_cache, pad_id=self.data.pad_id, dp_state=self.dp_states.setdefault(client_id, {}),
+            dp_total_rounds=self.cfg.fl.rounds)
 
     def evaluate_global(self) -> dict:
         load_global(self.model, self.global_model, self.base)
@@ -139,18 +152,34 @@ class FederatedRun:
         return evaluate(self.model, self.data.test, self.data.test_indices, cache=self.test_cache,
                         pad_id=self.data.pad_id)
 
-    def run_round(self, round_idx: int) -> dict:
-        t0 = time.perf_counter()
+    def select_clients(self, round_idx: int) -> RoundPlan:
+        """Which clients round `round_idx` samples and which of them drop out (both seeded by the config)."""
         cfg = self.cfg
         sampled = sample_clients(cfg.data.num_clients, cfg.fl.clients_per_round, rng_for(cfg.seed, "sampling", round_idx))
         drop = rng_for(cfg.seed, "dropout", round_idx).random(len(sampled)) < cfg.fl.dropout
-        reporting = [int(c) for c, d in zip(sampled, drop) if not d]
-        bytes_down = self.down_bytes * len(sampled)
-        updates = [self.client_update(c, round_idx) for c in reporting]
+        return RoundPlan(round_idx, sampled, drop)
+
+    def run_round(self, round_idx: int) -> dict:
+        t0 = time.perf_counter()
+        plan = self.select_clients(round_idx)
+        updates = [self.client_update(c, round_idx) for c in plan.reporting]
+        return self.finish_round(plan, updates, t0)
+
+    def finish_round(self, plan: RoundPlan, updates: list[ClientUpdate], t0: float, failed: int = 0) -> dict:
+        """Aggregate the reporting clients' `updates` (in client order), evaluate, record the round.
+
+        The round loop's second half, shared with other engines (Flower's ServerApp calls it with the
+        updates its ClientApps sent back). `failed` counts sampled clients that were asked to train but
+        did not report (an engine's real failures); they are recorded as dropped. `t0` is when the round
+        started (``time.perf_counter()``).
+        """
+        cfg, round_idx = self.cfg, plan.round_idx
+        bytes_down = self.down_bytes * len(plan.sampled)
         bytes_up = sum(state_nbytes(u.state) for u in updates)
         self.global_model, self.down_bytes = self.strategy.aggregate(self.global_model, updates, round_idx)
         self.cumulative_bytes += bytes_up + bytes_down
-        rec = {"round": round_idx, "clients_sampled": len(sampled), "clients_dropped": int(drop.sum()),
+        rec = {"round": round_idx, "clients_sampled": len(plan.sampled),
+               "clients_dropped": int(plan.dropped.sum()) + int(failed),
                "bytes_up": bytes_up, "bytes_down": bytes_down, "cumulative_bytes": self.cumulative_bytes,
                "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else float("nan"),
                "local_steps": int(sum(u.num_steps for u in updates))}

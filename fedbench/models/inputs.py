@@ -17,6 +17,10 @@ class TokenizedSplit:
     """Unpadded token ids of every example (no padding stored) and the labels."""
     input_ids: list[torch.Tensor]
     labels: torch.Tensor
+    # optional (n, num_classes) bool: the classes each example may take. A multi-task split over the
+    # union of its tasks' label spaces (one head with every task's rows) sets it, so that each example's
+    # softmax runs over its own task's classes only, which is exactly one head per task. None = all.
+    class_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -1,0 +1,48 @@
+"""Run every notebook headless with papermill: `make reproduce` (quick profile) or PROFILE=full.
+
+Each executed notebook is kept beside its results: results/<experiment>/<notebook>.ipynb for quick,
+results/<experiment>/<profile>/<notebook>.ipynb otherwise. Prints each notebook's wall-clock.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# notebook stem -> experiment folder under results/
+EXPERIMENTS = {"00_quickstart": "quickstart", "01_fedpeft": "fedpeft", "02_fl_tac": "fl_tac",
+               "03_autofednlp": "autofednlp", "04_lorm": "lorm", "05_task_arithmetic": "task_arithmetic"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", default="quick", choices=["smoke", "quick", "full"])
+    parser.add_argument("--only", nargs="*", help="notebook stems to run (default: all)")
+    args = parser.parse_args()
+    import papermill as pm
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        notebooks = [nb for nb in notebooks if nb.stem in args.only]
+    if not notebooks:
+        print("no notebooks to run", file=sys.stderr)
+        return 1
+    timings = []
+    for nb in notebooks:
+        exp = EXPERIMENTS.get(nb.stem, nb.stem)
+        out_dir = ROOT / "results" / exp if args.profile == "quick" else ROOT / "results" / exp / args.profile
+        out_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        print(f"== {nb.name} [{args.profile}]", flush=True)
+        pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters={"profile": args.profile}, cwd=str(ROOT),
+                            kernel_name="python3", progress_bar=False)
+        timings.append((nb.name, time.perf_counter() - start))
+        print(f"   {nb.name}: {timings[-1][1]:.0f} s", flush=True)
+    total = sum(t for _, t in timings)
+    print(f"== all notebooks [{args.profile}]: {total:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
