@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
@@ -19,7 +20,7 @@ EXPERIMENT = "quickstart"
 DEFAULTS = {
     "smoke": dict(task="rt_sentiment", method="lora", clients=4, rounds=2, alpha=0.5, seed=0, lr=2e-3,
                   depth=2, local_epochs=1, local_steps=3, max_train_samples=200, max_test_samples=200),
-    "quick": dict(task="rt_sentiment", method="lora", clients=10, rounds=8, alpha=0.5, seed=0, lr=2e-3,
+    "quick": dict(task="rt_sentiment", method="lora", clients=10, rounds=10, alpha=0.5, seed=0, lr=2e-3,
                   depth=2, local_epochs=1, local_steps=None, max_train_samples=None, max_test_samples=1000),
     "full": dict(task="rt_sentiment", method="lora", clients=10, rounds=20, alpha=0.5, seed=0, lr=1e-3,
                  depth=None, local_epochs=1, local_steps=None, max_train_samples=None, max_test_samples=None),
@@ -32,7 +33,10 @@ def make_config(s: dict, profile: str) -> ExperimentConfig:
         data=DataConfig(task=s["task"], num_clients=s["clients"], partition="dirichlet", alpha=s["alpha"],
                         max_train_samples=s["max_train_samples"], max_test_samples=s["max_test_samples"]),
         model=ModelConfig(),
-        peft=PeftConfig(method=s["method"], depth=s["depth"] if s["method"] in ("lora", "adapter") else None),
+        # LoRA on every linear layer (q, k, v and the dense projections) of the top `depth` layers: the
+        # bottom layers stay frozen and their outputs are cached, so a round costs a fraction of the stack
+        peft=PeftConfig(method=s["method"], depth=s["depth"] if s["method"] in ("lora", "adapter") else None,
+                        target_modules=("query", "key", "value", "dense")),
         train=TrainConfig(local_epochs=s["local_epochs"], local_steps=s["local_steps"], lr=s["lr"]),
         fl=FLConfig(rounds=s["rounds"]),
     )
@@ -125,6 +129,8 @@ def _plots(rounds: pd.DataFrame, probe: float, s: dict, out) -> None:
         ax.set_ylabel(f"test accuracy ({s['task']})")
         if logx:
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         save_figure(fig, out, name)
