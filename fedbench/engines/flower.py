@@ -19,8 +19,8 @@ The same experiment as the in-process loop (:class:`fedbench.fl.FederatedRun`), 
   FedAdam / median / trimmed mean, LoRA factors / stack / SVD), the server evaluates centrally and records
   the same per-round row (accuracy, loss, bytes up/down by fedbench's accounting, clients, steps, DP). Flower's
   rows add what Flower really moved (``wire_bytes_up/down``: the serialized arrays, numpy headers and
-  keys included), ``client_busy_s`` (time in the round when at least one client was training) and
-  ``server_s`` (aggregation + evaluation).
+  keys included), ``client_busy_s`` (time in the round when at least one client was training),
+  ``client_train_s`` (the clients' training times, summed) and ``server_s`` (aggregation + evaluation).
 
 Client ids and SuperNodes: client ``k`` is the SuperNode whose node config has ``partition-id = k``
 (the Simulation Runtime numbers its nodes so; on real machines start each SuperNode with
@@ -53,6 +53,7 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
+from typing import Callable
 
 # Flower reads these when it is imported: no telemetry calls from a benchmark, no Ray warning about GPUs.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -251,7 +252,7 @@ class FedbenchStrategy(FlowerStrategy):
         t_server = time.perf_counter()
         rec = self.run.finish_round(plan, updates, self._t0, failed=failed)
         rec.update(wire_bytes_up=wire_up, wire_bytes_down=self._wire_down, client_busy_s=busy_time(intervals),
-                   server_s=time.perf_counter() - t_server)
+                   client_train_s=float(sum(u.wall_s for u in updates)), server_s=time.perf_counter() - t_server)
         if self._bar is not None:
             self._bar.update(1)
             if rec["accuracy"] == rec["accuracy"]:
@@ -379,26 +380,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextmanager
-def _fixed_agent_ports():
-    """Start Ray's node agents on fixed ports, so the raylet does not wait for their port files.
+def patch_ray_start() -> "Callable[[], None] | None":
+    """Make Ray start on a busy machine; returns the undo function (None: nothing patched).
 
     Ray 2.55's raylet waits a hard-coded 15 s for the dashboard agent to write its port files and aborts
     ("Timed out waiting for file .../metrics_agent_port", then "The current node timed out during
-    startup") when the agent's imports take longer, as they do on a busy 2-core machine. With the ports
+    startup") when the agent's imports take longer, as they do on a loaded 2-core machine. With the ports
     given up front it does not wait. ``ray.init`` has no arguments for these ports, so they are filled into
-    its RayParams, and the raylet, which `ray.init` does not pass the dashboard agent's listen port, gets
-    that one from the agent's own command line. Set FEDBENCH_RAY_FIXED_PORTS=0 to use Ray's own start-up.
+    its RayParams, and the raylet, which ``ray.init`` does not pass the dashboard agent's listen port, gets
+    that one from the agent's own command line. The runtime-env agent also gets 120 s instead of 30 s to
+    come up (``RAY_agent_register_timeout_ms``; an environment value wins). Set FEDBENCH_RAY_FIXED_PORTS=0
+    to leave Ray alone.
     """
     if os.environ.get("FEDBENCH_RAY_FIXED_PORTS", "1") == "0":
-        yield
-        return
+        return None
     try:
         from ray._private import parameter, services
         orig_init, orig_start = parameter.RayParams.__init__, services.start_ray_process
     except (ImportError, AttributeError):   # another Ray: use its own start-up
-        yield
-        return
+        return None
+    if getattr(orig_init, "_fedbench_patch", False):
+        return None
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
 
     def init(self, *args, **kwargs):
         orig_init(self, *args, **kwargs)
@@ -414,33 +417,33 @@ def _fixed_agent_ports():
                 command = [*command, f"--dashboard_agent_listen_port={ports[0]}"]
         return orig_start(command, process_type, *args, **kwargs)
 
+    init._fedbench_patch = True
     parameter.RayParams.__init__, services.start_ray_process = init, start
-    try:
-        yield
-    finally:
+
+    def undo() -> None:
         parameter.RayParams.__init__, services.start_ray_process = orig_init, orig_start
+
+    return undo
 
 
 def start_ray(init_args: dict | None = None) -> None:
-    """Start a local Ray for the Simulation Runtime (Flower's RayBackend then uses it and shuts it down).
-
-    Besides fixed agent ports (see :func:`_fixed_agent_ports`), the raylet gives its runtime-env agent 120 s
-    instead of 30 s to come up (``RAY_agent_register_timeout_ms``; an environment value wins).
-    """
+    """Start a local Ray for the Simulation Runtime (Flower's RayBackend then uses it and shuts it down),
+    with :func:`patch_ray_start`'s fixes for a busy machine."""
     import ray
     if ray.is_initialized():
         return
     args = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False,
             "object_store_memory": 256 * 2**20, **(init_args or {})}
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     # Ray's processes inherit this process's environment: with this process's import path in PYTHONPATH
     # (what Flower's RayBackend does), the ClientApp actors import fedbench even from a source checkout
     old_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([*sys.path, *([old_path] if old_path else [])])
+    undo = patch_ray_start()
     try:
-        with _fixed_agent_ports():
-            ray.init(**args)
+        ray.init(**args)
     finally:
+        if undo is not None:
+            undo()
         if old_path is None:
             os.environ.pop("PYTHONPATH", None)
         else:
@@ -493,7 +496,11 @@ def run_flower(cfg: ExperimentConfig, data: FederatedData | None = None, progres
                **options) -> RunResult:
     """:func:`fedbench.fl.run_federated` on Flower: the same RunResult (rounds + summary), plus Flower's
     wire bytes and timing columns and ``summary["engine"] = "flower"``."""
-    run = simulate(cfg, data=data, progress=progress, **options)
+    return flower_result(simulate(cfg, data=data, progress=progress, **options))
+
+
+def flower_result(run: FederatedRun) -> RunResult:
+    """The server's run as a RunResult, marked as Flower's, with the total bytes Flower moved."""
     result = run.result()
     result.summary["engine"] = "flower"
     result.summary["wire_bytes_total"] = int(result.rounds["wire_bytes_up"].sum()
@@ -520,6 +527,6 @@ def run_flower_cached(cfg: ExperimentConfig, data: FederatedData | None = None, 
     return cached_run(RunKey(cfg), lambda: run_flower(cfg, data, progress), root=root, force=force)
 
 
-__all__ = ["FedbenchStrategy", "RunKey", "client_app", "client_runtime", "config_from_run_config",
+__all__ = ["FedbenchStrategy", "RunKey", "client_app", "client_runtime", "config_from_run_config", "flower_result",
            "make_server_app", "map_clients_to_nodes", "record_to_state", "run_flower", "run_flower_cached",
-           "server_main", "simulate", "start_ray", "state_to_record", "wait_for_nodes"]
+           "patch_ray_start", "server_main", "simulate", "start_ray", "state_to_record", "wait_for_nodes"]

@@ -41,6 +41,17 @@ def flatten_adapters(states: Sequence[dict], keys: Sequence[str] | None = None) 
     return np.stack(rows)
 
 
+def server_features(adapters: Sequence[dict], sent: Sequence[dict] | None = None) -> np.ndarray:
+    """What the server clusters: the flattened adapters, or with `sent` the flattened updates
+    (adapter - the state sent for it at the start of the round)."""
+    x = flatten_adapters(adapters)
+    if sent is not None:
+        if len(sent) != len(adapters):
+            raise ValueError(f"sent must hold one state per adapter: {len(sent)} != {len(adapters)}")
+        x = x - flatten_adapters(sent, keys=list(adapters[0]))
+    return x
+
+
 def _check_k(k, n: int) -> int:
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in 1..{n} (the number of adapters), got {k!r}")
@@ -115,12 +126,15 @@ class ServerStep:
 
 
 def server_step(adapters: Sequence[dict], weights: Sequence[float], k: int | str, seed: int,
-                n_init: int = 10, k_max: int | None = None) -> ServerStep:
+                n_init: int = 10, k_max: int | None = None, sent: Sequence[dict] | None = None) -> ServerStep:
     """One FL-TAC aggregation: flatten, k-means (k given, or ``k="auto"``: silhouette), FedAvg per cluster.
 
     `adapters` are the adapter states as received (no task labels), `weights` their sample counts.
+    The paper clusters the adapters themselves. With `sent` (the state the server sent each adapter's
+    client at the start of the round) it clusters the round's updates ``adapter - sent`` instead; the
+    aggregation is of the adapters either way.
     """
-    x = flatten_adapters(adapters)
+    x = server_features(adapters, sent)
     scores: dict[int, float] = {}
     if k == "auto":
         k, scores = choose_k_silhouette(x, seed, k_max=k_max, n_init=n_init)

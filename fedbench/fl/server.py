@@ -121,7 +121,9 @@ class FederatedRun:
     one model is loaded with each client's state in turn.
     """
 
-    def __init__(self, cfg, data: FederatedData | None = None):
+    def __init__(self, cfg, data: FederatedData | None = None,
+                 caches: tuple[ActivationCache, ActivationCache] | None = None,
+                 use_activation_cache: bool = True):
         self.cfg = cfg
         self.data = data or prepare_data(cfg)
         self.model = build_model(cfg.model, cfg.peft, self.data.num_labels, seed=derive_seed(cfg.seed, "init"))
@@ -129,8 +131,12 @@ class FederatedRun:
         self.strategy = Strategy(cfg.fl, LoraLayout(modules), cfg.peft.rank, seed=cfg.seed)
         self.global_model = GlobalModel(trainable_state(self.model))
         self.base = LoraBase(self.model)
-        self.train_cache = ActivationCache(self.data.train, self.data.pad_id)
-        self.test_cache = ActivationCache(self.data.test, self.data.pad_id)
+        # (train, test) frozen-prefix caches; pass shared ones to reuse them across runs on the same data
+        # and backbone (the frozen layers are the pretrained ones whatever the method)
+        self.train_cache, self.test_cache = caches or (ActivationCache(self.data.train, self.data.pad_id),
+                                                       ActivationCache(self.data.test, self.data.pad_id))
+        if not use_activation_cache:   # run the whole stack every step (the benchmark's baseline)
+            self.train_cache = self.test_cache = None
         self.dp_states: dict[int, dict] = {}
         self.records: list[dict] = []
         self.cumulative_bytes = 0
@@ -219,9 +225,9 @@ class FederatedRun:
         return RunResult(config=self.cfg.to_dict(), rounds=rounds, summary=summary)
 
 
-def run_federated(cfg, data: FederatedData | None = None, progress: bool = False) -> RunResult:
+def run_federated(cfg, data: FederatedData | None = None, progress: bool = False, caches=None) -> RunResult:
     """Run `cfg` from round 1 to `cfg.fl.rounds` in this process and return its results."""
-    run = FederatedRun(cfg, data)
+    run = FederatedRun(cfg, data, caches)
     rounds = range(1, cfg.fl.rounds + 1)
     if progress:
         from tqdm.auto import tqdm
@@ -234,7 +240,7 @@ def run_federated(cfg, data: FederatedData | None = None, progress: bool = False
 
 
 def run_cached(cfg, data: FederatedData | None = None, progress: bool = False, root=None,
-               force: bool = False) -> RunResult:
+               force: bool = False, caches=None) -> RunResult:
     """:func:`run_federated`, unless a finished run of the same config is on disk (then load it)."""
     from fedbench.results import cached_run
-    return cached_run(cfg, lambda: run_federated(cfg, data, progress), root=root, force=force)
+    return cached_run(cfg, lambda: run_federated(cfg, data, progress, caches), root=root, force=force)

@@ -132,7 +132,7 @@ class EncoderClassifier(nn.Module):
             batch = input_ids.shape[0]
             # looked up per example (batch x n_tokens ids), not once and broadcast: the same values, but
             # the lookup then has a batch dimension, which per-sample gradients (Opacus, DP-SGD) need
-            idx = torch.arange(self.prompt.num_embeddings, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+            idx = torch.arange(self.prompt.num_embeddings, device=input_ids.device).repeat(batch, 1)
             soft = self.prompt(idx)
             words = emb.word_embeddings(input_ids)
             hidden = emb(inputs_embeds=torch.cat([soft, words], dim=1))

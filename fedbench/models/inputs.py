@@ -115,17 +115,20 @@ class ActivationCache:
     changes between rounds (their weights are frozen and they run without dropout), so a client
     computes it once. One cache per (model base, split); it is keyed by example index, so in a
     simulation the clients' caches are slices of this one (each client only touches its own rows).
-    A change of depth (or of the frozen base) needs a new cache: :meth:`ensure` checks that.
+    A change of depth switches to that depth's own store (:meth:`ensure`); one cache can so serve models
+    of different depths over the same frozen backbone (e.g. several runs on the same data). A changed
+    frozen base needs a new cache.
     """
 
     def __init__(self, split: TokenizedSplit, pad_id: int = 0):
         self.split, self.pad_id = split, pad_id
         self.depth: int | None = None
         self.hidden: dict[int, torch.Tensor] = {}
+        self._stores: dict[int, dict[int, torch.Tensor]] = {}
 
     def ensure(self, depth: int) -> None:
         if depth != self.depth:
-            self.depth, self.hidden = depth, {}
+            self.depth, self.hidden = depth, self._stores.setdefault(depth, {})
 
     @torch.no_grad()
     def get(self, model, indices: np.ndarray, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,4 +146,4 @@ class ActivationCache:
         return pad_hidden([self.hidden[int(i)] for i in indices])
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.hidden.values())
+        return sum(t.numel() * t.element_size() for store in self._stores.values() for t in store.values())
