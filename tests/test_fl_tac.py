@@ -218,6 +218,7 @@ def test_partition_and_joint_split():
     assert full["classifier.weight"].shape == (17, 384)
     # a state object shared by pairs of two tasks (one cluster) is scored on each task separately
     run.accuracy = lambda state, t: [0.25, 0.75][t]
+    run.full_state = lambda state, heads: state
     shared = OrderedDict(list(run.init_lora.items()) + list(run.head(0).items()))
     shared_rows = run._evaluate_pairs(1, [shared] * len(data.pairs), [1] * len(data.pairs))
     assert [r["accuracy"] for r in shared_rows] == [0.25, 0.75]
