@@ -237,6 +237,10 @@ def test_end_to_end_reproduces_exactly(tmp_path, monkeypatch):
     assert tables[0] == tables[1]
     again = fl_tac.run(profile="smoke", progress=False, **TINY)           # loaded from the run store
     pd.testing.assert_frame_equal(again.summary, res.summary)
+    # a method computed alone equals the same method computed after the others (same init, same caches)
+    monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path / "c"))
+    alone = fl_tac.run(profile="smoke", progress=False, **dict(TINY, methods=["local"]))
+    pd.testing.assert_frame_equal(alone.summary, res.summary[res.summary["method"] == "local"].reset_index(drop=True))
     summary = pd.read_csv(tmp_path / "b" / "fl_tac" / "smoke" / "summary.csv")
     assert list(summary.columns) == ["method", "task", "accuracy", "trainable_params_per_client",
                                      "bytes_up_per_round", "seed"]
@@ -251,5 +255,9 @@ def test_end_to_end_reproduces_exactly(tmp_path, monkeypatch):
     assert (clu.loc[clu["k_mode"] == "fixed", "k"] == 2).all()
     assert clu["ari"].between(-1, 1).all() and clu["hungarian_accuracy"].between(0, 1).all()
     assert list(res.claims.columns) == ["claim", "paper", "ours", "agrees"] and len(res.claims) == 2 + 1 + 1 + 2
+    emb = pd.read_csv(tmp_path / "b" / "fl_tac" / "smoke" / "adapter_embedding.csv")
+    pairs = int(res.runs.loc[res.runs["method"] == "fl_tac", "pairs"].iloc[0])
+    assert len(emb) == 2 * 2 * pairs      # (fl_tac, fl_tac_auto) x 2 rounds x every adapter
+    assert set(emb["round"]) == {1, 2} and emb[["pc1", "pc2"]].notna().all().all()
     for name in ("accuracy_by_method.png", "ari_vs_round.png", "adapter_evolution.png", "accuracy_vs_rounds.png"):
         assert (tmp_path / "b" / "fl_tac" / "smoke" / name).stat().st_size > 1000

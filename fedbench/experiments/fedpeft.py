@@ -554,6 +554,7 @@ def _wide(metrics: pd.DataFrame) -> pd.DataFrame:
 def make_figures(summary: pd.DataFrame, metrics: pd.DataFrame, s: dict, out) -> dict:
     import matplotlib
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (MaxNLocator)
     matplotlib.rcParams.update({"font.size": 8})
     figs = {}
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(METHODS)}
@@ -586,6 +587,8 @@ def make_figures(summary: pd.DataFrame, metrics: pd.DataFrame, s: dict, out) -> 
             ax.set_ylabel("test accuracy")
             if logx:
                 ax.set_xscale("log")
+            else:
+                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
         figs[name] = save_figure(fig, out, name)
@@ -622,9 +625,12 @@ def make_figures(summary: pd.DataFrame, metrics: pd.DataFrame, s: dict, out) -> 
         ax.set_xticklabels(pivot.columns)
         ax.set_yticks(range(pivot.shape[0]))
         ax.set_yticklabels([variant(m, s["depth"]) for m in pivot.index])
+        lo, hi = np.nanmin(pivot.values), np.nanmax(pivot.values)
         for i in range(pivot.shape[0]):
             for j in range(pivot.shape[1]):
-                ax.text(j, i, f"{pivot.values[i, j]:.3f}", ha="center", va="center", color="w", fontsize=7)
+                v = pivot.values[i, j]
+                bright = hi > lo and (v - lo) / (hi - lo) > 0.6
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="k" if bright else "w", fontsize=7)
         fig.colorbar(im, ax=ax, label="final accuracy")
         ax.set_title(f"{s['tasks'][0]}: heterogeneity x method")
         figs["heterogeneity_heatmap.png"] = save_figure(fig, out, "heterogeneity_heatmap.png")

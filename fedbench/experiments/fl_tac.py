@@ -50,7 +50,7 @@ from fedbench.fl import clustering
 from fedbench.fl.seeding import derive_seed, rng_for
 
 EXPERIMENT = "fl_tac"
-STORE_VERSION = 2       # bump when a run's computation changes: cached runs are keyed by it
+STORE_VERSION = 3       # bump when a run's computation changes: cached runs are keyed by it
 METHODS = ("fl_tac", "fl_tac_auto", "fedit", "oracle", "local")
 LABELS = {"fl_tac": "FL-TAC (k = T)", "fl_tac_auto": "FL-TAC (k by silhouette)", "fedit": "FedIT",
           "oracle": "oracle per-task FedAvg", "local": "local only"}
@@ -240,16 +240,25 @@ HEAD_W, HEAD_B = "head.weight", "head.bias"
 
 
 class MultiTaskRun:
-    """One shared model; every adapter and head lives as a state dict and is loaded in and out of it."""
+    """One shared model; every adapter and head lives as a state dict and is loaded in and out of it.
 
-    def __init__(self, s: dict, seed: int, data: MultiTaskData, model=None, caches=None):
+    ``MultiTaskRun(s, seed, data, like=other)`` reuses `other`'s model, activation caches and initial
+    state (the seeded init, taken when the model was built: the model's parameters themselves hold
+    whatever was loaded last), so every method of a seed starts from the same adapters and heads.
+    """
+
+    def __init__(self, s: dict, seed: int, data: MultiTaskData, like: "MultiTaskRun | None" = None):
         from fedbench.models import build_model, trainable_state
         self.s, self.seed, self.data = s, seed, data
-        self.model = model or build_model(
-            ModelConfig(), PeftConfig(method="lora", rank=s["rank"], lora_alpha=float(s["lora_alpha"]),
-                                      depth=s["depth"]), data.num_labels, seed=derive_seed(seed, "init"))
-        self.caches = caches or self.filled_caches()
-        init = trainable_state(self.model)
+        if like is None:
+            self.model = build_model(
+                ModelConfig(), PeftConfig(method="lora", rank=s["rank"], lora_alpha=float(s["lora_alpha"]),
+                                          depth=s["depth"]), data.num_labels, seed=derive_seed(seed, "init"))
+            self.init = trainable_state(self.model)
+            self.caches = self.filled_caches()
+        else:
+            self.model, self.init, self.caches = like.model, like.init, like.caches
+        init = self.init
         self.lora_keys = [k for k in init if ".lora_A." in k or ".lora_B." in k]
         self.init_w, self.init_b = init["classifier.weight"], init["classifier.bias"]
         self.init_lora = OrderedDict((k, init[k]) for k in self.lora_keys)
@@ -509,15 +518,13 @@ def run(profile: str = "quick", progress: bool = True, **overrides) -> FlTacResu
     for seed in s["seeds"]:
         keys = {m: run_key(s, m, seed) for m in s["methods"]}
         todo = [m for m in s["methods"] if load_cached(keys[m]) is None]
-        shared = None
+        first = None
         for m in s["methods"]:
             res = load_cached(keys[m])
             if res is None:
-                if shared is None:        # data, model and activation caches: built once per seed
-                    data = prepare_data(s, seed)
-                    first = MultiTaskRun(s, seed, data)
-                    shared = (data, first.model, first.caches)
-                res = MultiTaskRun(s, seed, shared[0], shared[1], shared[2]).run(m)
+                if first is None:        # data, model, initial state, activation caches: once per seed
+                    first = MultiTaskRun(s, seed, prepare_data(s, seed))
+                res = MultiTaskRun(s, seed, first.data, like=first).run(m)
                 save_cached(keys[m], res)
                 if progress:
                     acc = res["accuracy"]
@@ -532,6 +539,9 @@ def run(profile: str = "quick", progress: bool = True, **overrides) -> FlTacResu
     save_table(result.clustering, out, "clustering.csv")
     save_table(result.accuracy_rounds, out, "accuracy_rounds.csv")
     save_table(result.partition, out, "partition.csv")
+    if len(result.embedding):   # the 2-D PCA of every adapter the server saw, every round
+        cols = ["method", "seed", "round", "client", "task", "cluster", "pc1", "pc2"]
+        save_table(result.embedding.reindex(columns=cols), out, "adapter_embedding.csv")
     save_table(result.claims, out, "claims.csv")
     save_table(result.runs, out, "runs.csv")
     result.figures = make_figures(result, out)
