@@ -28,10 +28,12 @@ def main() -> int:
     if not notebooks:
         print("no notebooks to run", file=sys.stderr)
         return 1
+    from fedbench.results import project_results_dir
+    results = project_results_dir()      # results/, or $FEDBENCH_RESULTS_ROOT
     timings = []
     for nb in notebooks:
         exp = EXPERIMENTS.get(nb.stem, nb.stem)
-        out_dir = ROOT / "results" / exp if args.profile == "quick" else ROOT / "results" / exp / args.profile
+        out_dir = results / exp if args.profile == "quick" else results / exp / args.profile
         out_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         print(f"== {nb.name} [{args.profile}]", flush=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fedbench.models import load_trainable_state, trainable_state
-from fedbench.models.inputs import ActivationCache, TokenizedSplit, batch_order, pad_batch
+from fedbench.models.inputs import ActivationCache, TokenizedSplit, batch_order
 
 
 @dataclass
@@ -36,8 +36,8 @@ def forward_batch(model, split: TokenizedSplit, batch: np.ndarray, cache: Activa
         hidden, mask = cache.get(model, batch)
         logits = model(hidden=hidden, attention_mask=mask, start_layer=model.frozen_prefix)
     else:
-        ids, mask = pad_batch([split.input_ids[i] for i in batch], pad_id)
-        logits = model(ids, mask)
+        x, mask = split.inputs(batch, pad_id)
+        logits = model(x, mask)
     return restrict_logits(logits, split, batch)
 
 
@@ -136,6 +136,6 @@ def predict(model, split: TokenizedSplit, indices=None, batch_size: int = 256, p
     with torch.no_grad():
         for s in range(0, len(idx), batch_size):
             pos = order[s:s + batch_size]
-            ids, mask = pad_batch([split.input_ids[i] for i in idx[pos]], pad_id)
-            out[pos] = restrict_logits(model(ids, mask), split, idx[pos]).argmax(-1).numpy()
+            x, mask = split.inputs(idx[pos], pad_id)
+            out[pos] = restrict_logits(model(x, mask), split, idx[pos]).argmax(-1).numpy()
     return out

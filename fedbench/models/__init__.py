@@ -12,10 +12,15 @@ from fedbench.models.tuners.lora import LoraModuleInfo, lora_delta, lora_modules
 
 def build_model(model_cfg, peft_cfg, num_labels: int, seed: int) -> EncoderClassifier:
     """The backbone with a fresh head and `peft_cfg.method` applied; every init drawn from `seed`."""
+    from fedbench.models.vision import VisionEncoderClassifier, check_vision_config, is_vision_config
     encoder = load_encoder(model_cfg.backbone, dropout=model_cfg.dropout)
+    cls = EncoderClassifier
+    if is_vision_config(encoder.config):
+        check_vision_config(encoder.config, model_cfg.backbone)
+        cls = VisionEncoderClassifier
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = EncoderClassifier(encoder, num_labels, pooling=model_cfg.pooling)
+        model = cls(encoder, num_labels, pooling=model_cfg.pooling)
     apply_peft(model, peft_cfg, seed=seed + 1)
     return model
 

@@ -105,9 +105,17 @@ class EncoderClassifier(nn.Module):
         self.prompt = None            # set by the prompt tuner: nn.Embedding(n_tokens, hidden)
         self.frozen_prefix = 0        # number of bottom layers with no trainable parameter
 
+    # how the PEFT tuners find things in this backbone (a vision backbone names them differently)
+    layers_pattern = "layer"                  # peft's name of the ModuleList that holds the layers
+    target_aliases: dict[str, tuple[str, ...]] = {}   # LoRA target names -> this backbone's names
+
     @property
     def layers(self) -> nn.ModuleList:
         return self.encoder.encoder.layer
+
+    def adapter_sites(self, layer) -> dict[str, tuple[nn.Module, str]]:
+        """Where bottleneck adapters go in one layer: position -> (parent module, attribute of its Linear)."""
+        return {"attention": (layer.attention.output, "dense"), "ffn": (layer.output, "dense")}
 
     @property
     def num_layers(self) -> int:

@@ -29,6 +29,58 @@ class TokenizedSplit:
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(t) for t in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
+    def inputs(self, indices, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's inputs for these examples: token ids padded to this batch's longest, and the mask."""
+        return pad_batch([self.input_ids[int(i)] for i in indices], pad_id)
+
+
+@dataclass
+class ImageSplit:
+    """Images kept as uint8 (n, H, W[, C]) and turned into a vision backbone's pixel_values per batch.
+
+    Preprocessing happens per batch (resize + normalise), not up front: CIFAR at 224 x 224 float32 would
+    be 30 GB. Grey images are repeated over the backbone's channels; resizing is bilinear
+    (torch.nn.functional.interpolate, antialiased: no torchvision/PIL needed). `image_size`, `mean` and
+    `std` come from the backbone (its config and preprocessor_config.json).
+    """
+    images: np.ndarray
+    labels: torch.Tensor
+    image_size: int
+    num_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.ones(len(self.images), dtype=np.int64)     # every image is the same number of patches
+
+    def inputs(self, indices, pad_id: int = 0) -> tuple[torch.Tensor, None]:
+        import torch.nn.functional as F
+        x = torch.from_numpy(np.ascontiguousarray(self.images[np.asarray(indices, dtype=np.int64)]))
+        x = x.to(torch.float32) / 255.0
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)         # -> (n, C, H, W)
+        if x.shape[1] != self.num_channels:
+            if x.shape[1] != 1:
+                raise ValueError(f"images with {x.shape[1]} channels for a backbone with {self.num_channels}")
+            x = x.expand(-1, self.num_channels, -1, -1)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std, None
+
+
+def image_split(dataset, image_size: int, num_channels: int, mean, std) -> ImageSplit:
+    """A `datasets` split with an ``image`` column (uint8 arrays) as an :class:`ImageSplit`."""
+    arr = dataset.with_format("numpy")
+    return ImageSplit(np.asarray(arr["image"][:], dtype=np.uint8), torch.as_tensor(arr["label"][:], dtype=torch.long),
+                      int(image_size), int(num_channels), tuple(float(m) for m in mean), tuple(float(v) for v in std))
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("FEDBENCH_CACHE", Path.home() / ".cache" / "fedbench"))
@@ -120,7 +172,7 @@ class ActivationCache:
     frozen base needs a new cache.
     """
 
-    def __init__(self, split: TokenizedSplit, pad_id: int = 0):
+    def __init__(self, split: "TokenizedSplit | ImageSplit", pad_id: int = 0):
         self.split, self.pad_id = split, pad_id
         self.depth: int | None = None
         self.hidden: dict[int, torch.Tensor] = {}
@@ -138,10 +190,11 @@ class ActivationCache:
             model.eval()
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
-                ids, mask = pad_batch([self.split.input_ids[i] for i in chunk], self.pad_id)
-                h = model.prefix_hidden(ids, mask, self.depth)
+                x, mask = self.split.inputs(chunk, self.pad_id)
+                h = model.prefix_hidden(x, mask, self.depth)
+                lengths = mask.sum(1).tolist() if mask is not None else [h.shape[1]] * len(chunk)
                 for row, i in enumerate(chunk):
-                    self.hidden[i] = h[row, : len(self.split.input_ids[i])].clone()
+                    self.hidden[i] = h[row, : int(lengths[row])].clone()
             model.train(was_training)
         return pad_hidden([self.hidden[int(i)] for i in indices])
 

@@ -42,10 +42,20 @@ class LinearWithAdapter(nn.Module):
 def apply(model, cfg) -> None:
     from fedbench.models.tuners import top_layers
     for i in top_layers(model.num_layers, cfg.depth):
-        layer = model.layers[i]
-        if "attention" in cfg.adapter_positions:
-            layer.attention.output.dense = LinearWithAdapter(layer.attention.output.dense, cfg.adapter_width)
-        if "ffn" in cfg.adapter_positions:
-            layer.output.dense = LinearWithAdapter(layer.output.dense, cfg.adapter_width)
+        for position, (parent, attr) in model.adapter_sites(model.layers[i]).items():
+            if position in cfg.adapter_positions:
+                setattr(parent, attr, LinearWithAdapter(getattr(parent, attr), cfg.adapter_width))
     for name, p in model.named_parameters():
         p.requires_grad_(".adapter." in name)
+
+
+def grow_adapter_state(state: dict, template: dict):
+    """Carry an adapter state into a deeper and/or wider configuration without changing its function.
+
+    `template` is the larger configuration's initial trainable state. Deeper: adapters of the new layers
+    keep their init, whose up-projection is zero (identity). Wider: the w trained bottleneck units become
+    the first w of the new width (down rows, down bias, up columns); the new units' down rows keep their
+    random init and their up columns are zero, so they add nothing until trained.
+    """
+    from fedbench.models.state import grow_state
+    return grow_state(state, template, {"adapter.up.weight": (1,)})

@@ -18,9 +18,12 @@ def apply(model, cfg) -> None:
 
     from fedbench.models.tuners import top_layers
     layers = top_layers(model.num_layers, cfg.depth)
+    # BERT's names ('query', 'dense', ...) are fedbench's vocabulary; a backbone that names its linear
+    # layers differently (ViT in transformers 5: q_proj, fc1, ...) maps them through its target_aliases
+    targets = sorted({t for name in cfg.target_modules for t in model.target_aliases.get(name, (name,))})
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=list(cfg.target_modules), layers_to_transform=layers,
-                        layers_pattern="layer", bias="none")
+                        target_modules=targets, layers_to_transform=layers,
+                        layers_pattern=model.layers_pattern, bias="none")
     inject_adapter_in_model(config, model.encoder, adapter_name=ADAPTER_NAME)
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
@@ -58,3 +61,19 @@ def lora_modules(model) -> list[LoraModuleInfo]:
 def lora_delta(state: dict, info: LoraModuleInfo) -> torch.Tensor:
     """The dense update s * B A that a LoRA state adds to the base weight."""
     return info.scaling * state[info.b_key] @ state[info.a_key]
+
+
+def grow_lora_state(state: dict, template: dict):
+    """Carry a LoRA state into a deeper and/or higher-rank configuration without changing its function.
+
+    `template` is the larger configuration's initial trainable state. New layers keep their init (B = 0);
+    a higher rank keeps the trained r rows of A and columns of B first, the new rows of A random (init)
+    and the new columns of B zero, so B A is unchanged. The scaling alpha / r changes with r, so B is
+    rescaled by r_new / r_old: (alpha / r_new) B' A' = (alpha / r_old) B A.
+    """
+    from fedbench.models.state import grow_state
+    out = grow_state(state, template, {f"lora_B.{ADAPTER_NAME}.weight": (1,)})
+    for key, b in state.items():
+        if key.endswith(f"lora_B.{ADAPTER_NAME}.weight") and out[key].shape[1] != b.shape[1]:
+            out[key] = out[key] * (out[key].shape[1] / b.shape[1])
+    return out
