@@ -81,3 +81,54 @@ def mean_std(df: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
     """Mean, std and count of `value` over seeds, per group `by`."""
     g = df.groupby(by, sort=False)[value]
     return g.agg(mean="mean", std="std", n="count").reset_index()
+
+
+# -- parameter checks shared by the experiments' settings validators -----------------------------------
+
+def is_int(x) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    import numpy as np
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def is_number(x) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    import numpy as np
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+# -- a run store for experiments whose runs are a few tables + a summary ---------------------------------
+
+class TableRunStore:
+    """One folder per run key under ``runs_root()/<experiment>/<hash of the key>``: ``key.json``, one CSV per
+    table and ``summary.json`` written last, so a folder without it is an interrupted run and is recomputed.
+
+    pandas >= 3 parses floats round-trip exactly, so a loaded run rewrites byte-identical CSVs.
+    """
+
+    def __init__(self, experiment: str, tables: tuple[str, ...], read_csv_kwargs: dict | None = None):
+        self.experiment, self.tables, self.read_csv_kwargs = experiment, tuple(tables), dict(read_csv_kwargs or {})
+
+    def folder(self, key: dict) -> Path:
+        from fedbench.config import config_hash
+        return runs_root() / self.experiment / config_hash(key)
+
+    def load(self, key: dict) -> dict | None:
+        import json
+        d = self.folder(key)
+        if not (d / "summary.json").exists():
+            return None
+        out = {}
+        for name in self.tables:
+            path = d / f"{name}.csv"
+            out[name] = pd.read_csv(path, **self.read_csv_kwargs) if path.stat().st_size > 1 else pd.DataFrame()
+        out["summary"] = json.loads((d / "summary.json").read_text())
+        return out
+
+    def save(self, key: dict, res: dict) -> None:
+        from fedbench.results import atomic_write_json
+        d = self.folder(key)
+        atomic_write_json(d / "key.json", key)
+        for name in self.tables:
+            atomic_write_csv(d / f"{name}.csv", res[name])
+        atomic_write_json(d / "summary.json", res["summary"])     # last: marks the run finished

@@ -33,7 +33,6 @@ model that client holds for that task after the round's aggregation.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -44,8 +43,8 @@ import pandas as pd
 import torch
 
 from fedbench.config import ConfigError, ModelConfig, PeftConfig, TrainConfig, config_hash
-from fedbench.experiments.common import (Claim, claims_table, mean_std, output_dir, profile_settings, runs_root,
-                                         save_figure, save_table)
+from fedbench.experiments.common import (Claim, TableRunStore, claims_table, is_int, is_number, mean_std,
+                                         output_dir, profile_settings, save_figure, save_table)
 from fedbench.fl import clustering
 from fedbench.fl.seeding import derive_seed, rng_for
 
@@ -79,14 +78,6 @@ DEFAULTS = {
 
 # -- parameters --------------------------------------------------------------------------------------
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
 def settings_for(profile: str = "quick", **overrides) -> dict:
     """The profile's settings with `overrides` on top, every value checked (ConfigError otherwise)."""
     from fedbench.data import list_tasks
@@ -99,30 +90,30 @@ def settings_for(profile: str = "quick", **overrides) -> dict:
     for key, low in [("clients", 2), ("rank", 1), ("max_length", 8), ("rounds", 1), ("local_steps", 1),
                      ("batch_size", 1), ("n_init", 1), ("eval_every", 1), ("evolution_panels", 1),
                      ("max_train_per_task", 1), ("max_test_per_task", 1)]:
-        if not _is_int(s[key]) or s[key] < low:
+        if not is_int(s[key]) or s[key] < low:
             raise ConfigError(key, s[key], f"an integer >= {low}")
     if s["max_train_per_task"] < s["clients"]:
         raise ConfigError("max_train_per_task", s["max_train_per_task"], f"at least clients={s['clients']}")
-    if s["depth"] is not None and (not _is_int(s["depth"]) or s["depth"] < 1):
+    if s["depth"] is not None and (not is_int(s["depth"]) or s["depth"] < 1):
         raise ConfigError("depth", s["depth"], "None (every layer) or an integer >= 1")
-    if not _is_num(s["alpha"]) or not 0 < s["alpha"] < float("inf"):
+    if not is_number(s["alpha"]) or not 0 < s["alpha"] < float("inf"):
         raise ConfigError("alpha", s["alpha"], "a number > 0")
-    if not _is_num(s["min_share"]) or not 0 <= s["min_share"] <= 1 / s["clients"]:
+    if not is_number(s["min_share"]) or not 0 <= s["min_share"] <= 1 / s["clients"]:
         raise ConfigError("min_share", s["min_share"], f"a number in [0, 1/clients] = [0, {1 / s['clients']:.4g}]")
     for key in ("lr", "lora_alpha"):
-        if not _is_num(s[key]) or not s[key] > 0:
+        if not is_number(s[key]) or not s[key] > 0:
             raise ConfigError(key, s[key], "a number > 0")
-    if s["k"] is not None and (not _is_int(s["k"]) or s["k"] < 1):
+    if s["k"] is not None and (not is_int(s["k"]) or s["k"] < 1):
         raise ConfigError("k", s["k"], "None (= the number of tasks) or an integer >= 1")
-    if s["k_max"] is not None and (not _is_int(s["k_max"]) or s["k_max"] < 2):
+    if s["k_max"] is not None and (not is_int(s["k_max"]) or s["k_max"] < 2):
         raise ConfigError("k_max", s["k_max"], "None (= 2 x the number of tasks) or an integer >= 2")
     if s["cluster_on"] not in ("adapter", "update"):
         raise ConfigError("cluster_on", s["cluster_on"], "'adapter' (the paper) or 'update' (adapter - what was sent)")
     if s["embedding"] not in EMBEDDINGS:
         raise ConfigError("embedding", s["embedding"], f"one of {list(EMBEDDINGS)} (PCA is always drawn)")
-    s["seeds"] = (s["seeds"],) if _is_int(s["seeds"]) else tuple(s["seeds"])
+    s["seeds"] = (s["seeds"],) if is_int(s["seeds"]) else tuple(s["seeds"])
     if len(s["seeds"]) == 0 or len(set(s["seeds"])) != len(s["seeds"]) or any(
-            not _is_int(x) or x < 0 for x in s["seeds"]):
+            not is_int(x) or x < 0 for x in s["seeds"]):
         raise ConfigError("seeds", s["seeds"], "a non-empty list of distinct integers >= 0")
     s["methods"] = (s["methods"],) if isinstance(s["methods"], str) else tuple(s["methods"])
     if len(s["methods"]) == 0 or any(m not in METHODS for m in s["methods"]):
@@ -465,33 +456,8 @@ class MultiTaskRun:
 
 # -- the run store: one folder per run key, summary.json written last ----------------------------------
 
-_TABLES = ("accuracy", "clustering", "embedding", "rounds")
-
-
-def _run_dir(key: dict) -> Path:
-    return runs_root() / EXPERIMENT / config_hash(key)
-
-
-def load_cached(key: dict) -> dict | None:
-    d = _run_dir(key)
-    if not (d / "summary.json").exists():
-        return None
-    out = {}
-    for name in _TABLES:
-        path = d / f"{name}.csv"
-        # pandas >= 3 parses floats round-trip exactly by default: a loaded run rewrites identical CSVs
-        out[name] = pd.read_csv(path) if path.stat().st_size > 1 else pd.DataFrame()
-    out["summary"] = json.loads((d / "summary.json").read_text())
-    return out
-
-
-def save_cached(key: dict, res: dict) -> None:
-    from fedbench.results import atomic_write_csv, atomic_write_json
-    d = _run_dir(key)
-    atomic_write_json(d / "key.json", key)
-    for name in _TABLES:
-        atomic_write_csv(d / f"{name}.csv", res[name])
-    atomic_write_json(d / "summary.json", res["summary"])     # last: marks the run finished
+STORE = TableRunStore(EXPERIMENT, ("accuracy", "clustering", "embedding", "rounds"))
+load_cached, save_cached = STORE.load, STORE.save
 
 
 # -- the experiment -------------------------------------------------------------------------------------
