@@ -1,0 +1,178 @@
+"""LoRM (Salami et al., 2024, arXiv 2410.17961): closed-form merging of LoRA factors, RegMean, and the
+response-matching error they minimise.
+
+A linear layer maps its inputs X (n x d_in, one row per non-padding token) to X W^T. Client i holds a
+LoRA update dW_i = s B_i A_i (B_i: d_out x r, A_i: r x d_in, s = alpha / r) and the Gram matrix
+G_i = X_i^T X_i (d_in x d_in) of the layer's inputs on its data. A merge should answer like every
+client does on that client's inputs:
+
+    E(dW) = sum_i || X_i (dW - dW_i)^T ||_F^2 = sum_i tr((dW - dW_i) G_i (dW - dW_i)^T)   (response_error)
+
+With both factors unknown the minimiser of E over products B A is not unique; with one factor fixed and
+shared it is a plain least-squares problem (normal equations, G = sum_i G_i):
+
+    A shared, solve B:   B A G A^T = sum_i B_i A G_i A^T  =>  B = (sum_i B_i A G_i) A^T pinv(A G A^T)
+    B shared, solve A:   B^T B (A G - sum_i A_i G_i) = 0  =>  A = (sum_i A_i G_i) pinv(G)   (B^T B invertible)
+    RegMean (dense):     W G = sum_i W_i G_i              =>  W = (sum_i W_i G_i) pinv(G)
+
+(Solving A is RegMean applied to the A_i: B cancels.) Everything is computed in float64.
+
+Ridge. ``ridge = lam > 0`` adds lam' ||X - X_avg||_F^2 to the objective, with lam' = lam * tr(M) / dim(M)
+(M the matrix that is inverted, so lam is relative to its mean eigenvalue) and X_avg the weighted average
+of the clients' factors (or dense deltas):  B = (sum_i B_i A G_i A^T + lam' B_avg) (A G A^T + lam' I)^-1
+and likewise for A and W. lam -> 0 gives the least-squares solution (pinv: the minimum-norm one when M is
+singular); lam -> inf gives plain averaging. Its error therefore never exceeds averaging's:
+E(X_lam) + lam' ||X_lam - X_avg||^2 <= E(X_avg).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fedbench.config import ConfigError
+
+
+def _f64(x) -> torch.Tensor:
+    return torch.as_tensor(x).to(torch.float64)
+
+
+def _weights(weights, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    if len(weights) != n or any(float(w) < 0 for w in weights) or float(sum(weights)) <= 0:
+        raise ConfigError("weights", list(weights), f"{n} non-negative numbers with a positive sum")
+    total = float(sum(weights))
+    return [float(w) / total for w in weights]
+
+
+def _check_ridge(ridge) -> float:
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < float("inf"):
+        raise ConfigError("ridge", ridge, "a number >= 0 (relative to the mean eigenvalue; 0 = pseudo-inverse)")
+    return float(ridge)
+
+
+def _solve_right(rhs: torch.Tensor, m: torch.Tensor, average: torch.Tensor, ridge: float) -> torch.Tensor:
+    """X = rhs pinv(m) (ridge 0), or X = (rhs + lam' average) (m + lam' I)^-1 with lam' = ridge tr(m)/dim."""
+    if ridge == 0:
+        return rhs @ torch.linalg.pinv(m, hermitian=True)
+    lam = ridge * float(torch.trace(m)) / m.shape[0]
+    if lam == 0:          # m == 0: no client input at all; the regulariser alone decides
+        return average.clone()
+    eye = torch.eye(m.shape[0], dtype=m.dtype)
+    # (m + lam I) is symmetric positive definite: solve X (m + lam I) = rhs' as (m + lam I) X^T = rhs'^T
+    return torch.linalg.solve(m + lam * eye, (rhs + lam * average).T).T
+
+
+def solve_B(B_list: Sequence, A, G_list: Sequence, weights=None, ridge: float = 0.0) -> torch.Tensor:
+    """LoRM's B step (A shared and frozen): B = (sum_i B_i A G_i) A^T pinv(A (sum_i G_i) A^T).
+
+    `weights` only set the average that a ridge pulls towards (the Gram matrices already weigh clients by
+    their number of input rows). Returns float64 (d_out x r).
+    """
+    ridge = _check_ridge(ridge)
+    a = _f64(A)
+    p = _weights(weights, len(B_list))
+    g_total = sum(_f64(g) for g in G_list)
+    m = a @ g_total @ a.T                                              # r x r
+    rhs = sum(_f64(b) @ (a @ _f64(g) @ a.T) for b, g in zip(B_list, G_list))   # d_out x r
+    average = sum(pi * _f64(b) for pi, b in zip(p, B_list))
+    return _solve_right(rhs, m, average, ridge)
+
+
+def solve_A(A_list: Sequence, G_list: Sequence, weights=None, ridge: float = 0.0) -> torch.Tensor:
+    """LoRM's A step (B shared and frozen): A = (sum_i A_i G_i) pinv(sum_i G_i).
+
+    The least-squares A for the products B A_i whenever B has full column rank (B cancels from the
+    normal equations). Returns float64 (r x d_in).
+    """
+    return regmean(A_list, G_list, weights=weights, ridge=ridge)
+
+
+def regmean(W_list: Sequence, G_list: Sequence, weights=None, ridge: float = 0.0) -> torch.Tensor:
+    """RegMean (Jin et al., 2023) on dense matrices: W = (sum_i W_i G_i) pinv(sum_i G_i). float64."""
+    ridge = _check_ridge(ridge)
+    if len(W_list) != len(G_list) or len(W_list) == 0:
+        raise ConfigError("G_list", len(G_list), f"one Gram matrix per client ({len(W_list)})")
+    p = _weights(weights, len(W_list))
+    g_total = sum(_f64(g) for g in G_list)
+    rhs = sum(_f64(w) @ _f64(g) for w, g in zip(W_list, G_list))
+    average = sum(pi * _f64(w) for pi, w in zip(p, W_list))
+    return _solve_right(rhs, g_total, average, ridge)
+
+
+def factor_average(factors: Sequence, weights=None) -> torch.Tensor:
+    """Plain (FedAvg) average of one factor, float64: the merge LoRM replaces."""
+    p = _weights(weights, len(factors))
+    return sum(pi * _f64(f) for pi, f in zip(p, factors))
+
+
+def gram(x) -> torch.Tensor:
+    """G = X^T X in float64 for input rows X (n x d_in)."""
+    x = _f64(x)
+    return x.T @ x
+
+
+def response_error(dW, dW_list: Sequence, G_list: Sequence) -> float:
+    """sum_i ||X_i (dW - dW_i)^T||_F^2 = sum_i tr((dW - dW_i) G_i (dW - dW_i)^T), from the Gram matrices
+    (pass gram(X_i) to use inputs directly, e.g. held-out ones)."""
+    if len(dW_list) != len(G_list):
+        raise ConfigError("G_list", len(G_list), f"one Gram matrix per client ({len(dW_list)})")
+    w = _f64(dW)
+    total = 0.0
+    for wi, g in zip(dW_list, G_list):
+        d = w - _f64(wi)
+        total += float(torch.sum((d @ _f64(g)) * d))
+    return total
+
+
+def gram_nbytes(d_in: int) -> int:
+    """Bytes of one Gram matrix on the wire: its upper triangle (it is symmetric) in float64."""
+    return d_in * (d_in + 1) // 2 * 8
+
+
+# -- client side: Gram matrices of the inputs of named linear layers ---------------------------------
+
+@torch.no_grad()
+def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=None, pad_id: int = 0,
+                      batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """{module name: X^T X} over the non-padding token rows of the inputs each module sees on the examples
+    `indices` of `split`, in float64 (forward pre-hooks; eval mode; a fixed batch order, so the sums are
+    deterministic). With an :class:`~fedbench.models.inputs.ActivationCache` the forward starts above the
+    frozen prefix, as training does."""
+    from fedbench.fl.client import forward_batch
+    from fedbench.models.inputs import batch_order, pad_batch
+    modules = {name: model.get_submodule(name) for name in module_names}
+    out = {name: None for name in module_names}
+    current = {}
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0]
+            mask = current["mask"].bool()
+            if x.shape[:2] != mask.shape:
+                raise RuntimeError(f"{name}: input {tuple(x.shape)} does not match the token mask {tuple(mask.shape)}")
+            g = gram(x[mask])                       # padding rows never enter the Gram matrix
+            out[name] = g if out[name] is None else out[name] + g
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batch_order(indices, split.lengths, batch_size, rng=None, shuffle=False, bucketing=True):
+            if cache is not None and model.frozen_prefix > 0:
+                cache.ensure(model.frozen_prefix)
+                current["mask"] = cache.get(model, batch)[1]
+            else:
+                current["mask"] = pad_batch([split.input_ids[i] for i in batch], pad_id)[1]
+            forward_batch(model, split, batch, cache, pad_id)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for name, m in modules.items():
+        if out[name] is None:
+            d_in = m.in_features if hasattr(m, "in_features") else m.base_layer.in_features
+            out[name] = torch.zeros((d_in, d_in), dtype=torch.float64)
+    return out
