@@ -39,3 +39,40 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def embed_leading(small: torch.Tensor, template: torch.Tensor, zero_new_dims: tuple[int, ...] = ()) -> torch.Tensor:
+    """`template` with `small` written into its leading block (``out[:a, :b] = small``).
+
+    Growing a bottleneck (or a LoRA rank) keeps the trained units as the first ones. Along the dimensions
+    listed in `zero_new_dims` the new entries are set to zero (rather than kept from the template): those
+    are the ones through which the new units reach the output, so the grown module computes exactly the
+    same function as the small one.
+    """
+    if small.dim() != template.dim() or any(s > t for s, t in zip(small.shape, template.shape)):
+        raise ValueError(f"cannot embed a tensor of shape {tuple(small.shape)} into {tuple(template.shape)}")
+    out = template.detach().clone()
+    for dim in zero_new_dims:
+        out.narrow(dim, small.shape[dim], out.shape[dim] - small.shape[dim]).zero_()
+    out[tuple(slice(0, s) for s in small.shape)] = small
+    return out
+
+
+def grow_state(state: dict, template: dict, zero_new: dict[str, tuple[int, ...]]) -> "OrderedDict[str, torch.Tensor]":
+    """A trainable state in the layout of `template` (a larger configuration's initial state) carrying `state`.
+
+    Keys only in `template` (new layers) keep their initial values; keys in both are embedded with
+    :func:`embed_leading`, zeroing the new entries along ``zero_new[suffix]`` for keys ending in ``suffix``.
+    Every key of `state` must be in `template` (a configuration only grows).
+    """
+    lost = [k for k in state if k not in template]
+    if lost:
+        raise KeyError(f"the larger configuration lacks {lost[:3]}: states only grow")
+    out = OrderedDict()
+    for key, init in template.items():
+        if key not in state:
+            out[key] = init.detach().clone()
+            continue
+        dims = next((d for suffix, d in zero_new.items() if key.endswith(suffix)), ())
+        out[key] = embed_leading(state[key], init, dims)
+    return out
