@@ -637,6 +637,7 @@ def _label(m: str) -> str:
 def make_figures(res: AutoFedNlpResult, out: Path) -> dict:
     import matplotlib
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     matplotlib.rcParams.update({"font.size": 9})
     s, figs = res.settings, {}
     seed = s["seeds"][0]
@@ -656,6 +657,7 @@ def make_figures(res: AutoFedNlpResult, out: Path) -> dict:
                     label=_label(m))
         ax.axhline(target, color="grey", lw=0.8, ls=":", label=f"target {target:.3f}")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # decade labels only
         ax.set_xlabel(f"simulated time on {n} (hours, log)")
         ax.set_title(f"{s['task']}: accuracy vs simulated time ({n})")
         ax.grid(alpha=0.3)
@@ -677,7 +679,7 @@ def make_figures(res: AutoFedNlpResult, out: Path) -> dict:
     ax2.set_ylabel("width w (bottleneck)" if s["tuner"] == "adapter" else "LoRA rank", color="tab:orange")
     ax2.set_ylim(0, s["max_width"] + 4)
     ax.set_xlabel(f"simulated time on {s['device']} (hours)")
-    ax.set_title("AutoFedNLP: the configuration of the best trial group per round")
+    ax.set_title("AutoFedNLP: configuration in use (the winner at each period's end)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     figs["config_path"] = save_figure(fig, out, "config_path.png")
