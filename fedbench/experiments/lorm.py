@@ -75,8 +75,8 @@ DEFAULTS = {
     "smoke": dict(_COMMON, num_tasks=3, clients=3, max_train_per_task=36, max_test_per_task=24, max_length=32,
                   rounds_per_task=1, local_steps=2, batch_size=8, seeds=(0,), methods=METHODS),
     # the budget: <= 8 minutes on 2 cores (LoRA on the top layer, its inputs cached)
-    "quick": dict(_COMMON, clients=5, max_train_per_task=360, max_test_per_task=120, heldout_fraction=0.25,
-                  rounds_per_task=2, local_steps=5, seeds=(0, 1), methods=METHODS),
+    "quick": dict(_COMMON, clients=5, max_train_per_task=320, max_test_per_task=100, heldout_fraction=0.2,
+                  rounds_per_task=2, local_steps=4, seeds=(0, 1), methods=METHODS),
     # closer to the authors (rank 16, 10 clients, 5 rounds per task), LoRA on the top 2 layers; hours
     "full": dict(_COMMON, clients=10, rank=16, depth=2, max_train_per_task=2000, max_test_per_task=1000,
                  rounds_per_task=5, local_steps=25, lr=1e-3, seeds=(0, 1, 2), methods=METHODS),
