@@ -24,7 +24,6 @@ Real wall-clock of the clients' training is recorded beside it (``wall_*`` colum
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -35,8 +34,8 @@ import pandas as pd
 import torch
 
 from fedbench.config import ConfigError, ModelConfig, PeftConfig, TrainConfig, config_hash
-from fedbench.experiments.common import (Claim, claims_table, output_dir, profile_settings, runs_root, save_figure,
-                                         save_table)
+from fedbench.experiments.common import (Claim, claims_table, is_int, is_number, output_dir, profile_settings,
+                                         runs_root, save_figure, save_table)
 from fedbench.fl.seeding import derive_seed, rng_for
 
 EXPERIMENT = "autofednlp"
@@ -140,14 +139,6 @@ DEFAULTS = {
 }
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
 def settings_for(profile: str = "quick", **overrides) -> dict:
     """The profile's settings with `overrides` on top, every value checked (ConfigError otherwise)."""
     s = profile_settings(DEFAULTS, profile, overrides)
@@ -161,7 +152,7 @@ def settings_for(profile: str = "quick", **overrides) -> dict:
                      ("rounds", 1), ("full_ft_rounds", 1), ("period", 1), ("local_steps", 1), ("batch_size", 1), ("eval_every", 1),
                      ("max_length", 8), ("start_depth", 1), ("start_width", 1), ("depth_step", 1),
                      ("width_step", 1), ("max_width", 1)]:
-        if not _is_int(s[key]) or s[key] < low:
+        if not is_int(s[key]) or s[key] < low:
             raise ConfigError(key, s[key], f"an integer >= {low}" + (
                 " (one client per trial group: current, deeper, wider)" if key == "clients_per_round" else ""))
     if s["clients_per_round"] > s["clients"]:
@@ -172,24 +163,24 @@ def settings_for(profile: str = "quick", **overrides) -> dict:
         raise ConfigError("start_depth", s["start_depth"], f"1..{NUM_LAYERS} (MiniLM's layers)")
     if s["start_width"] > s["max_width"]:
         raise ConfigError("start_width", s["start_width"], f"at most max_width={s['max_width']}")
-    if not _is_num(s["alpha"]) or not 0 < s["alpha"] < float("inf"):
+    if not is_number(s["alpha"]) or not 0 < s["alpha"] < float("inf"):
         raise ConfigError("alpha", s["alpha"], "a number > 0 (Dirichlet concentration)")
     for key in ("lr", "lr_full"):
-        if not _is_num(s[key]) or not 0 < s[key] <= 1:
+        if not is_number(s[key]) or not 0 < s[key] <= 1:
             raise ConfigError(key, s[key], "a number in (0, 1]")
-    if s["target_accuracy"] is not None and (not _is_num(s["target_accuracy"]) or not 0 < s["target_accuracy"] <= 1):
+    if s["target_accuracy"] is not None and (not is_number(s["target_accuracy"]) or not 0 < s["target_accuracy"] <= 1):
         raise ConfigError("target_accuracy", s["target_accuracy"], "None (use target_fraction) or a number in (0, 1]")
-    if not _is_num(s["target_fraction"]) or not 0 < s["target_fraction"] <= 1:
+    if not is_number(s["target_fraction"]) or not 0 < s["target_fraction"] <= 1:
         raise ConfigError("target_fraction", s["target_fraction"], "a number in (0, 1]")
     grid = s["grid"]
     if (not isinstance(grid, (list, tuple)) or len(grid) == 0
             or any(not isinstance(g, (list, tuple)) or len(g) != 2 for g in grid)
-            or any(not _is_int(d) or not 1 <= d <= NUM_LAYERS or not _is_int(w) or w < 1 for d, w in grid)):
+            or any(not is_int(d) or not 1 <= d <= NUM_LAYERS or not is_int(w) or w < 1 for d, w in grid)):
         raise ConfigError("grid", grid, f"a non-empty list of (depth 1..{NUM_LAYERS}, width >= 1) pairs")
     s["grid"] = tuple(dict.fromkeys((int(d), int(w)) for d, w in grid))
-    s["seeds"] = (s["seeds"],) if _is_int(s["seeds"]) else tuple(s["seeds"])
+    s["seeds"] = (s["seeds"],) if is_int(s["seeds"]) else tuple(s["seeds"])
     if len(s["seeds"]) == 0 or len(set(s["seeds"])) != len(s["seeds"]) or any(
-            not _is_int(x) or x < 0 for x in s["seeds"]):
+            not is_int(x) or x < 0 for x in s["seeds"]):
         raise ConfigError("seeds", s["seeds"], "a non-empty list of distinct integers >= 0")
     return s
 

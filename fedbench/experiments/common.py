@@ -132,3 +132,10 @@ class TableRunStore:
         for name in self.tables:
             atomic_write_csv(d / f"{name}.csv", res[name])
         atomic_write_json(d / "summary.json", res["summary"])     # last: marks the run finished
+
+
+def method_colors(order, methods) -> dict:
+    """A fixed tab10 colour per method (by its place in the experiment's `order`), for the methods present."""
+    import matplotlib
+    pal = matplotlib.colormaps["tab10"]
+    return {m: pal(i) for i, m in enumerate(order) if m in methods}

@@ -44,7 +44,7 @@ import torch
 
 from fedbench.config import ConfigError, ModelConfig, PeftConfig, TrainConfig, config_hash
 from fedbench.experiments.common import (Claim, TableRunStore, claims_table, is_int, is_number, mean_std,
-                                         output_dir, profile_settings, save_figure, save_table)
+                                         method_colors, output_dir, profile_settings, save_figure, save_table)
 from fedbench.fl import clustering
 from fedbench.fl.seeding import derive_seed, rng_for
 
@@ -602,12 +602,6 @@ def compute_claims(summary: pd.DataFrame, clu: pd.DataFrame, s: dict,
 
 # -- figures -----------------------------------------------------------------------------------------
 
-def _method_colors(methods):
-    import matplotlib
-    pal = matplotlib.colormaps["tab10"]
-    return {m: pal(i) for i, m in enumerate(METHODS) if m in methods}
-
-
 def make_figures(res: FlTacResult, out: Path) -> dict:
     import matplotlib
     import matplotlib.pyplot as plt
@@ -615,7 +609,7 @@ def make_figures(res: FlTacResult, out: Path) -> dict:
     matplotlib.rcParams.update({"font.size": 9})
     s, figs = res.settings, {}
     methods = [m for m in METHODS if m in set(res.summary["method"])]
-    colors = _method_colors(methods)
+    colors = method_colors(METHODS, methods)
 
     # 1. per-task accuracy by method: grouped bars, error bars = std over seeds
     ms = mean_std(res.summary, ["method", "task"], "accuracy")

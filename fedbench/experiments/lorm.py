@@ -43,7 +43,6 @@ counts x `heldout_fraction`). ``rel_error`` divides by the error of keeping the 
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -54,8 +53,9 @@ import pandas as pd
 import torch
 
 from fedbench.config import ConfigError, FLConfig, ModelConfig, PeftConfig, TrainConfig, config_hash
-from fedbench.experiments.common import (Claim, claims_table, mean_std, output_dir, profile_settings, runs_root,
-                                         save_figure, save_table)
+from fedbench.experiments.common import (Claim, TableRunStore, claims_table, is_int, is_number, mean_std,
+                                         method_colors, output_dir, profile_settings, save_figure,
+                                         save_table)
 from fedbench.fl.seeding import derive_seed, rng_for
 from fedbench.merging import lorm as L
 
@@ -85,14 +85,6 @@ DEFAULTS = {
 
 # -- parameters --------------------------------------------------------------------------------------
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
 def settings_for(profile: str = "quick", **overrides) -> dict:
     """The profile's settings with `overrides` on top, every value checked (ConfigError otherwise)."""
     from fedbench.data import list_tasks
@@ -106,7 +98,7 @@ def settings_for(profile: str = "quick", **overrides) -> dict:
     for key, low in [("data_seed", 0), ("num_tasks", 2), ("clients", 1), ("rank", 1), ("depth", 1), ("max_length", 8),
                      ("batch_size", 1), ("rounds_per_task", 1), ("local_steps", 1), ("max_train_per_task", 1),
                      ("max_test_per_task", 1)]:
-        if not _is_int(s[key]) or s[key] < low:
+        if not is_int(s[key]) or s[key] < low:
             raise ConfigError(key, s[key], f"an integer >= {low}")
     n_classes = info[s["dataset"]].num_classes
     if s["num_tasks"] > n_classes:
@@ -117,17 +109,17 @@ def settings_for(profile: str = "quick", **overrides) -> dict:
         raise ConfigError("max_train_per_task", s["max_train_per_task"],
                           f"at least 2 x clients = {2 * s['clients']} (every client gets >= 2 examples of a task)")
     for key in ("alpha", "lr", "lora_alpha"):
-        if not _is_num(s[key]) or not 0 < s[key] < float("inf"):
+        if not is_number(s[key]) or not 0 < s[key] < float("inf"):
             raise ConfigError(key, s[key], "a number > 0")
-    if not _is_num(s["ridge"]) or not 0 <= s["ridge"] < float("inf"):
+    if not is_number(s["ridge"]) or not 0 <= s["ridge"] < float("inf"):
         raise ConfigError("ridge", s["ridge"], "a number >= 0 (relative to the mean eigenvalue; 0 = pseudo-inverse)")
-    if not _is_num(s["heldout_fraction"]) or not 0 < s["heldout_fraction"] <= 1:
+    if not is_number(s["heldout_fraction"]) or not 0 < s["heldout_fraction"] <= 1:
         raise ConfigError("heldout_fraction", s["heldout_fraction"], "a number in (0, 1]")
     if not isinstance(s["shuffle_classes"], bool):
         raise ConfigError("shuffle_classes", s["shuffle_classes"], "True or False")
-    s["seeds"] = (s["seeds"],) if _is_int(s["seeds"]) else tuple(s["seeds"])
+    s["seeds"] = (s["seeds"],) if is_int(s["seeds"]) else tuple(s["seeds"])
     if len(s["seeds"]) == 0 or len(set(s["seeds"])) != len(s["seeds"]) or any(
-            not _is_int(x) or x < 0 for x in s["seeds"]):
+            not is_int(x) or x < 0 for x in s["seeds"]):
         raise ConfigError("seeds", s["seeds"], "a non-empty list of distinct integers >= 0")
     s["seeds"] = tuple(int(x) for x in s["seeds"])
     s["methods"] = (s["methods"],) if isinstance(s["methods"], str) else tuple(s["methods"])
@@ -533,31 +525,15 @@ def cl_metrics(a: np.ndarray) -> dict:
 
 # -- the run store: one folder per run key, summary.json written last ----------------------------------
 
-_TABLES = ("per_task", "merge_error", "rounds")
-
-
-def _run_dir(key: dict) -> Path:
-    return runs_root() / EXPERIMENT / config_hash(key)
+STORE = TableRunStore(EXPERIMENT, ("per_task", "merge_error", "rounds"), read_csv_kwargs={"dtype": {"factor": str}})
+save_cached = STORE.save
 
 
 def load_cached(key: dict) -> dict | None:
-    d = _run_dir(key)
-    if not (d / "summary.json").exists():
-        return None
-    out = {name: pd.read_csv(d / f"{name}.csv", dtype={"factor": str} if name == "merge_error" else None)
-           for name in _TABLES}
-    out["merge_error"]["factor"] = out["merge_error"]["factor"].fillna("")      # "" = both factors / full FT
-    out["summary"] = json.loads((d / "summary.json").read_text())
+    out = STORE.load(key)
+    if out is not None:
+        out["merge_error"]["factor"] = out["merge_error"]["factor"].fillna("")      # "" = both factors / full FT
     return out
-
-
-def save_cached(key: dict, res: dict) -> None:
-    from fedbench.results import atomic_write_csv, atomic_write_json
-    d = _run_dir(key)
-    atomic_write_json(d / "key.json", key)
-    for name in _TABLES:
-        atomic_write_csv(d / f"{name}.csv", res[name])
-    atomic_write_json(d / "summary.json", res["summary"])     # last: marks the run finished
 
 
 # -- the experiment -------------------------------------------------------------------------------------
@@ -697,19 +673,13 @@ def compute_claims(summary: pd.DataFrame, errs: pd.DataFrame) -> pd.DataFrame:
 
 # -- figures -----------------------------------------------------------------------------------------
 
-def _colors(methods):
-    import matplotlib
-    pal = matplotlib.colormaps["tab10"]
-    return {m: pal(i) for i, m in enumerate(METHODS) if m in methods}
-
-
 def make_figures(res: LormResult, out: Path) -> dict:
     import matplotlib
     import matplotlib.pyplot as plt
     matplotlib.rcParams.update({"font.size": 9})
     s, figs = res.settings, {}
     methods = [m for m in METHODS if m in set(res.summary["method"])]
-    colors = _colors(methods)
+    colors = method_colors(METHODS, methods)
     T = s["num_tasks"]
     nseeds = len(s["seeds"])
 
