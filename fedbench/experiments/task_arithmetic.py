@@ -52,8 +52,8 @@ import torch
 from fedbench import merging
 from fedbench.config import (ConfigError, DataConfig, ExperimentConfig, FLConfig, ModelConfig, PeftConfig,
                              TrainConfig, config_hash)
-from fedbench.experiments.common import (Claim, claims_table, mean_std, output_dir, profile_settings, runs_root,
-                                         save_figure, save_table)
+from fedbench.experiments.common import (Claim, claims_table, is_int, is_number, mean_std, output_dir,
+                                         profile_settings, runs_root, save_figure, save_table)
 from fedbench.fl.seeding import derive_seed, rng_for
 
 EXPERIMENT = "task_arithmetic"
@@ -95,21 +95,13 @@ DEFAULTS = {
 
 # -- parameters --------------------------------------------------------------------------------------
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _tuple(x):
     return tuple(x) if isinstance(x, (list, tuple)) else x
 
 
 def _check_numbers(s, key, ok, allowed, allow_empty=False):
     v = s[key]
-    if not isinstance(v, tuple) or (not v and not allow_empty) or not all(_is_num(x) and ok(x) for x in v):
+    if not isinstance(v, tuple) or (not v and not allow_empty) or not all(is_number(x) and ok(x) for x in v):
         raise ConfigError(key, v, allowed)
 
 
@@ -125,21 +117,21 @@ def settings_for(profile: str = "quick", **overrides) -> dict:
             or any(t not in text_tasks for t in s["tasks"])):
         raise ConfigError("tasks", s["tasks"], f"at least 2 distinct offline text tasks from {text_tasks}")
     T = len(s["tasks"])
-    if _is_int(s["seeds"]):
+    if is_int(s["seeds"]):
         s["seeds"] = (int(s["seeds"]),)
     if (not isinstance(s["seeds"], tuple) or not s["seeds"] or len(set(s["seeds"])) != len(s["seeds"])
-            or any(not _is_int(x) or x < 0 for x in s["seeds"])):
+            or any(not is_int(x) or x < 0 for x in s["seeds"])):
         raise ConfigError("seeds", s["seeds"], "a non-empty list of distinct integers >= 0")
     if not isinstance(s["tunings"], tuple) or not s["tunings"] or any(t not in TUNINGS for t in s["tunings"]):
         raise ConfigError("tunings", s["tunings"], f"a non-empty subset of {list(TUNINGS)}")
     for key, low in [("rank", 1), ("max_length", 8), ("batch_size", 1), ("train_samples", 2), ("val_samples", 1),
                      ("test_samples", 1), ("steps", 1), ("cclip_rhos", 1), ("rounds_seeds", 0)]:
-        if not _is_int(s[key]) or s[key] < low:
+        if not is_int(s[key]) or s[key] < low:
             raise ConfigError(key, s[key], f"an integer >= {low}")
-    if s["depth"] is not None and (not _is_int(s["depth"]) or s["depth"] < 1):
+    if s["depth"] is not None and (not is_int(s["depth"]) or s["depth"] < 1):
         raise ConfigError("depth", s["depth"], "None (every layer) or an integer >= 1")
     for key in ("lr", "full_lr", "lora_alpha"):
-        if not _is_num(s[key]) or not s[key] > 0:
+        if not is_number(s[key]) or not s[key] > 0:
             raise ConfigError(key, s[key], "a number > 0")
     _check_numbers(s, "lambdas", lambda x: x >= 0, "a non-empty list of numbers >= 0")
     _check_numbers(s, "gma_rhos", lambda x: 0 <= x <= 1, "a non-empty list of numbers in [0, 1]")
@@ -156,7 +148,7 @@ def settings_for(profile: str = "quick", **overrides) -> dict:
     for key in ("methods", "hetero_methods"):
         if not isinstance(s[key], tuple) or any(m not in METHODS for m in s[key]):
             raise ConfigError(key, s[key], f"a subset of {list(METHODS)}")
-    if not isinstance(s["rounds"], tuple) or any(not _is_int(r) or not 1 <= r <= s["steps"] for r in s["rounds"]):
+    if not isinstance(s["rounds"], tuple) or any(not is_int(r) or not 1 <= r <= s["steps"] for r in s["rounds"]):
         raise ConfigError("rounds", s["rounds"], f"a list of integers in [1, steps={s['steps']}] (or empty)")
     if not isinstance(s["pairs"], bool):
         raise ConfigError("pairs", s["pairs"], "True or False")
