@@ -13,21 +13,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-PEFT_METHODS = ("full", "head", "bitfit", "lora", "adapter", "prompt")
+from fedbench.errors import ConfigError
+from fedbench.registry import AGGREGATORS, ATTACKS, LORA_SEMANTICS, STRATEGIES, TUNERS
+
+# Component names (tuners, aggregators, LoRA semantics, strategies, attacks) live in fedbench.registry;
+# these few choices are local to one field each.
 PARTITIONS = ("iid", "dirichlet", "quantity_skew")
-AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "median", "trimmed_mean")
-LORA_AGGREGATIONS = ("factors", "stack", "svd")
 OPTIMIZERS = ("adamw", "sgd")
 POOLINGS = ("mean", "cls")
 PROFILES = ("smoke", "quick", "full")
-
-
-class ConfigError(ValueError):
-    """A config field holds a value that is not allowed."""
-
-    def __init__(self, field_name: str, value: Any, allowed: str):
-        self.field_name, self.value, self.allowed = field_name, value, allowed
-        super().__init__(f"config field '{field_name}' = {value!r} is not allowed: expected {allowed}")
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -37,6 +31,10 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 def _choice(name: str, value: Any, choices) -> None:
     _check(value in choices, name, value, f"one of {list(choices)}")
+
+
+def _registered(name: str, value: Any, registry) -> None:
+    _check(isinstance(value, str) and value in registry, name, value, f"one of {registry.names()}")
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -119,7 +117,7 @@ class PeftConfig:
     train_head: bool = True
 
     def validate(self, prefix: str = "peft") -> None:
-        _choice(f"{prefix}.method", self.method, PEFT_METHODS)
+        _registered(f"{prefix}.method", self.method, TUNERS)
         _positive_int(f"{prefix}.rank", self.rank)
         _number(f"{prefix}.lora_alpha", self.lora_alpha, 0, float("inf"), low_open=True, high_open=True)
         _number(f"{prefix}.lora_dropout", self.lora_dropout, 0, 1, high_open=True)
@@ -190,36 +188,63 @@ class TrainConfig:
             _number(f"{prefix}.max_grad_norm", self.max_grad_norm, 0, float("inf"), low_open=True, high_open=True)
         self.dp.validate(f"{prefix}.dp")
 
+    def with_steps(self, local_steps: int) -> "TrainConfig":
+        """A copy that takes exactly `local_steps` optimizer steps."""
+        return dataclasses.replace(self, local_steps=int(local_steps))
+
 
 @dataclass
 class FLConfig:
-    """The server side: rounds, who takes part, how updates are combined, when to evaluate."""
+    """The server side: the strategy, rounds, who takes part, how updates are combined, faults and attacks."""
+    strategy: str = "fedavg"            # fedbench.registry.STRATEGIES: what a round asks of clients
     rounds: int = 5
     clients_per_round: float = 1.0      # a fraction in (0, 1] or, if > 1, an integer count
     dropout: float = 0.0                # probability that a sampled client drops out before reporting
-    aggregator: str = "fedavg"
+    aggregator: str = "fedavg"          # fedbench.registry.AGGREGATORS
     lora_aggregation: str = "factors"   # factors (FedIT) | stack (exact, FLoRA) | svd (exact, re-factorised)
     server_lr: float = 1.0              # fedavgm / fedadam
     server_momentum: float = 0.9        # fedavgm; beta1 for fedadam
     server_beta2: float = 0.99          # fedadam
     server_eps: float = 1e-3            # fedadam tau (adaptivity), as in Reddi et al.
     trim_ratio: float = 0.1             # trimmed_mean: fraction cut at each end
+    num_malicious: int = 1              # krum / multi_krum / bulyan: the f the rule is built to survive
+    multi_krum_keep: int | None = None  # multi_krum: states averaged (None = n - f)
+    # update guard: a client update with a non-finite value is always rejected; one whose L2 distance from
+    # the global state exceeds this bound too (None = no bound)
+    max_update_norm: float | None = None
+    # Byzantine clients: a seeded fraction of the clients (fixed for the run) attacks every round it takes part
+    attack: str = "none"                # fedbench.registry.ATTACKS
+    attack_fraction: float = 0.0
+    attack_scale: float = -4.0          # scale: the attacker sends global + attack_scale * its update
+    attack_sigma: float = 1.0           # gaussian: the attacker's update is N(0, sigma^2) noise
     eval_every: int = 1
 
     def validate(self, prefix: str = "fl") -> None:
+        _registered(f"{prefix}.strategy", self.strategy, STRATEGIES)
         _positive_int(f"{prefix}.rounds", self.rounds)
         cpr = self.clients_per_round
         ok = isinstance(cpr, (int, float)) and not isinstance(cpr, bool) and (
             0 < cpr <= 1 or (cpr > 1 and float(cpr).is_integer()))
         _check(ok, f"{prefix}.clients_per_round", cpr, "a fraction in (0, 1] or an integer count > 1")
         _number(f"{prefix}.dropout", self.dropout, 0, 1, high_open=True)
-        _choice(f"{prefix}.aggregator", self.aggregator, AGGREGATORS)
-        _choice(f"{prefix}.lora_aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
+        _registered(f"{prefix}.aggregator", self.aggregator, AGGREGATORS)
+        _registered(f"{prefix}.lora_aggregation", self.lora_aggregation, LORA_SEMANTICS)
         _number(f"{prefix}.server_lr", self.server_lr, 0, float("inf"), low_open=True, high_open=True)
         _number(f"{prefix}.server_momentum", self.server_momentum, 0, 1, high_open=True)
         _number(f"{prefix}.server_beta2", self.server_beta2, 0, 1, high_open=True)
         _number(f"{prefix}.server_eps", self.server_eps, 0, 1, low_open=True)
         _number(f"{prefix}.trim_ratio", self.trim_ratio, 0, 0.5, high_open=True)
+        _positive_int(f"{prefix}.num_malicious", self.num_malicious, 0)
+        _optional_positive_int(f"{prefix}.multi_krum_keep", self.multi_krum_keep)
+        if self.max_update_norm is not None:
+            _number(f"{prefix}.max_update_norm", self.max_update_norm, 0, float("inf"), low_open=True,
+                    high_open=True)
+        _registered(f"{prefix}.attack", self.attack, ATTACKS)
+        _number(f"{prefix}.attack_fraction", self.attack_fraction, 0, 1)
+        _number(f"{prefix}.attack_scale", self.attack_scale, -1e6, 1e6)
+        _number(f"{prefix}.attack_sigma", self.attack_sigma, 0, float("inf"), low_open=True, high_open=True)
+        _check(self.attack == "none" or self.attack_fraction > 0, f"{prefix}.attack_fraction", self.attack_fraction,
+               f"a fraction > 0 when fl.attack={self.attack!r} (0 attackers would run no attack)")
         _positive_int(f"{prefix}.eval_every", self.eval_every)
         if self.lora_aggregation != "factors":
             # stacking / SVD define the exact product average; a robust or adaptive rule on top of it
@@ -255,6 +280,18 @@ class ExperimentConfig:
         if cpr > 1:
             _check(cpr <= self.data.num_clients, "fl.clients_per_round", cpr,
                    f"at most data.num_clients={self.data.num_clients}")
+        # combinations: the strategy, the aggregator and the tuner each say what they need of the rest
+        for registry, name in ((STRATEGIES, self.fl.strategy), (AGGREGATORS, self.fl.aggregator),
+                               (TUNERS, self.peft.method)):
+            check = registry.entry(name).facts.get("check")
+            if check is not None:
+                check(self)
+
+    def cohort_size(self) -> int:
+        """How many clients a round samples (before dropout)."""
+        cpr = self.fl.clients_per_round
+        k = int(cpr) if cpr > 1 else max(1, int(round(cpr * self.data.num_clients)))
+        return min(k, self.data.num_clients)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -4,11 +4,16 @@ Layout under a results root (default ``results/runs``)::
 
     <root>/<config-hash>/config.json     the full config
     <root>/<config-hash>/rounds.csv      one row per round (accuracy, loss, bytes, clients, wall-clock)
-    <root>/<config-hash>/summary.json    final numbers; written last, so its presence means "finished"
+    <root>/<run-key>/predictions.safetensors  the final evaluation's per-example predictions (for claims)
+    <root>/<run-key>/checkpoint/         the last finished round while the run is going (removed at the end)
+    <root>/<run-key>/summary.json        final numbers; written last, so its presence means "finished"
 
-A run whose summary.json exists is finished: :func:`cached_run` loads it instead of recomputing.
-Every file is written to a temporary name in the same folder and renamed into place, so an
-interrupted run never leaves a half-written file behind.
+The run key is the hash of the whole config, the engine and :data:`RESULTS_SCHEMA` (a version the code
+owns: a change of what a run computes or records bumps it, so an old result is never served for new
+semantics). A run whose summary.json exists is finished: :func:`cached_run` loads it instead of
+recomputing; an unfinished one resumes from its last checkpointed round. Every file is written to a
+temporary name in the same folder and renamed into place, so an interrupted run never leaves a
+half-written file behind.
 """
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+
+# Bump when what a run computes or records changes meaning: every stored run is then recomputed.
+RESULTS_SCHEMA = 2
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -49,6 +57,25 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def atomic_write_tensors(path: str | Path, tensors: dict) -> None:
+    """A dict of tensors (torch or numpy) as a safetensors file, atomically (no pickle)."""
+    import numpy as np
+    from safetensors.numpy import save
+    arrays = {k: (v.detach().cpu().contiguous().numpy() if hasattr(v, "detach") else np.ascontiguousarray(v))
+              for k, v in tensors.items()}
+    atomic_write_bytes(path, save(arrays) if arrays else save({}))
+
+
+def read_tensors(path: str | Path, numpy: bool = False) -> dict:
+    """A safetensors file as {name: torch tensor} (or numpy arrays)."""
+    from safetensors.numpy import load
+    arrays = load(Path(path).read_bytes())
+    if numpy:
+        return arrays
+    import torch
+    return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+
+
 def atomic_savefig(fig, path: str | Path, **kwargs) -> None:
     """Save a matplotlib figure atomically (PNG by the path's suffix)."""
     import io
@@ -71,10 +98,21 @@ def _json_default(x):
 
 @dataclass
 class RunResult:
-    """What one finished federated run leaves behind."""
+    """What one finished federated run leaves behind. `predictions` (final evaluation, per test example):
+    ``{"test_index", "label", "prediction"}`` int64 arrays in the same order, or None."""
     config: dict
     rounds: pd.DataFrame
     summary: dict
+    predictions: dict | None = None
+
+    @property
+    def correct(self):
+        """1/0 per test example of the final evaluation, ordered by test index (None without predictions)."""
+        import numpy as np
+        if not self.predictions:
+            return None
+        order = np.argsort(self.predictions["test_index"], kind="stable")
+        return (self.predictions["prediction"][order] == self.predictions["label"][order]).astype(np.int8)
 
     @property
     def final_accuracy(self) -> float:
@@ -101,11 +139,21 @@ def run_dir(config_hash: str, root: str | Path | None = None) -> Path:
     return Path(root or default_root()) / config_hash
 
 
+def run_key(config, engine: str = "inprocess") -> str:
+    """The run store's key: the whole config, the engine and the results schema."""
+    from fedbench.config import config_hash
+    return config_hash({"config": config.to_dict(), "engine": engine, "schema": RESULTS_SCHEMA})
+
+
 def save_run(result: RunResult, config_hash: str, root: str | Path | None = None) -> Path:
     d = run_dir(config_hash, root)
     atomic_write_json(d / "config.json", result.config)
     atomic_write_csv(d / "rounds.csv", result.rounds)
+    if result.predictions:
+        atomic_write_tensors(d / "predictions.safetensors", result.predictions)
     atomic_write_json(d / "summary.json", result.summary)   # last: marks the run finished
+    import shutil
+    shutil.rmtree(d / "checkpoint", ignore_errors=True)     # the finished run replaces its checkpoints
     return d
 
 
@@ -113,20 +161,28 @@ def load_run(config_hash: str, root: str | Path | None = None) -> RunResult | No
     d = run_dir(config_hash, root)
     if not (d / "summary.json").exists():
         return None
+    preds = d / "predictions.safetensors"
     return RunResult(config=json.loads((d / "config.json").read_text()),
                      rounds=pd.read_csv(d / "rounds.csv"),
-                     summary=json.loads((d / "summary.json").read_text()))
+                     summary=json.loads((d / "summary.json").read_text()),
+                     predictions=read_tensors(preds, numpy=True) if preds.exists() else None)
 
 
-def cached_run(config, compute: Callable[[], RunResult], root: str | Path | None = None,
-               force: bool = False) -> RunResult:
-    """Load the finished run of `config` if there is one, else compute and save it."""
-    h = config.hash()
+def cached_run(config, compute: Callable, root: str | Path | None = None, force: bool = False,
+               engine: str = "inprocess") -> RunResult:
+    """Load the finished run of `config` if there is one, else ``compute(checkpoint_dir)`` and save it.
+
+    `compute` gets the run's checkpoint folder: a run killed mid-way resumes there from its last round.
+    """
+    h = run_key(config, engine)
     if not force:
         done = load_run(h, root)
         if done is not None:
             return done
-    result = compute()
+    else:
+        import shutil
+        shutil.rmtree(run_dir(h, root) / "checkpoint", ignore_errors=True)
+    result = compute(run_dir(h, root) / "checkpoint")
     save_run(result, h, root)
     return result
 

@@ -2,6 +2,7 @@ import json
 
 from fedbench.cli import main
 from fedbench.config import DataConfig, ExperimentConfig, FLConfig, PeftConfig, TrainConfig
+from fedbench.results import run_key
 
 
 def test_tasks_lists_every_task(capsys):
@@ -20,9 +21,9 @@ def test_run_a_yaml_config_then_load_it(tmp_path, capsys):
     cfg.save(path)
     root = tmp_path / "runs"
     assert main(["run", str(path), "--results", str(root)]) == 0
-    assert (root / cfg.hash() / "summary.json").exists()
+    assert (root / run_key(cfg) / "summary.json").exists()
     assert main(["run", str(path), "--results", str(root), "--set", "seed=1"]) == 0
-    assert (root / cfg.replace(seed=1).hash() / "summary.json").exists()
+    assert (root / run_key(cfg.replace(seed=1)) / "summary.json").exists()
     assert main(["results", "--results", str(root)]) == 0
     assert "cli" in capsys.readouterr().out
 

@@ -4,6 +4,7 @@ Two paths: the Message API path alone (fedbench's ServerApp strategy and ClientA
 Messages through a minimal in-process grid; fast, no Ray), and Flower's Simulation Runtime with the Ray
 backend, end to end. Both must give the in-process loop's global parameters and per-round records.
 """
+import json
 import uuid
 from collections import OrderedDict
 
@@ -20,6 +21,7 @@ from fedbench.config import ConfigError, ExperimentConfig  # noqa: E402
 from fedbench.engines import flower as fl_engine  # noqa: E402
 from fedbench.fl import FederatedRun, prepare_data  # noqa: E402
 from fedbench.models import state_nbytes  # noqa: E402
+from fedbench.results import run_key  # noqa: E402
 
 SHARED = ["round", "clients_sampled", "clients_dropped", "bytes_up", "bytes_down", "cumulative_bytes",
           "train_loss", "local_steps", "accuracy", "loss"]
@@ -115,9 +117,9 @@ def test_config_from_run_config(tmp_path):
 
 def test_run_key_separates_engines_and_configs():
     cfg = small_cfg()
-    assert fl_engine.RunKey(cfg).hash() != cfg.hash()
-    assert fl_engine.RunKey(cfg).hash() == fl_engine.RunKey(small_cfg()).hash()
-    assert fl_engine.RunKey(cfg).hash() != fl_engine.RunKey(cfg.replace(seed=4)).hash()
+    assert run_key(cfg, "flower") != run_key(cfg, "inprocess")
+    assert run_key(cfg, "flower") == run_key(small_cfg(), "flower")
+    assert run_key(cfg, "flower") != run_key(cfg.replace(seed=4), "flower")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,7 +183,12 @@ def test_message_path_with_dp_keeps_each_clients_ledger_on_its_node(data):
     run = fl_engine.server_main(grid, cfg, data=data)
     assert_same_run(ref, run, atol=1e-6)
     assert run.client_epsilons() == pytest.approx(ref.client_epsilons())
-    assert all(fl_engine.DP_LEDGER in ctx.state for ctx in grid.contexts.values())
+    # each node keeps its client's store (the DP ledger inside) as tensors + JSON: no pickle
+    assert all(fl_engine.STORE_META in ctx.state for ctx in grid.contexts.values())
+    for ctx in grid.contexts.values():
+        meta = json.loads(ctx.state[fl_engine.STORE_META]["json"])
+        (client,) = meta                       # one client per node: its own store only
+        assert meta[client]["dp"]["epsilon"] > 0
 
 
 def test_nodes_are_matched_to_clients_by_partition_id(data):
@@ -203,10 +210,10 @@ def test_a_client_error_fails_the_round_unless_failures_are_allowed(data, monkey
     cfg = small_cfg(**{"fl.rounds": 1})
     real = FederatedRun.client_update
 
-    def flaky(self, client_id, round_idx):
+    def flaky(self, client_id, round_idx, *args, **kwargs):
         if client_id == 2:
             raise RuntimeError("disk on fire")
-        return real(self, client_id, round_idx)
+        return real(self, client_id, round_idx, *args, **kwargs)
 
     monkeypatch.setattr(FederatedRun, "client_update", flaky)
     fl_engine.client_runtime(cfg, data)
@@ -234,6 +241,6 @@ def test_ray_simulation_equals_in_process(data, tmp_path, monkeypatch):
     assert result.summary["engine"] == "flower"
     assert result.summary["final_accuracy"] == pytest.approx(ref.result().summary["final_accuracy"])
     assert (result.rounds["wire_bytes_down"] >= result.rounds["bytes_down"]).all()
-    assert (tmp_path / fl_engine.RunKey(cfg).hash() / "summary.json").exists()
+    assert (tmp_path / run_key(cfg, "flower") / "summary.json").exists()
     again = fl_engine.run_flower_cached(cfg, data=data, root=tmp_path)      # loaded from disk, not rerun
     assert len(runs) == 1 and again.summary["final_accuracy"] == result.summary["final_accuracy"]

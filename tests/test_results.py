@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from fedbench.config import ExperimentConfig
-from fedbench.results import (RunResult, atomic_write_text, cached_run, load_results, load_run, save_run)
+from fedbench.results import (RunResult, atomic_write_text, cached_run, load_results, load_run, run_key, save_run)
 
 
 def _result(cfg, acc):
@@ -17,7 +17,7 @@ def test_cached_run_computes_once_and_then_loads(tmp_path):
     cfg = ExperimentConfig(name="a")
     calls = []
 
-    def compute():
+    def compute(checkpoint_dir):
         calls.append(1)
         return _result(cfg, 0.8)
 
@@ -31,10 +31,10 @@ def test_cached_run_computes_once_and_then_loads(tmp_path):
 
 def test_unfinished_run_is_recomputed(tmp_path):
     cfg = ExperimentConfig(name="b")
-    d = save_run(_result(cfg, 0.5), cfg.hash(), tmp_path)
+    d = save_run(_result(cfg, 0.5), run_key(cfg), tmp_path)
     (d / "summary.json").unlink()          # interrupted before the last write
-    assert load_run(cfg.hash(), tmp_path) is None
-    res = cached_run(cfg, lambda: _result(cfg, 0.6), root=tmp_path)
+    assert load_run(run_key(cfg), tmp_path) is None
+    res = cached_run(cfg, lambda ckpt: _result(cfg, 0.6), root=tmp_path)
     assert res.final_accuracy == 0.6
 
 

@@ -3,20 +3,22 @@
 The same experiment as the in-process loop (:class:`fedbench.fl.FederatedRun`), on Flower's Message API
 (flwr 1.41):
 
-- **ClientApp** (:data:`client_app`). A ``train`` message carries the global trainable state (an
+- **ClientApp** (:data:`client_app`). A ``train`` message carries the strategy's
+  :class:`~fedbench.fl.strategy.ClientInstruction` for that client: the tensors that travel down (an
   ``ArrayRecord``), the dense base updates of LoRA stack semantics (a second ``ArrayRecord``, empty
-  otherwise) and a ``ConfigRecord`` with the experiment config (JSON), the client id and the round. The
-  client loads the state into its one model and calls :meth:`FederatedRun.client_update`, i.e.
-  :func:`fedbench.fl.client.train_client` with the loop's seed for (round, client); DP-SGD runs when the
-  config enables it, and the client's privacy ledger stays on its node (``context.state``) between rounds.
-  The reply carries the trained state (``ArrayRecord``) and ``MetricRecord``\\ s (examples, steps, loss,
-  epsilon spent, when the client trained).
+  otherwise) and a ``ConfigRecord`` with the experiment config (JSON) and the instruction's header (client
+  id, round, which keys train and travel, local steps, options). The client builds the experiment's run
+  from the config (once per process), and calls :meth:`FederatedRun.client_update`, i.e. the strategy's
+  client side with the loop's seed for (round, client). The client's store (its DP ledger, any private
+  state a strategy keeps) lives on its node in ``context.state`` between rounds, as an ``ArrayRecord`` of
+  tensors and a JSON string (no pickle). The reply carries the sent state and the update's tensor extras
+  (``ArrayRecord``\\ s) and ``MetricRecord``\\ s (examples, steps, loss, epsilon spent, timing).
 - **ServerApp** (:func:`make_server_app`, :func:`server_main`) with :class:`FedbenchStrategy`, a
   ``flwr.serverapp.strategy.Strategy``. Each round it asks :meth:`FederatedRun.select_clients` which clients
-  take part (the same seeded sampling and dropout as the in-process loop), sends one message to the
-  SuperNode of each reporting client, and hands the replies, in client order, to
-  :meth:`FederatedRun.finish_round`: :class:`fedbench.fl.strategy.Strategy` aggregates (FedAvg / FedAvgM /
-  FedAdam / median / trimmed mean, LoRA factors / stack / SVD), the server evaluates centrally and records
+  take part (the same seeded sampling and dropout as the in-process loop) and the fedbench strategy
+  (``fl.strategy``) what to send each, sends one message to the SuperNode of each reporting client, and
+  hands the replies, in client order, to :meth:`FederatedRun.finish_round`: the update guard, the
+  strategy's aggregate (any registered rule and LoRA semantics), central evaluation, and
   the same per-round row (accuracy, loss, bytes up/down by fedbench's accounting, clients, steps, DP). Flower's
   rows add what Flower really moved (``wire_bytes_up/down``: the serialized arrays, numpy headers and
   keys included), ``client_busy_s`` (time in the round when at least one client was training),
@@ -45,7 +47,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
 import socket
 import sys
@@ -70,18 +71,20 @@ except ImportError as e:  # pragma: no cover - depends on the install
 import numpy as np
 import torch
 
-from fedbench.config import ConfigError, ExperimentConfig, config_hash
+from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.fl.client import ClientUpdate
 from fedbench.fl.server import FederatedData, FederatedRun, RoundPlan
-from fedbench.fl.strategy import GlobalModel
-from fedbench.results import RunResult
+from fedbench.fl.store import ClientStore
+from fedbench.fl.strategy import ClientInstruction
+from fedbench.results import RunResult, run_key
 
 log = logging.getLogger("fedbench.engines.flower")
 
 # record names inside a Message's RecordDict
-GLOBAL_STATE, BASE_DELTA, TASK, UPDATE, TRAIN_INFO, CLIENT_METRICS, NODE_INFO = (
-    "global-state", "base-delta", "fedbench-task", "update", "train-info", "client-metrics", "node-info")
-DP_LEDGER = "fedbench-dp-ledger"          # the node's privacy ledger in context.state
+GLOBAL_STATE, BASE_DELTA, TASK, UPDATE, EXTRAS, TRAIN_INFO, CLIENT_METRICS, NODE_INFO = (
+    "global-state", "base-delta", "fedbench-task", "update", "extras", "train-info", "client-metrics", "node-info")
+# the node's client store in context.state: its tensors and its JSON rest
+STORE_TENSORS, STORE_META = "fedbench-store-tensors", "fedbench-store-meta"
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
 
 DEFAULT_CLIENT_RESOURCES = {"num_cpus": 1, "num_gpus": 0.0}
@@ -160,33 +163,35 @@ def _query(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
-    """One client's local training on the received global model."""
+    """One client's local training, as its strategy instruction says."""
     task = msg.content[TASK]
     cfg = ExperimentConfig.from_dict(json.loads(task["config"]))
-    client_id, round_idx = int(task["client-id"]), int(task["round"])
+    header = json.loads(task["instruction"])
+    client_id, round_idx = int(header["client_id"]), int(header["round_idx"])
     pid = _node_partition(context)
     if pid is not None and pid != client_id:
         raise RuntimeError(f"SuperNode with partition-id={pid} was asked to train client {client_id}")
     run = client_runtime(cfg)
-    run.global_model = GlobalModel(record_to_state(msg.content[GLOBAL_STATE]),
-                                   dict(record_to_state(msg.content[BASE_DELTA])))
-    ledger_rec = context.state.get(DP_LEDGER)
-    # the ledger is this node's own state (never sent to the server), pickled because its history is a
-    # list of tuples; it only ever travels between this node and its ClientApp process
-    ledger = pickle.loads(ledger_rec["ledger"]) if ledger_rec is not None else {}
-    run.dp_states = {client_id: ledger}
+    ins = ClientInstruction.from_header(header, record_to_state(msg.content[GLOBAL_STATE]),
+                                        dict(record_to_state(msg.content[BASE_DELTA])))
+    # the client's store: what this node keeps between its rounds (never sent to the server)
+    tensors = record_to_state(context.state[STORE_TENSORS]) if STORE_TENSORS in context.state else {}
+    meta = json.loads(context.state[STORE_META]["json"]) if STORE_META in context.state else {}
+    store = ClientStore.from_payload(tensors, meta)
     t_start = time.time()
-    update = run.client_update(client_id, round_idx)
+    update = run.client_update(client_id, round_idx, ins, store=store[client_id])
     t_end = time.time()
-    if cfg.train.dp.enabled:
-        context.state[DP_LEDGER] = ConfigRecord({"ledger": pickle.dumps(run.dp_states[client_id])})
+    tensors, meta = store.to_payload()
+    context.state[STORE_TENSORS] = state_to_record(tensors)
+    context.state[STORE_META] = ConfigRecord({"json": json.dumps(meta)})
     info = {"client-id": client_id, "num-examples": int(update.num_samples), "num-steps": int(update.num_steps),
             "train-loss": float(update.train_loss), "wall-s": float(update.wall_s),
             "t-start": t_start, "t-end": t_end}
-    if "epsilon" in run.dp_states[client_id]:
-        info["dp-epsilon-spent"] = float(run.dp_states[client_id]["epsilon"])
-    content = RecordDict({UPDATE: state_to_record(update.state), TRAIN_INFO: MetricRecord(info),
-                          CLIENT_METRICS: MetricRecord(_metric_values(update.metrics))})
+    ledger = store[client_id].get("dp", {})
+    if "epsilon" in ledger:
+        info["dp-epsilon-spent"] = float(ledger["epsilon"])
+    content = RecordDict({UPDATE: state_to_record(update.state), EXTRAS: state_to_record(update.extras),
+                          TRAIN_INFO: MetricRecord(info), CLIENT_METRICS: MetricRecord(_metric_values(update.metrics))})
     return Message(content, reply_to=msg)
 
 
@@ -204,6 +209,7 @@ class FedbenchStrategy(FlowerStrategy):
         self.run, self.node_of, self.allow_failures = run, node_of, allow_failures
         self._config_json = run.cfg.to_json()
         self._plan: RoundPlan | None = None
+        self._instructions: dict[int, ClientInstruction] = {}
         self._t0 = 0.0
         self._wire_down = 0
         self._bar = None
@@ -215,12 +221,13 @@ class FedbenchStrategy(FlowerStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self._t0 = time.perf_counter()
         self._plan = self.run.select_clients(server_round)
-        gm = self.run.global_model        # == `arrays`, plus the base delta of stack semantics
+        self._instructions = self.run.configure(self._plan)       # the fedbench strategy's, per client
         messages, self._wire_down = [], 0
         for c in self._plan.reporting:
-            state, base = state_to_record(gm.state), state_to_record(gm.base_delta)
+            ins = self._instructions[c]
+            state, base = state_to_record(ins.state), state_to_record(ins.base_delta)
             self._wire_down += state.count_bytes() + base.count_bytes()
-            task = ConfigRecord({"config": self._config_json, "client-id": int(c), "round": int(server_round)})
+            task = ConfigRecord({"config": self._config_json, "instruction": json.dumps(ins.header())})
             messages.append(Message(RecordDict({GLOBAL_STATE: state, BASE_DELTA: base, TASK: task}),
                                     dst_node_id=self.node_of[c], message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
@@ -237,20 +244,22 @@ class FedbenchStrategy(FlowerStrategy):
             rec = m.content[UPDATE]
             wire_up += rec.count_bytes()
             c = int(info["client-id"])
+            extras = m.content[EXTRAS]
+            wire_up += extras.count_bytes()
             updates.append(ClientUpdate(
                 client_id=c, state=record_to_state(rec), num_samples=int(info["num-examples"]),
                 num_steps=int(info["num-steps"]), train_loss=float(info["train-loss"]), wall_s=float(info["wall-s"]),
-                metrics=dict(m.content[CLIENT_METRICS])))
+                metrics=dict(m.content[CLIENT_METRICS]), extras=dict(record_to_state(extras))))
             intervals.append((float(info["t-start"]), float(info["t-end"])))
-            if "dp-epsilon-spent" in info:
-                self.run.dp_states.setdefault(c, {})["epsilon"] = float(info["dp-epsilon-spent"])
+            if "dp-epsilon-spent" in info:     # the server's view of each client's spent budget
+                self.run.store[c].setdefault("dp", {})["epsilon"] = float(info["dp-epsilon-spent"])
         failed = len(plan.reporting) - len(updates)
         if failed and not self.allow_failures:
             raise RuntimeError(f"round {server_round}: {failed} of {len(plan.reporting)} clients did not report"
                                + (f"; client errors: {errors}" if errors else " (timeout)"))
         updates.sort(key=lambda u: u.client_id)        # the in-process loop's order: same float sums
         t_server = time.perf_counter()
-        rec = self.run.finish_round(plan, updates, self._t0, failed=failed)
+        rec = self.run.finish_round(plan, updates, self._t0, failed=failed, instructions=self._instructions)
         rec.update(wire_bytes_up=wire_up, wire_bytes_down=self._wire_down, client_busy_s=busy_time(intervals),
                    client_train_s=float(sum(u.wall_s for u in updates)), server_s=time.perf_counter() - t_server)
         if self._bar is not None:
@@ -269,8 +278,8 @@ class FedbenchStrategy(FlowerStrategy):
 
     def summary(self) -> None:
         fl = self.run.cfg.fl
-        log.info("fedbench strategy: aggregator=%s, lora_aggregation=%s, clients_per_round=%s, dropout=%s",
-                 fl.aggregator, fl.lora_aggregation, fl.clients_per_round, fl.dropout)
+        log.info("fedbench strategy=%s: aggregator=%s, lora_aggregation=%s, clients_per_round=%s, dropout=%s",
+                 fl.strategy, fl.aggregator, fl.lora_aggregation, fl.clients_per_round, fl.dropout)
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
@@ -508,25 +517,15 @@ def flower_result(run: FederatedRun) -> RunResult:
     return result
 
 
-class RunKey:
-    """What the run store keys a Flower run by: the config and the engine (so that a Flower run and an
-    in-process run of the same config are kept apart)."""
-
-    def __init__(self, cfg: ExperimentConfig, engine: str = "flower"):
-        self.cfg, self.engine = cfg, engine
-
-    def hash(self) -> str:
-        return config_hash({"config": self.cfg.to_dict(), "engine": self.engine})
-
-
 def run_flower_cached(cfg: ExperimentConfig, data: FederatedData | None = None, progress: bool = False,
                       root=None, force: bool = False) -> RunResult:
     """:func:`run_flower`, unless a finished Flower run of the same config is on disk (then load it).
-    Stored under ``<root>/<RunKey(cfg).hash()>/``."""
+    Stored under ``<root>/<run_key(cfg, "flower")>/`` (a Flower run restarts from round 1 if killed: the
+    round-level resume is the in-process loop's)."""
     from fedbench.results import cached_run
-    return cached_run(RunKey(cfg), lambda: run_flower(cfg, data, progress), root=root, force=force)
+    return cached_run(cfg, lambda ckpt: run_flower(cfg, data, progress), root=root, force=force, engine="flower")
 
 
-__all__ = ["FedbenchStrategy", "RunKey", "client_app", "client_runtime", "config_from_run_config", "flower_result",
+__all__ = ["FedbenchStrategy", "client_app", "client_runtime", "config_from_run_config", "flower_result",
            "make_server_app", "map_clients_to_nodes", "record_to_state", "run_flower", "run_flower_cached",
            "patch_ray_start", "server_main", "simulate", "start_ray", "state_to_record", "wait_for_nodes"]

@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from fedbench.config import (PEFT_METHODS, ConfigError, DataConfig, DPConfig, ExperimentConfig, FLConfig,
-                             ModelConfig, PeftConfig, TrainConfig)
+from fedbench.config import (ConfigError, DataConfig, DPConfig, ExperimentConfig, FLConfig, ModelConfig, PeftConfig,
+                             TrainConfig)
 from fedbench.experiments.common import (Claim, claims_table, output_dir, profile_settings, runs_root, save_figure,
                                          save_table)
+from fedbench.registry import TUNERS
 
 EXPERIMENT = "fedpeft"
 # display order: the reference first, then roughly from fewest to most trainable parameters
 METHODS = ("full", "head", "prompt", "lora", "bitfit", "adapter")
-DEPTH_METHODS = ("lora", "adapter")   # methods whose `depth` setting limits them to the top layers
 
 # AdamW learning rates per method. Full fine-tuning: 3e-4 from a {1e-4, 3e-4, 1e-3} sweep on the quick
 # headline setting (final accuracy, seeds 0-1: 0.54 / 0.62 / 0.53; 1e-3 diverges on one seed): with only
@@ -65,6 +65,11 @@ DEFAULTS = {
         max_train_samples=5000, max_test_samples=2000, max_length=64, dp_max_grad_norm=1.0, dp_delta=None,
         axis_eval_every=2, near_tolerance=0.03),
 }
+
+def takes_depth(method: str) -> bool:
+    """Whether `method`'s `depth` setting limits it to the top layers (the tuner registry's fact)."""
+    return bool(TUNERS.entry(method).facts.get("takes_depth"))
+
 
 KEYS = ["task", "method", "partition", "alpha", "participation", "dropout", "dp_epsilon_target", "seed"]
 
@@ -129,7 +134,7 @@ def validate_settings(s: dict) -> dict:
     tasks = tuple(OFFLINE_TASKS)
     _check_list("tasks", s["tasks"], lambda t: t in tasks, f"a non-empty list of offline text tasks from {list(tasks)}")
     for key in ("methods", "task_methods", "axis_methods"):
-        _check_list(key, s[key], lambda m: m in PEFT_METHODS, f"a list of methods from {list(PEFT_METHODS)}",
+        _check_list(key, s[key], lambda m: m in TUNERS, f"a list of methods from {TUNERS.names()}",
                     nonempty=key == "methods")
     is_seed = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
     _check_list("seeds", s["seeds"], is_seed, "a non-empty list of integers >= 0")
@@ -195,7 +200,7 @@ def make_config(c: Cell, s: dict) -> ExperimentConfig:
                         max_train_samples=s["max_train_samples"], max_test_samples=s["max_test_samples"],
                         max_length=s["max_length"]),
         model=ModelConfig(),
-        peft=PeftConfig(method=c.method, depth=s["depth"] if c.method in DEPTH_METHODS else None),
+        peft=PeftConfig(method=c.method, depth=s["depth"] if takes_depth(c.method) else None),
         train=TrainConfig(local_steps=s["local_steps"], batch_size=s["batch_size"], lr=float(s["lr"][c.method]),
                           dp=dp),
         fl=FLConfig(rounds=s["rounds"], clients_per_round=float(c.participation), dropout=float(c.dropout),
@@ -213,7 +218,7 @@ def is_headline(c: Cell, s: dict) -> bool:
 
 def variant(method: str, depth: int | None) -> str:
     """How a method was run, for the tables: LoRA/adapters on the top `depth` layers or on all six."""
-    if method in DEPTH_METHODS:
+    if takes_depth(method):
         return f"{method} (top {depth} layers)" if depth is not None else f"{method} (all layers)"
     return method
 
@@ -261,7 +266,7 @@ class SharedCaches:
     def frozen_prefix(self, cfg, num_layers: int) -> int:
         if cfg.peft.method == "head":
             return num_layers
-        if cfg.peft.method in DEPTH_METHODS and cfg.peft.depth is not None:
+        if takes_depth(cfg.peft.method) and cfg.peft.depth is not None:
             return num_layers - cfg.peft.depth
         return 0
 
@@ -293,14 +298,14 @@ def run_cells(cells: list[Cell], s: dict, progress: bool = True) -> tuple[pd.Dat
 
     from fedbench.config import config_hash
     from fedbench.fl import prepare_data, run_cached
-    from fedbench.results import load_run
+    from fedbench.results import load_run, run_key
     data_cache: dict[str, object] = {}
     caches = SharedCaches()
     summary_rows, metric_frames = [], []
     t0 = time.perf_counter()
     for i, c in enumerate(cells, 1):
         cfg = make_config(c, s)
-        done = load_run(cfg.hash(), runs_root())
+        done = load_run(run_key(cfg), runs_root())
         if done is None:
             key = config_hash({"data": cfg.to_dict()["data"], "backbone": cfg.model.backbone, "seed": cfg.seed})
             if key not in data_cache:       # shared by every method run on the same clients

@@ -1,13 +1,14 @@
-"""The federated layer: client training, aggregation rules, the server's step and the round loop."""
+"""The federated layer: client training, aggregation rules, strategies, the client store and the round loop."""
 from fedbench.fl.aggregators import (FedAdam, FedAvgM, coordinate_median, fedavg, lora_factor_average, lora_stack,
                                      lora_svd, trimmed_mean)
 from fedbench.fl.client import ClientUpdate, evaluate, predict, train_client
 from fedbench.fl.seeding import derive_seed, rng_for
 from fedbench.fl.server import (FederatedData, FederatedRun, prepare_data, run_cached, run_federated,
                                 sample_clients)
-from fedbench.fl.strategy import GlobalModel, LoraLayout, Strategy
+from fedbench.fl.store import ClientStore
+from fedbench.fl.strategy import ClientInstruction, FedAvg, GlobalModel, LoraLayout
 
-__all__ = ["ClientUpdate", "FedAdam", "FedAvgM", "FederatedData", "FederatedRun", "GlobalModel", "LoraLayout",
-           "Strategy", "coordinate_median", "derive_seed", "evaluate", "fedavg", "lora_factor_average",
-           "lora_stack", "lora_svd", "predict", "prepare_data", "rng_for", "run_cached", "run_federated",
-           "sample_clients", "train_client", "trimmed_mean"]
+__all__ = ["ClientInstruction", "ClientStore", "ClientUpdate", "FedAdam", "FedAvg", "FedAvgM", "FederatedData",
+           "FederatedRun", "GlobalModel", "LoraLayout", "coordinate_median", "derive_seed", "evaluate", "fedavg",
+           "lora_factor_average", "lora_stack", "lora_svd", "predict", "prepare_data", "rng_for", "run_cached",
+           "run_federated", "sample_clients", "train_client", "trimmed_mean"]

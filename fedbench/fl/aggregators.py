@@ -8,7 +8,7 @@ calls them.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -140,3 +140,71 @@ class FedAdam:
             self.v[k] = self.beta2 * self.v[k] + (1 - self.beta2) * delta[k] ** 2
             out[k] = global_state[k] + self.lr * self.m[k] / (self.v[k].sqrt() + self.tau)
         return out
+
+
+# -- the registry: fl.aggregator names -> a rule `(states, weights, fl_cfg) -> state` --------------------
+# Facts: `server_optimizer` (fl_cfg -> optimizer applied to the rule's output, or absent), `robust` (the rule
+# bounds the influence of a few arbitrary states), `weighted` (it uses the sample counts).
+from fedbench.registry import AGGREGATORS  # noqa: E402
+
+
+@AGGREGATORS.register("fedavg", weighted=True, robust=False)
+def fedavg_rule(states, weights, fl_cfg):
+    """FedAvg: the sample-weighted mean of the states."""
+    return fedavg(states, weights)
+
+
+AGGREGATORS.register("fedavgm", fedavg_rule, weighted=True, robust=False,
+                     server_optimizer=lambda fl: FedAvgM(fl.server_lr, fl.server_momentum),
+                     doc="FedAvgM: FedAvg then server momentum on the pseudo-gradient (Hsu et al. 2019)")
+AGGREGATORS.register("fedadam", fedavg_rule, weighted=True, robust=False,
+                     server_optimizer=lambda fl: FedAdam(fl.server_lr, fl.server_momentum, fl.server_beta2,
+                                                         fl.server_eps),
+                     doc="FedAdam: FedAvg then Adam on the pseudo-gradient (Reddi et al. 2021)")
+
+
+@AGGREGATORS.register("median", weighted=False, robust=True)
+def median_rule(states, weights, fl_cfg):
+    """Coordinate-wise median (Yin et al. 2018), unweighted."""
+    return coordinate_median(states)
+
+
+@AGGREGATORS.register("trimmed_mean", weighted=False, robust=True)
+def trimmed_mean_rule(states, weights, fl_cfg):
+    """Coordinate-wise trimmed mean cutting fl.trim_ratio at each end (Yin et al. 2018), unweighted."""
+    return trimmed_mean(states, trim_ratio=fl_cfg.trim_ratio)
+
+
+# Byzantine-robust rules (fedbench.fl.robust): they need f = fl.num_malicious and enough clients per round
+from fedbench.fl import robust as _robust  # noqa: E402
+
+
+def _check_byzantine(rule: str, minimum: Callable[[int], int]):
+    def check(cfg) -> None:
+        from fedbench.errors import ConfigError
+        n, f = cfg.cohort_size(), cfg.fl.num_malicious
+        if n < minimum(f):
+            raise ConfigError("fl.num_malicious", f, f"a value with at least {minimum(f)} clients per round for "
+                              f"fl.aggregator={rule!r} (the round samples {n}); lower it or sample more clients")
+    return check
+
+
+@AGGREGATORS.register("krum", weighted=False, robust=True, check=_check_byzantine("krum", lambda f: 2 * f + 3))
+def krum_rule(states, weights, fl_cfg):
+    """Krum (Blanchard et al. 2017): the state closest to its n - f - 2 nearest neighbours."""
+    return _robust.krum(states, num_malicious=fl_cfg.num_malicious)
+
+
+@AGGREGATORS.register("multi_krum", weighted=True, robust=True,
+                      check=_check_byzantine("multi_krum", lambda f: 2 * f + 3))
+def multi_krum_rule(states, weights, fl_cfg):
+    """Multi-Krum: the sample-weighted mean of the m best Krum scores (m = fl.multi_krum_keep, or n - f)."""
+    keep = fl_cfg.multi_krum_keep
+    return _robust.multi_krum(states, weights, num_malicious=fl_cfg.num_malicious,
+                              num_selected=None if keep is None else min(keep, len(states)))
+
+
+@AGGREGATORS.register("bulyan", weighted=False, robust=True, check=_check_byzantine("bulyan", lambda f: 4 * f + 3))
+def bulyan_rule(states, weights, fl_cfg):
+    """Bulyan (El Mhamdi et al. 2018): iterated Krum, then a coordinate-wise trimmed mean around the median."""
+    return _robust.bulyan(states, num_malicious=fl_cfg.num_malicious)

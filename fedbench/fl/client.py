@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedbench.models import load_trainable_state, trainable_state
+from fedbench.models import load_trainable_state, state_nbytes, trainable_state
 from fedbench.models.inputs import ActivationCache, TokenizedSplit, batch_order
 
 
@@ -25,7 +25,13 @@ class ClientUpdate:
     num_steps: int
     train_loss: float                # mean loss over the local steps
     wall_s: float
-    metrics: dict = field(default_factory=dict)   # e.g. dp_epsilon
+    metrics: dict = field(default_factory=dict)   # e.g. dp_epsilon (numbers; they travel as metrics)
+    extras: dict = field(default_factory=dict)    # tensors that travel up beside the state (e.g. Gram matrices)
+
+    @property
+    def nbytes_up(self) -> int:
+        """Exact bytes this update sends: the state and the tensor extras."""
+        return state_nbytes(self.state) + state_nbytes(self.extras)
 
 
 def forward_batch(model, split: TokenizedSplit, batch: np.ndarray, cache: ActivationCache | None, pad_id: int):
@@ -112,19 +118,32 @@ def train_client(model, state_in: dict, split: TokenizedSplit, indices: np.ndarr
 
 @torch.no_grad()
 def evaluate(model, split: TokenizedSplit, indices: np.ndarray | None = None, batch_size: int = 256,
-             cache: ActivationCache | None = None, pad_id: int = 0) -> dict:
-    """Accuracy and mean loss on `indices` of `split` (all by default), in big length-sorted batches."""
+             cache: ActivationCache | None = None, pad_id: int = 0, return_predictions: bool = False) -> dict:
+    """Accuracy and mean loss on `indices` of `split` (all by default), in big length-sorted batches.
+
+    With `return_predictions`, also ``predictions = {"test_index", "label", "prediction"}`` (int64 arrays in
+    the order of `indices`): what :mod:`fedbench.claims` pairs across methods and seeds.
+    """
     idx = np.arange(len(split)) if indices is None else np.asarray(indices)
     if len(idx) == 0:
         return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
     model.eval()
     correct, loss_sum = 0, 0.0
+    predicted = {}
     for batch in batch_order(idx, split.lengths, batch_size, rng=None, shuffle=False, bucketing=True):
         logits = forward_batch(model, split, batch, cache, pad_id)
         labels = split.labels[batch]
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-    return {"accuracy": correct / len(idx), "loss": loss_sum / len(idx), "n": int(len(idx))}
+        pred = logits.argmax(-1)
+        correct += (pred == labels).sum().item()
+        if return_predictions:
+            predicted.update(zip(np.asarray(batch).tolist(), pred.tolist()))
+    out = {"accuracy": correct / len(idx), "loss": loss_sum / len(idx), "n": int(len(idx))}
+    if return_predictions:
+        out["predictions"] = {"test_index": idx.astype(np.int64),
+                              "label": split.labels[torch.as_tensor(idx)].numpy().astype(np.int64),
+                              "prediction": np.array([predicted[int(i)] for i in idx], dtype=np.int64)}
+    return out
 
 
 def predict(model, split: TokenizedSplit, indices=None, batch_size: int = 256, pad_id: int = 0) -> np.ndarray:

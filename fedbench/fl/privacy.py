@@ -299,7 +299,8 @@ def train_client_dp(model, state_in: dict, split, indices, cfg, seed: int, clien
     steps = steps_per_round(cfg, n)
     delta = client_delta(dp, n)
     calibration = (dp.target_epsilon, dp.noise_multiplier, dp.accountant, q, steps, total_rounds, delta)
-    if dp_state.get("calibration") != calibration:
+    # (a ledger restored from JSON holds lists where it was written with tuples)
+    if tuple(dp_state.get("calibration") or ()) != calibration:
         dp_state["calibration"] = calibration
         dp_state["noise_multiplier"] = calibrate_noise(dp, q, steps * total_rounds, delta)
     sigma = dp_state["noise_multiplier"]

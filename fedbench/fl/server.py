@@ -1,25 +1,47 @@
-"""The in-process round loop: sample clients, train them, aggregate, evaluate, record.
+"""The one round loop: sample clients, ask the strategy, train, guard, aggregate, evaluate, record, checkpoint.
 
-The loop is the only place that knows about rounds. Client training is
-:func:`fedbench.fl.client.train_client` and the server's step is :class:`fedbench.fl.strategy.Strategy`,
-so another engine (Flower, :mod:`fedbench.engines.flower`) can drive the same two pieces.
+Every paper runs on it: a strategy (:mod:`fedbench.fl.strategy`, looked up by ``fl.strategy`` in
+:data:`fedbench.registry.STRATEGIES`) decides what each round asks of the clients and how the server combines
+their updates; the loop owns what is the same for every strategy:
+
+1. sampling and dropout (seeded per round), Byzantine clients (a seeded set, fixed for the run), the
+   per-client store (:class:`fedbench.fl.store.ClientStore`: DP ledgers, private state);
+2. the exact byte count of what each instruction sends down and each update sends up (state + extras);
+3. the update guard: a non-finite update (or one beyond ``fl.max_update_norm``) is rejected, counted and
+   logged, never aggregated;
+4. central evaluation, per-example predictions of the final round (for :mod:`fedbench.claims`), the
+   per-round records, and a checkpoint after every round from which a killed run resumes bit-identically.
+
+Flower (:mod:`fedbench.engines.flower`) drives the same pieces: its ServerApp calls
+:meth:`FederatedRun.configure` and :meth:`FederatedRun.finish_round`, its ClientApp
+:meth:`FederatedRun.client_update`.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import os
+import shutil
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from fedbench.fl.client import ClientUpdate, evaluate, train_client
+from fedbench.fl.client import ClientUpdate, evaluate
 from fedbench.fl.seeding import derive_seed, rng_for
-from fedbench.fl.strategy import GlobalModel, LoraLayout, Strategy
-from fedbench.models import (build_model, count_parameters, load_tokenizer, load_trainable_state, lora_modules,
-                             state_nbytes, trainable_state)
+from fedbench.fl.store import ClientStore
+from fedbench.fl.strategy import ClientInstruction, GlobalModel
+from fedbench.models import build_model, count_parameters, load_tokenizer, load_trainable_state, state_nbytes
 from fedbench.models.inputs import ActivationCache, TokenizedSplit, tokenize_split
-from fedbench.results import RunResult
+from fedbench.registry import ATTACKS, STRATEGIES
+from fedbench.results import RunResult, atomic_write_json, atomic_write_tensors, read_tensors
+
+log = logging.getLogger("fedbench.fl")
 
 
 @dataclass
@@ -142,15 +164,41 @@ class LoraBase:
 
 
 def load_global(model, global_model: GlobalModel, base: LoraBase) -> None:
+    """Load what a client received: the base updates and the trainable tensors sent (a strategy may send a
+    subset: the others keep what the model holds, e.g. a client's private factors loaded from its store)."""
     base.load(global_model.base_delta)
-    load_trainable_state(model, global_model.state)
+    params = dict(model.named_parameters())
+    unknown = [k for k in global_model.state if k not in params]
+    if unknown:
+        raise KeyError(f"the global state names tensors the model lacks: {unknown[:3]}")
+    if all(k in global_model.state for k, p in params.items() if p.requires_grad):
+        load_trainable_state(model, global_model.state)
+        return
+    with torch.no_grad():
+        for k, v in global_model.state.items():
+            params[k].copy_(v)
+
+
+def finite(update: ClientUpdate) -> bool:
+    tensors = [*update.state.values(), *update.extras.values()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def update_norm(update: ClientUpdate, global_state: dict) -> float:
+    """L2 distance of the sent state from the global one (keys the global state lacks count from zero)."""
+    sq = 0.0
+    for k, v in update.state.items():
+        ref = global_state.get(k)
+        d = v.double() - (ref.double() if ref is not None else 0.0)
+        sq += float((d * d).sum())
+    return sq ** 0.5
 
 
 class FederatedRun:
-    """One experiment's state: data, the shared model, the strategy and every client's ledger.
+    """One experiment's state: data, the shared model, the strategy, the global model and the client store.
 
-    Simulated clients are held as data indices (+ a DP ledger when DP is on), never as model copies:
-    one model is loaded with each client's state in turn.
+    Simulated clients are held as data indices + their store entry, never as model copies: one model is
+    loaded with each client's state in turn.
     """
 
     def __init__(self, cfg, data: FederatedData | None = None,
@@ -159,9 +207,8 @@ class FederatedRun:
         self.cfg = cfg
         self.data = data or prepare_data(cfg)
         self.model = build_model(cfg.model, cfg.peft, self.data.num_labels, seed=derive_seed(cfg.seed, "init"))
-        modules = lora_modules(self.model) if cfg.peft.method == "lora" else []
-        self.strategy = Strategy(cfg.fl, LoraLayout(modules), cfg.peft.rank, seed=cfg.seed)
-        self.global_model = GlobalModel(trainable_state(self.model))
+        self.strategy = STRATEGIES.get(cfg.fl.strategy)(cfg, self.model)
+        self.global_model = self.strategy.initial_model(self.model)
         self.base = LoraBase(self.model)
         # (train, test) frozen-prefix caches; pass shared ones to reuse them across runs on the same data
         # and backbone (the frozen layers are the pretrained ones whatever the method)
@@ -169,26 +216,49 @@ class FederatedRun:
                                                        ActivationCache(self.data.test, self.data.pad_id))
         if not use_activation_cache:   # run the whole stack every step (the benchmark's baseline)
             self.train_cache = self.test_cache = None
-        self.dp_states: dict[int, dict] = {}
+        self.store = ClientStore()
+        self.attack = ATTACKS.entry(cfg.fl.attack)
+        self.attackers: set[int] = set()
+        if cfg.fl.attack != "none":
+            from fedbench.fl.attacks import select_attackers
+            self.attackers = {int(c) for c in select_attackers(cfg.data.num_clients, cfg.fl.attack_fraction,
+                                                               derive_seed(cfg.seed, "attack"))}
         self.records: list[dict] = []
+        self.rejections: list[dict] = []
         self.cumulative_bytes = 0
-        # round 1's broadcast: the initial trainable state
-        self.down_bytes = state_nbytes(self.global_model.state)
+        self.final_predictions: dict | None = None
+        self._flipped_split = None
 
-    def client_update(self, client_id: int, round_idx: int) -> ClientUpdate:
-        load_global(self.model, self.global_model, self.base)
-        return train_client(
-            self.model, self.global_model.state, self.data.train, self.data.client_indices[client_id],
-            self.cfg.train, seed=derive_seed(self.cfg.seed, "client", round_idx, client_id), client_id=client_id,
-            cache=self.train_cache, pad_id=self.data.pad_id, dp_state=self.dp_states.setdefault(client_id, {}),
-            dp_total_rounds=self.cfg.fl.rounds)
+    # -- what strategies and engines call ---------------------------------------------------------------
+    @property
+    def dp_states(self) -> dict[int, dict]:
+        """Each client's DP ledger (in its store)."""
+        return {c: d["dp"] for c, d in self.store.items() if "dp" in d}
 
-    def evaluate_global(self) -> dict:
-        load_global(self.model, self.global_model, self.base)
+    def load(self, global_model: GlobalModel) -> None:
+        load_global(self.model, global_model, self.base)
+
+    def client_seed(self, round_idx: int, client_id: int) -> int:
+        return derive_seed(self.cfg.seed, "client", round_idx, client_id)
+
+    def client_split(self, client_id: int):
+        """The training split as client `client_id` sees it: with flipped labels for a label_flip attacker."""
+        if client_id in self.attackers and self.attack.facts.get("kind") == "data":
+            if self._flipped_split is None:
+                labels = self.attack.obj(self.data.train.labels, self.data.num_labels)
+                self._flipped_split = dataclasses.replace(self.data.train, labels=labels)
+            return self._flipped_split
+        return self.data.train
+
+    def evaluate_model(self, global_model: GlobalModel, predictions: bool = False) -> dict:
+        self.load(global_model)
         # the test cache stays valid under stack semantics too: base updates touch only LoRA-wrapped
         # layers, which are trainable and so above the cached frozen prefix by construction
         return evaluate(self.model, self.data.test, self.data.test_indices, cache=self.test_cache,
-                        pad_id=self.data.pad_id)
+                        pad_id=self.data.pad_id, return_predictions=predictions)
+
+    def evaluate_global(self, predictions: bool = False) -> dict:
+        return self.strategy.evaluate(self, self.global_model, predictions=predictions)
 
     def select_clients(self, round_idx: int) -> RoundPlan:
         """Which clients round `round_idx` samples and which of them drop out (both seeded by the config)."""
@@ -197,14 +267,56 @@ class FederatedRun:
         drop = rng_for(cfg.seed, "dropout", round_idx).random(len(sampled)) < cfg.fl.dropout
         return RoundPlan(round_idx, sampled, drop)
 
+    def configure(self, plan: RoundPlan) -> dict[int, ClientInstruction]:
+        """The strategy's instruction for every sampled client (dropped ones received the model too)."""
+        instructions = self.strategy.configure_round(plan.round_idx, [int(c) for c in plan.sampled],
+                                                     self.global_model)
+        return {ins.client_id: ins for ins in instructions}
+
+    def client_update(self, client_id: int, round_idx: int, instruction: ClientInstruction | None = None,
+                      store: dict | None = None) -> ClientUpdate:
+        """Client `client_id`'s update in round `round_idx` (an attacker's is what it sends, attacked)."""
+        ins = instruction or self.strategy.configure_round(round_idx, [client_id], self.global_model)[0]
+        update = self.strategy.client_update(self, ins, self.store[client_id] if store is None else store)
+        if client_id in self.attackers and self.attack.facts.get("kind") == "update":
+            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "attack", round_idx, client_id))
+            ref = {k: ins.state[k] if k in ins.state else torch.zeros_like(v) for k, v in update.state.items()}
+            update.state = self.attack.obj(update.state, ref, generator=gen, factor=self.cfg.fl.attack_scale,
+                                           sigma=self.cfg.fl.attack_sigma)
+            update.metrics["attacker"] = 1
+        return update
+
+    # -- the round ------------------------------------------------------------------------------------
     def run_round(self, round_idx: int) -> dict:
         t0 = time.perf_counter()
         plan = self.select_clients(round_idx)
-        updates = [self.client_update(c, round_idx) for c in plan.reporting]
-        return self.finish_round(plan, updates, t0)
+        instructions = self.configure(plan)
+        updates = [self.client_update(c, round_idx, instructions[c]) for c in plan.reporting]
+        return self.finish_round(plan, updates, t0, instructions=instructions)
 
-    def finish_round(self, plan: RoundPlan, updates: list[ClientUpdate], t0: float, failed: int = 0) -> dict:
-        """Aggregate the reporting clients' `updates` (in client order), evaluate, record the round.
+    def guard(self, updates: list[ClientUpdate], round_idx: int) -> tuple[list[ClientUpdate], list[dict]]:
+        """(accepted updates, rejections): a non-finite update, or one farther than fl.max_update_norm from
+        the global state, is rejected and logged with the client id and the reason."""
+        bound = self.cfg.fl.max_update_norm
+        accepted, rejected = [], []
+        for u in updates:
+            reason = None
+            if not finite(u):
+                reason = "non-finite values"
+            elif bound is not None:
+                norm = update_norm(u, self.global_model.state)
+                if norm > bound:
+                    reason = f"update norm {norm:.4g} > fl.max_update_norm={bound:g}"
+            if reason is None:
+                accepted.append(u)
+            else:
+                log.warning("round %d: update of client %d rejected: %s", round_idx, u.client_id, reason)
+                rejected.append({"round": round_idx, "client_id": u.client_id, "reason": reason})
+        return accepted, rejected
+
+    def finish_round(self, plan: RoundPlan, updates: list[ClientUpdate], t0: float, failed: int = 0,
+                     instructions: dict[int, ClientInstruction] | None = None) -> dict:
+        """Guard and aggregate the reporting clients' `updates` (in client order), evaluate, record the round.
 
         The round loop's second half, shared with other engines (Flower's ServerApp calls it with the
         updates its ClientApps sent back). `failed` counts sampled clients that were asked to train but
@@ -212,22 +324,29 @@ class FederatedRun:
         started (``time.perf_counter()``).
         """
         cfg, round_idx = self.cfg, plan.round_idx
-        bytes_down = self.down_bytes * len(plan.sampled)
-        bytes_up = sum(state_nbytes(u.state) for u in updates)
-        self.global_model, self.down_bytes = self.strategy.aggregate(self.global_model, updates, round_idx)
+        if instructions is None:
+            instructions = self.configure(plan)
+        bytes_down = sum(instructions[int(c)].down_bytes for c in plan.sampled)
+        bytes_up = sum(u.nbytes_up for u in updates)
+        accepted, rejected = self.guard(updates, round_idx)
+        self.rejections.extend(rejected)
+        self.global_model = self.strategy.aggregate(self.global_model, accepted, round_idx)
         self.cumulative_bytes += bytes_up + bytes_down
         rec = {"round": round_idx, "clients_sampled": len(plan.sampled),
-               "clients_dropped": int(plan.dropped.sum()) + int(failed),
+               "clients_dropped": int(plan.dropped.sum()) + int(failed), "clients_rejected": len(rejected),
                "bytes_up": bytes_up, "bytes_down": bytes_down, "cumulative_bytes": self.cumulative_bytes,
-               "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else float("nan"),
+               "train_loss": float(np.mean([u.train_loss for u in accepted])) if accepted else float("nan"),
                "local_steps": int(sum(u.num_steps for u in updates))}
         if self.cfg.train.dp.enabled:
             eps = [u.metrics.get("dp_epsilon", float("nan")) for u in updates]
             rec["dp_epsilon_max"] = max(self.client_epsilons().values(), default=float("nan"))
             rec["dp_epsilon_round_mean"] = float(np.nanmean(eps)) if eps else float("nan")
-        if round_idx % cfg.fl.eval_every == 0 or round_idx == cfg.fl.rounds:
-            ev = self.evaluate_global()
+        last = round_idx == cfg.fl.rounds
+        if round_idx % cfg.fl.eval_every == 0 or last:
+            ev = self.evaluate_global(predictions=last)
             rec.update(accuracy=ev["accuracy"], loss=ev["loss"])
+            if last and "predictions" in ev:
+                self.final_predictions = ev["predictions"]
         else:
             rec.update(accuracy=float("nan"), loss=float("nan"))
         rec["wall_s"] = time.perf_counter() - t0
@@ -236,6 +355,71 @@ class FederatedRun:
 
     def client_epsilons(self) -> dict[int, float]:
         return {c: s["epsilon"] for c, s in self.dp_states.items() if "epsilon" in s}
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    @property
+    def rounds_done(self) -> int:
+        return int(self.records[-1]["round"]) if self.records else 0
+
+    def save_checkpoint(self, folder: str | Path) -> Path:
+        """Everything the next round depends on, after the last finished round, atomically: the global model,
+        the strategy's server state, the client store, the records, and the activation caches' fill order
+        (replayed on resume, so the cached values, and every number after them, are bit-identical).
+
+        Every random stream is derived from (seed, stream, round, client), so there is no RNG position to
+        save. Files: ``round-NNNN/`` (written under a temporary name, then renamed) and ``latest.json``
+        pointing at it, replaced atomically; older rounds are removed after the pointer moves.
+        """
+        folder = Path(folder)
+        name = f"round-{self.rounds_done:04d}"
+        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        gm = self.global_model
+        atomic_write_tensors(tmp / "global.safetensors",
+                             {**{f"state/{k}": v for k, v in gm.state.items()},
+                              **{f"base/{k}": v for k, v in gm.base_delta.items()}})
+        s_tensors, s_meta = self.strategy.state_dict()
+        atomic_write_tensors(tmp / "strategy.safetensors", s_tensors)
+        self.store.save(tmp)
+        meta = {"round": self.rounds_done, "records": self.records, "rejections": self.rejections,
+                "cumulative_bytes": self.cumulative_bytes, "down_bytes": gm.down_bytes, "strategy": s_meta,
+                "state_keys": list(gm.state), "config_hash": self.cfg.hash(),
+                "caches": [c.fill_log() if c is not None else None for c in (self.train_cache, self.test_cache)],
+                "final_predictions": None if self.final_predictions is None else
+                {k: np.asarray(v).tolist() for k, v in self.final_predictions.items()}}
+        atomic_write_json(tmp / "meta.json", meta)
+        shutil.rmtree(folder / name, ignore_errors=True)
+        os.replace(tmp, folder / name)
+        atomic_write_json(folder / "latest.json", {"round": self.rounds_done, "dir": name})
+        for old in folder.glob("round-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        return folder / name
+
+    def restore_checkpoint(self, folder: str | Path) -> int:
+        """Continue from the last checkpointed round in `folder` (if any); returns the rounds done."""
+        folder = Path(folder)
+        pointer = folder / "latest.json"
+        if not pointer.exists():
+            return 0
+        d = folder / json.loads(pointer.read_text())["dir"]
+        meta = json.loads((d / "meta.json").read_text())
+        if meta["config_hash"] != self.cfg.hash():
+            raise RuntimeError(f"checkpoint {d} belongs to another config ({meta['config_hash']})")
+        tensors = read_tensors(d / "global.safetensors")
+        state = OrderedDict((k, tensors[f"state/{k}"]) for k in meta["state_keys"])
+        base = {k[len("base/"):]: v for k, v in tensors.items() if k.startswith("base/")}
+        self.global_model = GlobalModel(state, base, meta["down_bytes"])
+        self.strategy.load_state_dict(read_tensors(d / "strategy.safetensors"), meta["strategy"])
+        self.store = ClientStore.load(d)
+        self.records, self.rejections = meta["records"], meta["rejections"]
+        self.cumulative_bytes = meta["cumulative_bytes"]
+        fp = meta.get("final_predictions")
+        self.final_predictions = None if fp is None else {k: np.asarray(v, dtype=np.int64) for k, v in fp.items()}
+        for cache, fill in zip((self.train_cache, self.test_cache), meta["caches"]):
+            if cache is not None and fill is not None:
+                cache.replay(self.model, fill)
+        return self.rounds_done
 
     def result(self) -> RunResult:
         rounds = pd.DataFrame(self.records)
@@ -250,29 +434,47 @@ class FederatedRun:
             "state_bytes": int(state_nbytes(self.global_model.state)),
             "total_bytes": int(rounds["bytes_up"].sum() + rounds["bytes_down"].sum()),
             "rounds": int(len(rounds)), "wall_s": float(rounds["wall_s"].sum()),
+            "clients_rejected": int(rounds["clients_rejected"].sum()),
         }
         if self.cfg.train.dp.enabled:
             eps = self.client_epsilons()
             summary["dp_epsilon_spent"] = float(max(eps.values())) if eps else 0.0
-        return RunResult(config=self.cfg.to_dict(), rounds=rounds, summary=summary)
+        return RunResult(config=self.cfg.to_dict(), rounds=rounds, summary=summary,
+                         predictions=self.final_predictions)
 
 
-def run_federated(cfg, data: FederatedData | None = None, progress: bool = False, caches=None) -> RunResult:
-    """Run `cfg` from round 1 to `cfg.fl.rounds` in this process and return its results."""
+def run_federated(cfg, data: FederatedData | None = None, progress: bool = False, caches=None,
+                  checkpoint_dir: str | Path | None = None, stop_after: int | None = None) -> RunResult:
+    """Run `cfg` from round 1 (or its last checkpointed round in `checkpoint_dir`) to `cfg.fl.rounds`.
+
+    With `checkpoint_dir` a checkpoint is written after every round, so a killed run restarted with the same
+    folder continues where it stopped and ends bit-identical to an uninterrupted one. `stop_after` ends the
+    run after that round (for tests and benchmarks), returning the partial result.
+    """
+    from fedbench.models.checks import check_against_backbone
+    check_against_backbone(cfg)      # before any work: a bad depth or max_length fails in the first second
     run = FederatedRun(cfg, data, caches)
-    rounds = range(1, cfg.fl.rounds + 1)
+    done = run.restore_checkpoint(checkpoint_dir) if checkpoint_dir is not None else 0
+    rounds = range(done + 1, cfg.fl.rounds + 1)
     if progress:
         from tqdm.auto import tqdm
-        rounds = tqdm(rounds, desc=f"{cfg.name} [{cfg.peft.method}]", unit="round")
+        rounds = tqdm(rounds, desc=f"{cfg.name} [{cfg.peft.method}]", unit="round", initial=done,
+                      total=cfg.fl.rounds)
     for r in rounds:
         rec = run.run_round(r)
+        if checkpoint_dir is not None:
+            run.save_checkpoint(checkpoint_dir)
         if progress and rec["accuracy"] == rec["accuracy"]:
             rounds.set_postfix(acc=f"{rec['accuracy']:.3f}")
+        if stop_after is not None and r >= stop_after:
+            break
     return run.result()
 
 
 def run_cached(cfg, data: FederatedData | None = None, progress: bool = False, root=None,
                force: bool = False, caches=None) -> RunResult:
-    """:func:`run_federated`, unless a finished run of the same config is on disk (then load it)."""
+    """:func:`run_federated`, unless a finished run of the same config is on disk (then load it); an
+    unfinished one resumes from its checkpoint."""
     from fedbench.results import cached_run
-    return cached_run(cfg, lambda: run_federated(cfg, data, progress, caches), root=root, force=force)
+    return cached_run(cfg, lambda ckpt: run_federated(cfg, data, progress, caches, checkpoint_dir=ckpt),
+                      root=root, force=force)

@@ -1,20 +1,37 @@
-"""The server's step: from the clients' updates to the next global model.
+"""Strategies: what a round asks of each client, what the client does, and how the server combines it.
 
-:class:`Strategy` holds what a server keeps between rounds (server-optimizer moments, the dense
-updates folded into the frozen base) and applies the configured rule from
-:mod:`fedbench.fl.aggregators`. It does not drive rounds; the in-process loop or Flower's ServerApp
-calls :meth:`Strategy.aggregate`.
+In the spirit of Flower's ``configure_train`` / ``aggregate_train``, a strategy has three hooks, and the one
+round loop (:class:`fedbench.fl.server.FederatedRun`, or Flower's ServerApp/ClientApp in
+:mod:`fedbench.engines.flower`) calls nothing else:
+
+- :meth:`FedAvg.configure_round` (server): one :class:`ClientInstruction` per sampled client: the tensors that
+  travel down, which trainable parameters train (``train_keys``), which travel back (``send_keys``), local
+  steps, and JSON-able options (a task, a trial configuration, ...).
+- :meth:`FedAvg.client_update` (client): local training from an instruction, with the client's own
+  persistent store (:class:`fedbench.fl.store.ClientStore`: its DP ledger, private factors, per-task adapters;
+  never sent). Returns a :class:`ClientUpdate`: the state that travels up and any tensor ``extras``.
+- :meth:`FedAvg.aggregate` (server): the next :class:`GlobalModel` from the updates.
+
+Every condition of the core applies to every strategy by configuration, because the loop and the default
+hooks provide it: sampling and dropout (the loop), DP-SGD and FedProx (``train_client``), the aggregation
+rule and server optimizer (:data:`fedbench.registry.AGGREGATORS`), LoRA semantics
+(:data:`fedbench.registry.LORA_SEMANTICS`), the update guard and Byzantine attacks (the loop), the engine.
+
+Adding a strategy: subclass :class:`FedAvg` in :mod:`fedbench.fl.strategies`, override what differs and
+register it with ``@STRATEGIES.register("name", check=...)``; ``check(cfg)`` raises a ConfigError for a
+combination the strategy cannot run.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from fedbench.fl import aggregators as agg
 from fedbench.models.state import state_nbytes
+from fedbench.registry import AGGREGATORS, LORA_SEMANTICS, STRATEGIES
 
 
 @dataclass
@@ -22,6 +39,38 @@ class GlobalModel:
     """What every client starts a round from."""
     state: "OrderedDict[str, torch.Tensor]"               # trainable tensors
     base_delta: dict = field(default_factory=dict)       # dense updates folded into frozen base weights
+    down_bytes: int | None = None                        # exact bytes one client receives (None: the state's)
+
+    def nbytes_down(self) -> int:
+        return state_nbytes(self.state) if self.down_bytes is None else int(self.down_bytes)
+
+
+@dataclass
+class ClientInstruction:
+    """What the server asks of one client in one round (what travels down is ``state``/``base_delta``)."""
+    client_id: int
+    round_idx: int
+    state: dict                                   # global trainable tensors the client loads
+    base_delta: dict = field(default_factory=dict)
+    down_bytes: int = 0                           # exact bytes of what travels down to this client
+    train_keys: tuple[str, ...] | None = None     # trainable tensors that train (None: all)
+    send_keys: tuple[str, ...] | None = None      # trained tensors that travel up (None: all that trained)
+    local_steps: int | None = None                # overrides train.local_steps for this client
+    options: dict = field(default_factory=dict)   # JSON-able, strategy-specific
+
+    def header(self) -> dict:
+        """Everything but the tensors, JSON-able (what Flower's ConfigRecord carries)."""
+        return {"client_id": self.client_id, "round_idx": self.round_idx, "down_bytes": self.down_bytes,
+                "train_keys": None if self.train_keys is None else list(self.train_keys),
+                "send_keys": None if self.send_keys is None else list(self.send_keys),
+                "local_steps": self.local_steps, "options": self.options}
+
+    @classmethod
+    def from_header(cls, header: dict, state: dict, base_delta: dict) -> "ClientInstruction":
+        h = dict(header)
+        for k in ("train_keys", "send_keys"):
+            h[k] = None if h[k] is None else tuple(h[k])
+        return cls(state=state, base_delta=base_delta, **h)
 
 
 @dataclass
@@ -38,54 +87,157 @@ class LoraLayout:
         return {k for m in self.modules for k in (m.a_key, m.b_key)}
 
 
-class Strategy:
-    """Aggregation rule + LoRA semantics + server optimizer, as configured by a FLConfig."""
+@contextmanager
+def train_only(model, keys):
+    """Within the block only the trainable parameters named in `keys` train (None: all of them)."""
+    if keys is None:
+        yield
+        return
+    keys = set(keys)
+    frozen = [p for n, p in model.named_parameters() if p.requires_grad and n not in keys]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
-    def __init__(self, fl_cfg, lora: LoraLayout | None = None, lora_rank: int | None = None, seed: int = 0):
-        self.cfg, self.lora, self.rank, self.seed = fl_cfg, lora, lora_rank, seed
-        self.optimizer = None
-        if fl_cfg.aggregator == "fedavgm":
-            self.optimizer = agg.FedAvgM(fl_cfg.server_lr, fl_cfg.server_momentum)
-        elif fl_cfg.aggregator == "fedadam":
-            self.optimizer = agg.FedAdam(fl_cfg.server_lr, fl_cfg.server_momentum, fl_cfg.server_beta2,
-                                         fl_cfg.server_eps)
 
-    def combine(self, states: list[dict], weights: list[float]) -> OrderedDict:
-        """The plain aggregate of the states (before any server optimizer)."""
-        if self.cfg.aggregator == "median":
-            return agg.coordinate_median(states)
-        if self.cfg.aggregator == "trimmed_mean":
-            return agg.trimmed_mean(states, trim_ratio=self.cfg.trim_ratio)
-        return agg.fedavg(states, weights)
+# -- LoRA semantics: what the server does with the factors after the rule ------------------------------
+# Each is `(strategy, global_model, states, weights, new_state, round_idx) -> GlobalModel`; `new_state` is the
+# rule's (and server optimizer's) output over every sent key, factors included.
 
-    def aggregate(self, global_model: GlobalModel, updates: list, round_idx: int) -> tuple[GlobalModel, int]:
-        """New global model and the bytes the server sends each client next round."""
-        if not updates:   # every sampled client dropped out: nothing changes
-            return global_model, state_nbytes(global_model.state)
+@LORA_SEMANTICS.register("factors")
+def factors_semantics(strategy, global_model, states, weights, new_state, round_idx):
+    """FedIT: average A and B separately (mean(B) mean(A), not the mean of the products)."""
+    return GlobalModel(new_state, dict(global_model.base_delta))
+
+
+@LORA_SEMANTICS.register("svd")
+def svd_semantics(strategy, global_model, states, weights, new_state, round_idx):
+    """Exact product average re-factorised at rank r by truncated SVD (best rank-r approximation)."""
+    from fedbench.fl import aggregators as agg
+    new_state.update(agg.lora_svd(states, weights, strategy.lora.pairs, strategy.rank))
+    return GlobalModel(new_state, dict(global_model.base_delta))
+
+
+@LORA_SEMANTICS.register("stack")
+def stack_semantics(strategy, global_model, states, weights, new_state, round_idx):
+    """Exact product average by stacking (FLoRA): folded into the base weight, factors restarted; the stacked
+    factors (rank sum r_i) are what travels down."""
+    from fedbench.fl import aggregators as agg
+    lora = strategy.lora
+    base_delta = dict(global_model.base_delta)
+    stacked = agg.lora_stack(states, weights, lora.pairs)
+    down_bytes = sum(t.numel() * t.element_size() for k, t in new_state.items() if k not in lora.factor_keys)
+    for i, m in enumerate(lora.modules):
+        b_stack, a_stack = stacked[m.a_key]
+        down_bytes += state_nbytes({"a": a_stack, "b": b_stack})
+        dense = m.scaling * (b_stack @ a_stack)
+        base_delta[m.base_key] = base_delta.get(m.base_key, 0) + dense
+        # the product now lives in the base weight: restart the factors as peft initialises them
+        new_state[m.a_key], new_state[m.b_key] = strategy.fresh_factors(global_model.state, m, i, round_idx)
+    return GlobalModel(new_state, base_delta, down_bytes)
+
+
+# -- the default strategy -------------------------------------------------------------------------------
+
+def check_lora_semantics(cfg) -> None:
+    """LoRA semantics other than 'factors' act on LoRA factors: meaningless for a tuner without them."""
+    from fedbench.errors import ConfigError
+    if cfg.fl.lora_aggregation != "factors" and not has_lora_factors(cfg.peft.method):
+        raise ConfigError("fl.lora_aggregation", cfg.fl.lora_aggregation,
+                          f"'factors' for peft.method={cfg.peft.method!r} (it has no LoRA factors)")
+
+
+@STRATEGIES.register("fedavg", check=check_lora_semantics)
+class FedAvg:
+    """FedAvg (McMahan et al. 2017) with the configured rule, server optimizer and LoRA semantics."""
+
+    def __init__(self, cfg, model):
+        from fedbench.models import lora_modules
+        self.cfg, self.fl, self.seed = cfg, cfg.fl, cfg.seed
+        self.lora = LoraLayout(lora_modules(model) if has_lora_factors(cfg.peft.method) else [])
+        self.rank = cfg.peft.rank
+        spec = AGGREGATORS.entry(cfg.fl.aggregator)
+        self.rule = spec.obj
+        make_opt = spec.facts.get("server_optimizer")
+        self.optimizer = make_opt(cfg.fl) if make_opt is not None else None
+        self.semantics = LORA_SEMANTICS.get(cfg.fl.lora_aggregation if self.lora.modules else "factors")
+
+    # -- server side ----------------------------------------------------------------------------------
+    def initial_model(self, model) -> GlobalModel:
+        from fedbench.models import trainable_state
+        return GlobalModel(trainable_state(model))
+
+    def configure_round(self, round_idx: int, clients, global_model: GlobalModel) -> list[ClientInstruction]:
+        """Every sampled client gets the global model and trains everything the tuner makes trainable."""
+        return [self.instruction(int(c), round_idx, global_model) for c in clients]
+
+    def instruction(self, client_id: int, round_idx: int, global_model: GlobalModel, **kw) -> ClientInstruction:
+        return ClientInstruction(client_id, round_idx, global_model.state, global_model.base_delta,
+                                 global_model.nbytes_down(), **kw)
+
+    def aggregate(self, global_model: GlobalModel, updates: list, round_idx: int) -> GlobalModel:
+        """The rule over the sent keys (the others keep their global value), the server optimizer on top,
+        then the LoRA semantics."""
+        if not updates:   # every sampled client dropped out (or was rejected): nothing changes
+            return global_model
         states = [u.state for u in updates]
+        keys = list(states[0])
+        if any(list(s) != keys for s in states[1:]):
+            raise ValueError(f"round {round_idx}: clients sent different keys; a strategy's updates must agree")
         weights = [u.num_samples for u in updates]
-        semantics = self.cfg.lora_aggregation if self.lora and self.lora.modules else "factors"
-        new_state = self.combine(states, weights)
+        combined = self.rule(states, weights, self.fl)
         if self.optimizer is not None:
-            new_state = self.optimizer.step(global_model.state, new_state)
-        base_delta = dict(global_model.base_delta)
-        down_bytes = state_nbytes(new_state)
-        if semantics == "svd":
-            new_state.update(agg.lora_svd(states, weights, self.lora.pairs, self.rank))
-        elif semantics == "stack":
-            stacked = agg.lora_stack(states, weights, self.lora.pairs)
-            down_bytes = sum(t.numel() * t.element_size() for k, t in new_state.items()
-                             if k not in self.lora.factor_keys)
-            for i, m in enumerate(self.lora.modules):
-                b_stack, a_stack = stacked[m.a_key]
-                down_bytes += state_nbytes({"a": a_stack, "b": b_stack})
-                dense = m.scaling * (b_stack @ a_stack)
-                base_delta[m.base_key] = base_delta.get(m.base_key, 0) + dense
-                # the product now lives in the base weight: restart the factors as peft initialises them
-                new_state[m.a_key], new_state[m.b_key] = self._fresh_factors(global_model.state, m, i, round_idx)
-        return GlobalModel(new_state, base_delta), down_bytes
+            combined = self.optimizer.step(OrderedDict((k, global_model.state[k]) for k in keys), combined)
+        new_state = OrderedDict((k, combined[k] if k in combined else v) for k, v in global_model.state.items())
+        return self.semantics(self, global_model, states, weights, new_state, round_idx)
 
-    def _fresh_factors(self, state, m, module_idx, round_idx):
+    def evaluate(self, run, global_model: GlobalModel, predictions: bool = False) -> dict:
+        """Central evaluation of the global model on the test examples (the loop's records)."""
+        return run.evaluate_model(global_model, predictions=predictions)
+
+    # -- client side ----------------------------------------------------------------------------------
+    def client_update(self, run, ins: ClientInstruction, store: dict):
+        """Train the received state on the client's data; send back what ``ins.send_keys`` names."""
+        from fedbench.fl.client import train_client
+        run.load(GlobalModel(ins.state, ins.base_delta))
+        train_cfg = run.cfg.train if ins.local_steps is None else run.cfg.train.with_steps(ins.local_steps)
+        with train_only(run.model, ins.train_keys):
+            start = {k: v for k, v in ins.state.items() if ins.train_keys is None or k in ins.train_keys}
+            update = train_client(
+                run.model, start, run.client_split(ins.client_id), run.data.client_indices[ins.client_id],
+                train_cfg, seed=run.client_seed(ins.round_idx, ins.client_id), client_id=ins.client_id,
+                cache=run.train_cache, pad_id=run.data.pad_id, dp_state=store.setdefault("dp", {}),
+                dp_total_rounds=run.cfg.fl.rounds)
+        if ins.send_keys is not None:
+            update.state = OrderedDict((k, update.state[k]) for k in ins.send_keys)
+        return update
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict, dict]:
+        """(tensors, JSON) of what the server keeps between rounds (server-optimizer moments)."""
+        tensors, meta = {}, {"optimizer": None}
+        if self.optimizer is not None:
+            for name in ("velocity", "m", "v"):
+                moments = getattr(self.optimizer, name, None)
+                if moments is not None:
+                    tensors.update({f"{name}/{k}": t for k, t in moments.items()})
+            meta["optimizer"] = type(self.optimizer).__name__
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict, meta: dict) -> None:
+        if self.optimizer is None:
+            return
+        for name in ("velocity", "m", "v"):
+            if hasattr(self.optimizer, name):
+                moments = OrderedDict((k.split("/", 1)[1], t) for k, t in tensors.items() if k.startswith(name + "/"))
+                setattr(self.optimizer, name, moments or None)
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def fresh_factors(self, state, m, module_idx, round_idx):
         from fedbench.fl.seeding import derive_seed
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "server", round_idx, module_idx))
         a = torch.empty_like(state[m.a_key])
@@ -93,3 +245,9 @@ class Strategy:
         bound = 1.0 / math.sqrt(a.shape[1])
         a.uniform_(-bound, bound, generator=gen)
         return a, torch.zeros_like(state[m.b_key])
+
+
+def has_lora_factors(method: str) -> bool:
+    """Whether `method`'s modules are LoRA factors (the tuner registry's fact)."""
+    from fedbench.registry import TUNERS
+    return bool(TUNERS.entry(method).facts.get("has_lora_factors", False))

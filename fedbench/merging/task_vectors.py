@@ -242,3 +242,15 @@ def dare(tvs: Sequence[dict], drop: float = 0.5, lam: float = 1.0, seed: int = 0
             out[k] = (tv[k].double() * keep / (1.0 - drop)).to(tv[k].dtype)
         rescaled.append(out)
     return task_arithmetic(rescaled, lam)
+
+
+# -- the registry: merge names -> functions; `search` names the hyper-parameter besides the scale lambda -----
+from fedbench.registry import MERGES  # noqa: E402
+
+MERGES.register("task_arithmetic", task_arithmetic, scale="sum", search=None)
+MERGES.register("fednova", fednova, scale="mean", search=None)
+MERGES.register("fedgma", fedgma, scale="sum", search="rho")
+MERGES.register("median", median, scale="mean", search=None)
+MERGES.register("cclip", cclip, scale="sum", search="rho")
+MERGES.register("ties", ties, scale="mean", search="density")
+MERGES.register("dare", dare, scale="sum", search="drop")

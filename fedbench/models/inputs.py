@@ -177,25 +177,47 @@ class ActivationCache:
         self.depth: int | None = None
         self.hidden: dict[int, torch.Tensor] = {}
         self._stores: dict[int, dict[int, torch.Tensor]] = {}
+        # the chunks computed, in order, per depth: a float computed in another batch can differ in its
+        # last bits, so a resumed run replays this order to get bit-identical cached values
+        self._log: dict[int, list[list[int]]] = {}
 
     def ensure(self, depth: int) -> None:
         if depth != self.depth:
             self.depth, self.hidden = depth, self._stores.setdefault(depth, {})
 
+    def fill_log(self) -> dict[str, list[list[int]]]:
+        """JSON-able: per depth, the example chunks in the order they were computed."""
+        return {str(d): [list(c) for c in chunks] for d, chunks in self._log.items()}
+
+    @torch.no_grad()
+    def replay(self, model, fill_log: dict) -> None:
+        """Recompute the chunks of `fill_log` in its order (chunks already present are skipped)."""
+        depth = self.depth
+        for d, chunks in fill_log.items():
+            self.ensure(int(d))
+            for chunk in chunks:
+                if any(int(i) not in self.hidden for i in chunk):
+                    self._compute(model, [int(i) for i in chunk])
+        if depth is not None:
+            self.ensure(depth)
+
+    def _compute(self, model, chunk: list[int]) -> None:
+        was_training = model.training
+        model.eval()
+        x, mask = self.split.inputs(chunk, self.pad_id)
+        h = model.prefix_hidden(x, mask, self.depth)
+        lengths = mask.sum(1).tolist() if mask is not None else [h.shape[1]] * len(chunk)
+        for row, i in enumerate(chunk):
+            if i not in self.hidden:
+                self.hidden[i] = h[row, : int(lengths[row])].clone()
+        self._log.setdefault(self.depth, []).append(list(chunk))
+        model.train(was_training)
+
     @torch.no_grad()
     def get(self, model, indices: np.ndarray, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
         todo = [int(i) for i in indices if int(i) not in self.hidden]
-        if todo:
-            was_training = model.training
-            model.eval()
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                x, mask = self.split.inputs(chunk, self.pad_id)
-                h = model.prefix_hidden(x, mask, self.depth)
-                lengths = mask.sum(1).tolist() if mask is not None else [h.shape[1]] * len(chunk)
-                for row, i in enumerate(chunk):
-                    self.hidden[i] = h[row, : int(lengths[row])].clone()
-            model.train(was_training)
+        for start in range(0, len(todo), batch_size):
+            self._compute(model, todo[start:start + batch_size])
         return pad_hidden([self.hidden[int(i)] for i in indices])
 
     def nbytes(self) -> int:

@@ -1,0 +1,130 @@
+"""Name-keyed registries: the one place where each kind of component lists its names.
+
+A config field that names a component (``fl.aggregator``, ``peft.method``, ``fl.strategy``, ...) is
+validated against its registry's keys, and the code looks the name up here: no if-chains, no second list
+of allowed names anywhere. A registry knows the modules that fill it (``providers``) and imports them the
+first time it is read, so this module sits at the bottom of the import graph (it imports nothing of
+fedbench's) while the entries live beside the code they describe::
+
+    from fedbench.registry import AGGREGATORS
+
+    @AGGREGATORS.register("my_rule", robust=True)
+    def my_rule(states, weights=None): ...
+
+An entry is the registered object plus its *facts* (keyword arguments of ``register``), e.g. whether a tuner
+takes ``peft.depth``; ``REGISTRIES`` lists every registry for ``fedbench list``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered component: its name, the object (function or class) and its facts."""
+    name: str
+    obj: Any
+    facts: dict = field(default_factory=dict)
+    doc: str = ""
+
+    def __getattr__(self, item):            # entry.takes_depth == entry.facts["takes_depth"]
+        facts = object.__getattribute__(self, "facts")
+        if item in facts:
+            return facts[item]
+        raise AttributeError(f"registry entry {object.__getattribute__(self, 'name')!r} has no fact {item!r}")
+
+
+class Registry:
+    """Names -> entries for one kind of component, validated against by the config field `field`."""
+
+    def __init__(self, kind: str, field_name: str, providers: tuple[str, ...] = (), describe: str = "",
+                 plural: str | None = None):
+        self.kind, self.field_name, self.providers, self.describe = kind, field_name, providers, describe
+        self.plural = plural or kind + "s"
+        self._entries: dict[str, Entry] = {}
+        self._loaded = False
+
+    # -- filling ------------------------------------------------------------------------------------
+    def register(self, name: str, obj: Any = None, **facts) -> Callable:
+        """Register `obj` under `name` (or use as a decorator). A name is registered once."""
+        doc_override = facts.pop("doc", None)
+
+        def add(o):
+            if name in self._entries and self._entries[name].obj is not o:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            doc = (getattr(o, "__doc__", None) or "").strip().split(". ")[0].splitlines()
+            self._entries[name] = Entry(name, o, dict(facts), doc_override or (" ".join(doc).rstrip(".") if doc else ""))
+            return o
+        return add(obj) if obj is not None else add
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self.providers:
+                importlib.import_module(module)
+
+    # -- reading ------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        self._load()
+        return list(self._entries)
+
+    def entry(self, name: str, field_name: str | None = None) -> Entry:
+        """The entry of `name`; an unknown name is a ConfigError naming the config field."""
+        self._load()
+        if name not in self._entries:
+            from fedbench.errors import ConfigError
+            raise ConfigError(field_name or self.field_name, name, f"one of {self.names()}")
+        return self._entries[name]
+
+    def get(self, name: str, field_name: str | None = None) -> Any:
+        """The registered object of `name`."""
+        return self.entry(name, field_name).obj
+
+    def where(self, **facts) -> list[str]:
+        """Names whose facts match, e.g. ``TUNERS.where(takes_depth=True)``."""
+        self._load()
+        return [n for n, e in self._entries.items() if all(e.facts.get(k) == v for k, v in facts.items())]
+
+    def __contains__(self, name) -> bool:
+        self._load()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        self._load()
+        return iter(list(self._entries.values()))
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, field={self.field_name!r}, names={self.names()})"
+
+
+TUNERS = Registry("tuner", "peft.method", ("fedbench.models.tuners",),
+                  "PEFT methods: which parameters train and travel")
+AGGREGATORS = Registry("aggregator", "fl.aggregator", ("fedbench.fl.aggregators",),
+                       "server rules over the clients' states (with a server optimizer where named)")
+LORA_SEMANTICS = Registry("LoRA semantics", "fl.lora_aggregation", ("fedbench.fl.strategy",),
+                          "what averaging LoRA factors means", plural="LoRA semantics")
+STRATEGIES = Registry("strategy", "fl.strategy", ("fedbench.fl.strategy", "fedbench.fl.strategies"),
+                      "what a round asks of clients and how the server combines their updates",
+                      plural="strategies")
+ATTACKS = Registry("attack", "fl.attack", ("fedbench.fl.attacks",), "Byzantine clients: what an attacker sends")
+MERGES = Registry("merge", "method", ("fedbench.merging.task_vectors",), "one-shot merges of task vectors")
+
+REGISTRIES = (TUNERS, AGGREGATORS, LORA_SEMANTICS, STRATEGIES, ATTACKS, MERGES)
+
+
+def format_registries() -> str:
+    """Every registry with its names and one line each (``fedbench list``)."""
+    lines = []
+    for reg in REGISTRIES:
+        lines.append(f"{reg.plural} ({reg.field_name}): {reg.describe}")
+        for e in reg:
+            facts = ", ".join(f"{k}={v}" for k, v in e.facts.items() if not callable(v))
+            lines.append(f"  {e.name:16s} {e.doc}" + (f"  [{facts}]" if facts else ""))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
