@@ -33,6 +33,18 @@ def _choice(name: str, value: Any, choices) -> None:
     _check(value in choices, name, value, f"one of {list(choices)}")
 
 
+def _bool(name: str, value: Any) -> None:
+    _check(isinstance(value, bool), name, value, "true or false")
+
+
+def _names(name: str, value: Any, allowed: str, choices=None) -> None:
+    """A non-empty list/tuple of non-empty strings (from `choices` when given); a bare string is not a list."""
+    ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) and v for v in value)
+    if ok and choices is not None:
+        ok = set(value) <= set(choices)
+    _check(ok, name, value, allowed)
+
+
 def _registered(name: str, value: Any, registry) -> None:
     _check(isinstance(value, str) and value in registry, name, value, f"one of {registry.names()}")
 
@@ -121,13 +133,13 @@ class PeftConfig:
         _positive_int(f"{prefix}.rank", self.rank)
         _number(f"{prefix}.lora_alpha", self.lora_alpha, 0, float("inf"), low_open=True, high_open=True)
         _number(f"{prefix}.lora_dropout", self.lora_dropout, 0, 1, high_open=True)
-        _check(len(self.target_modules) > 0 and all(isinstance(m, str) for m in self.target_modules),
-               f"{prefix}.target_modules", self.target_modules, "a non-empty list of module names")
+        _names(f"{prefix}.target_modules", self.target_modules, "a non-empty list of module names, e.g. ['query', 'value']")
         _positive_int(f"{prefix}.adapter_width", self.adapter_width)
         _optional_positive_int(f"{prefix}.depth", self.depth)
-        _check(len(self.adapter_positions) > 0 and set(self.adapter_positions) <= {"attention", "ffn"},
-               f"{prefix}.adapter_positions", self.adapter_positions, "a non-empty subset of ['attention', 'ffn']")
+        _names(f"{prefix}.adapter_positions", self.adapter_positions, "a non-empty subset of ['attention', 'ffn']",
+               ("attention", "ffn"))
         _positive_int(f"{prefix}.prompt_tokens", self.prompt_tokens)
+        _bool(f"{prefix}.train_head", self.train_head)
 
 
 @dataclass
@@ -145,10 +157,12 @@ class DPConfig:
     accountant: str = "rdp"
 
     def validate(self, prefix: str = "train.dp") -> None:
-        if not self.enabled:
-            return
-        _check((self.target_epsilon is None) != (self.noise_multiplier is None), f"{prefix}.target_epsilon",
-               self.target_epsilon, "exactly one of target_epsilon / noise_multiplier when dp is enabled")
+        # every value is checked (it is hashed into the run key) even with DP off; the choice between
+        # target_epsilon and noise_multiplier only matters when it is on
+        _bool(f"{prefix}.enabled", self.enabled)
+        if self.enabled:
+            _check((self.target_epsilon is None) != (self.noise_multiplier is None), f"{prefix}.target_epsilon",
+                   self.target_epsilon, "exactly one of target_epsilon / noise_multiplier when dp is enabled")
         if self.target_epsilon is not None:
             _number(f"{prefix}.target_epsilon", self.target_epsilon, 0, float("inf"), low_open=True, high_open=True)
         if self.noise_multiplier is not None:
@@ -184,6 +198,7 @@ class TrainConfig:
         _number(f"{prefix}.weight_decay", self.weight_decay, 0, 1)
         _number(f"{prefix}.momentum", self.momentum, 0, 1, high_open=True)
         _number(f"{prefix}.prox_mu", self.prox_mu, 0, float("inf"), high_open=True)
+        _bool(f"{prefix}.length_bucketing", self.length_bucketing)
         if self.max_grad_norm is not None:
             _number(f"{prefix}.max_grad_norm", self.max_grad_norm, 0, float("inf"), low_open=True, high_open=True)
         self.dp.validate(f"{prefix}.dp")

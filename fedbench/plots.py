@@ -40,6 +40,19 @@ BAND_TEXT = {"ci95": "band: 95% t interval over seeds", "sd": "band: +- 1 sd ove
 FONT = {"label": 9, "tick": 8, "legend": 8, "title": 10, "subtitle": 9, "annot": 7}
 
 
+class Figure(Figure):  # noqa: F811 - the same class, displayable where pyplot was never imported
+    """A matplotlib Figure that shows itself in a notebook (``_repr_png_``) without pyplot's inline backend:
+    these figures are never registered with pyplot, so IPython would otherwise print ``<Figure ...>``."""
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        buf = io.BytesIO()
+        FigureCanvasAgg(self).print_png(buf)
+        return buf.getvalue()
+
+
 # -- colours, labels, checks ---------------------------------------------------------------------------
 
 def method_colors(order) -> dict:
@@ -205,6 +218,10 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str, seed: str | None = "seed"
             ax.set_title(f"{facet} = {fv}", fontsize=FONT["subtitle"])
         if logx:
             ax.set_xscale("log")
+            # plain numbers (0.5, 2, 10) rather than 5x10^-1; minor ticks labelled only on a short range
+            from matplotlib.ticker import LogFormatter
+            ax.xaxis.set_major_formatter(LogFormatter())
+            ax.xaxis.set_minor_formatter(LogFormatter(minor_thresholds=(1.5, 0.5)))
         _style_axes(ax, xlabel if xlabel is not None else x, (ylabel if ylabel is not None else y)
                     if ax is axes[0] else None)
     ref = _draw_hlines(axes, hlines)

@@ -11,7 +11,6 @@ import pytest
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.models.checks import BackboneFacts, backbone_facts, check_against_backbone
 
-GAP = "config.py gap: reported to lead"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -42,6 +41,7 @@ DEFAULTS = ExperimentConfig().to_dict()
 def _dict_leaves(d, prefix=""):
     for k, v in d.items():
         yield from (_dict_leaves(v, prefix + k + ".") if isinstance(v, dict) else [prefix + k])
+
 
 # fields holding a fraction / a bounded number: a value just out of their range
 OUT_OF_RANGE = {
@@ -101,27 +101,12 @@ def _bad_values(dotted, hint):
     return out
 
 
-# (field, label) pairs config.py accepts today and should not: xfail(strict) until the lead fixes config.py
-KNOWN_GAPS = {
-    ("peft.train_head", label) for label in ("str", "str-false", "int", "int0", "list", "none")
-} | {
-    ("train.length_bucketing", label) for label in ("str", "str-false", "int", "int0", "list", "none")
-} | {
-    ("train.dp.enabled", label) for label in ("str", "str-false", "int", "int0", "list", "none")
-} | {
-    ("peft.target_modules", "empty-str-item"), ("peft.target_modules", "bare-str"),
-    ("peft.target_modules", "int"), ("peft.target_modules", "none"),
-    ("peft.adapter_positions", "int"), ("peft.adapter_positions", "none"),
-}
-
-
 def _sweep_cases():
     for dotted, hint in LEAVES.items():
         for label, bad in _bad_values(dotted, hint):
             if (label == "unknown-name" and dotted in FREE_NAMES) or (label == "negative" and dotted in SIGNED):
                 continue    # see FREE_NAMES / SIGNED for why these values are fine
-            marks = [pytest.mark.xfail(strict=True, reason=GAP)] if (dotted, label) in KNOWN_GAPS else []
-            yield pytest.param(dotted, bad, id=f"{dotted}-{label}", marks=marks)
+            yield pytest.param(dotted, bad, id=f"{dotted}-{label}")
 
 
 def _context(dotted):
@@ -141,16 +126,15 @@ def test_every_leaf_field_rejects_bad_values_by_name(dotted, bad):
 def test_sweep_covers_every_field_and_the_lists_name_real_fields():
     assert set(LEAVES) == set(_dict_leaves(DEFAULTS))      # the dataclass walk sees what to_dict() holds
     assert len(LEAVES) >= 40 and "train.dp.enabled" in LEAVES and "peft.train_head" in LEAVES
-    for listed in (*OUT_OF_RANGE, *FREE_NAMES, *SIGNED, *(f for f, _ in KNOWN_GAPS)):
+    for listed in (*OUT_OF_RANGE, *FREE_NAMES, *SIGNED):
         assert listed in LEAVES, f"{listed} is no longer a config field: update this test's lists"
     for key in CONTEXT:
         assert any(f == key or f.startswith(key) for f in LEAVES), key
 
 
 @pytest.mark.parametrize("dotted", sorted(f for f in LEAVES if f.startswith("train.dp.") and f != "train.dp.enabled"))
-@pytest.mark.xfail(strict=True, reason=GAP)
 def test_dp_fields_are_checked_even_when_dp_is_off(dotted):
-    """DPConfig.validate returns early when enabled is False: a junk DP value is hashed and kept silently."""
+    """A junk DP value would be hashed into the run key and kept silently: it is checked with DP off too."""
     with pytest.raises(ConfigError) as e:
         ExperimentConfig().replace(**{dotted: "junk"})
     assert e.value.field_name == dotted

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from fedbench.config import ConfigError, ModelConfig, PeftConfig, TrainConfig, config_hash
-from fedbench.experiments.common import (Claim, claims_table, is_int, is_number, output_dir, profile_settings,
+from fedbench.experiments.common import (Claim, claims_table, is_int, is_number, load_profiles, output_dir, profile_settings,
                                          runs_root, save_figure, save_table)
 from fedbench.fl.seeding import derive_seed, rng_for
 
@@ -119,24 +119,8 @@ def client_round_seconds(cost: ModelCost, device: DeviceProfile, depth: int | No
 
 # -- parameters ----------------------------------------------------------------------------------------
 
-_COMMON = dict(task="ng20", tuner="adapter", alpha=1.0, max_length=64, start_depth=1, start_width=8,
-               depth_step=1, width_step=8, max_width=64, device="slow_phone", target_accuracy=None,
-               target_fraction=0.9, lr=5e-3, lr_full=1e-4)
-DEFAULTS = {
-    # CI: the whole notebook in well under a minute
-    "smoke": dict(_COMMON, max_train=160, val_size=40, max_test=60, clients=4, clients_per_round=3, rounds=3,
-                  full_ft_rounds=1, period=1, local_steps=1, batch_size=8, max_length=32, eval_every=1,
-                  grid=((1, 8), (6, 16)), seeds=(0,)),
-    # the budget: <= 8 minutes on 2 cores (full FT, ~15x a d=1 step, runs fewer rounds: its
-    # simulated round is dominated by uploading the whole model anyway)
-    "quick": dict(_COMMON, max_train=1200, val_size=120, max_test=250, clients=10, clients_per_round=6,
-                  rounds=14, full_ft_rounds=5, period=2, local_steps=4, batch_size=8, eval_every=2,
-                  grid=((1, 8), (3, 16), (6, 64)), seeds=(0,)),
-    # bigger federation, longer schedule (about an hour per seed on 2 cores)
-    "full": dict(_COMMON, max_train=6000, val_size=500, max_test=2000, clients=50, clients_per_round=10,
-                 rounds=60, full_ft_rounds=30, period=3, local_steps=5, batch_size=16, eval_every=1,
-                 grid=((1, 8), (2, 16), (3, 32), (4, 32), (6, 64)), seeds=(0, 1)),
-}
+# the profiles live in configs/autofednlp/{smoke,quick,full}.yaml
+DEFAULTS = load_profiles(EXPERIMENT)
 
 
 def settings_for(profile: str = "quick", **overrides) -> dict:

@@ -1,13 +1,32 @@
-"""What every experiment shares: profiles, output folders, tables, figures, the claims table."""
+"""What every experiment shares: YAML profiles and typed settings, output folders, tables, figures.
+
+Profiles are YAML files a user can read and copy, ``configs/<experiment>/{smoke,quick,full}.yaml``::
+
+    experiment: fedpeft
+    profile: quick
+    base:              # the fedbench.config.ExperimentConfig every run of the experiment starts from
+      data: {task: tweet_sentiment, num_clients: 3, ...}
+      train: {local_steps: 2, ...}
+    settings:          # the experiment's own parameters (its grid, seeds, methods, ...)
+      seeds: [0, 1]
+
+:func:`resolve_profile` reads one, applies overrides (a dotted key such as ``fl.dropout`` changes ``base``;
+any other key a setting) and validates both: the base as an ExperimentConfig, the settings by the
+experiment's typed :class:`Settings` class, each bad value a ConfigError naming the field.
+"""
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from fedbench.config import PROFILES, ConfigError
+from fedbench.config import PROFILES, ConfigError, ExperimentConfig
 from fedbench.results import atomic_savefig, atomic_write_csv, project_results_dir
+
+CORE_SECTIONS = ("name", "seed", "data", "model", "peft", "train", "fl")
 
 
 def results_root() -> Path:
@@ -36,9 +55,137 @@ def runs_root() -> Path:
     return results_root() / "runs"
 
 
-def profile_settings(defaults: dict[str, dict], profile: str, overrides: dict) -> dict:
-    """The settings of `profile` with the user's non-None overrides on top; unknown keys are errors."""
+def configs_root() -> Path:
+    """configs/ of the fedbench checkout ($FEDBENCH_CONFIGS overrides it)."""
+    import os
+    if os.environ.get("FEDBENCH_CONFIGS"):
+        return Path(os.environ["FEDBENCH_CONFIGS"])
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def profile_path(experiment: str, profile: str) -> Path:
+    return configs_root() / experiment / f"{check_profile(profile)}.yaml"
+
+
+def read_profile_file(path: str | Path) -> dict:
+    """A profile YAML as a dict with keys experiment, profile, base (dict or None), settings (dict)."""
+    import yaml
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("profile", str(path), "an existing configs/<experiment>/<profile>.yaml file")
+    d = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(d) - {"experiment", "profile", "base", "settings"})
+    if unknown:
+        raise ConfigError(unknown[0], d[unknown[0]], "one of the profile keys experiment, profile, base, settings")
+    return {"experiment": d.get("experiment"), "profile": d.get("profile"), "base": d.get("base"),
+            "settings": dict(d.get("settings") or {})}
+
+
+def load_profiles(experiment: str) -> dict[str, dict]:
+    """{profile: settings dict} from the experiment's YAML files (for experiments whose settings are a dict)."""
+    return {p: read_profile_file(profile_path(experiment, p))["settings"] for p in PROFILES
+            if profile_path(experiment, p).exists()}
+
+
+@dataclass
+class Profile:
+    """A resolved profile: the validated base run config (None for experiments without one) and settings."""
+    experiment: str
+    profile: str
+    base: ExperimentConfig | None
+    settings: typing.Any
+
+
+def resolve_profile(experiment: str, profile: str, overrides: dict | None = None, settings_cls=None,
+                    path: str | Path | None = None) -> Profile:
+    """Read ``configs/<experiment>/<profile>.yaml`` (or `path`), apply non-None `overrides` and validate.
+
+    A dotted override (``fl.dropout``, ``train.lr``, ``seed``) changes the base config; any other key a
+    setting. With `settings_cls` (a :class:`Settings` dataclass) the settings are built and validated by it.
+    """
+    d = read_profile_file(path or profile_path(experiment, profile))
+    base_dict = d["base"]
+    settings = dict(d["settings"])
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key.split(".")[0] in CORE_SECTIONS and ("." in key or key in ("seed", "name")):
+            if base_dict is None:
+                raise ConfigError(key, value, f"a setting of {experiment} (it has no base run config)")
+            base_dict = _set_dotted(base_dict, key, value)
+        elif settings_cls is not None or key in settings:
+            settings[key] = value
+        else:
+            raise ConfigError(key, value, f"a parameter of this experiment: {sorted(settings)}")
+    base = ExperimentConfig.from_dict(base_dict) if base_dict is not None else None
+    if settings_cls is not None:
+        settings = settings_cls.from_dict(settings)
+    return Profile(experiment, profile, base, settings)
+
+
+def _set_dotted(d: dict, dotted: str, value) -> dict:
+    import copy
+    out = copy.deepcopy(d)
+    node = out
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, value, "a dotted path to a config field")
+    node[leaf] = value
+    return out
+
+
+class Settings:
+    """Base of an experiment's typed settings (a dataclass): built from a dict, unknown keys rejected, lists
+    turned into tuples where the field says tuple, then ``validate()`` (ConfigError per bad field)."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ConfigError(unknown[0], d[unknown[0]], f"a parameter of this experiment: {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for k, v in d.items():
+            if isinstance(v, list) and typing.get_origin(hints.get(k)) is tuple:
+                v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+            kwargs[k] = v
+        obj = cls(**kwargs)
+        obj.validate()
+        return obj
+
+    def validate(self) -> None:  # pragma: no cover - each experiment defines its checks
+        pass
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def check_list(name: str, value, item_ok, allowed: str, nonempty: bool = True) -> None:
+    """ConfigError(name, value, allowed) unless `value` is a (non-empty) list/tuple whose items pass."""
+    if not isinstance(value, (list, tuple)) or (nonempty and len(value) == 0) or not all(item_ok(v) for v in value):
+        raise ConfigError(name, value, allowed)
+
+
+def profile_settings(defaults: dict[str, dict] | str, profile: str, overrides: dict) -> dict:
+    """The settings of `profile` with the user's non-None overrides on top; unknown keys are errors.
+
+    `defaults` is the experiment's name (its settings are read from configs/<experiment>/<profile>.yaml)
+    or a dict {profile: settings}.
+    """
     check_profile(profile)
+    if isinstance(defaults, str):
+        defaults = load_profiles(defaults)
     settings = dict(defaults[profile])
     for key, value in overrides.items():
         if key not in settings:

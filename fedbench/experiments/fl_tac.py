@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 
 from fedbench.config import ConfigError, ModelConfig, PeftConfig, TrainConfig, config_hash
-from fedbench.experiments.common import (Claim, TableRunStore, claims_table, is_int, is_number, mean_std,
+from fedbench.experiments.common import (Claim, TableRunStore, claims_table, is_int, is_number, load_profiles, mean_std,
                                          method_colors, output_dir, profile_settings, save_figure, save_table)
 from fedbench.fl import clustering
 from fedbench.fl.seeding import derive_seed, rng_for
@@ -56,24 +56,8 @@ LABELS = {"fl_tac": "FL-TAC (k = T)", "fl_tac_auto": "FL-TAC (k by silhouette)",
 EMBEDDINGS = ("pca", "umap", "tsne")
 QUICK_TASKS = ("rt_sentiment", "subjectivity", "tweet_sentiment", "wordnet_verb")
 
-_COMMON = dict(tasks=QUICK_TASKS, clients=10, alpha=0.5, min_share=0.01, rank=4, lora_alpha=16.0,
-               max_length=48, k=None, k_max=None, n_init=10, cluster_on="adapter", embedding="pca",
-               evolution_panels=4)
-DEFAULTS = {
-    # CI: the whole notebook in well under a minute
-    "smoke": dict(_COMMON, clients=4, max_train_per_task=48, max_test_per_task=40, depth=1, rounds=2,
-                  local_steps=2, batch_size=8, lr=3e-3, eval_every=1, seeds=(0,), methods=METHODS),
-    # the issue's budget: <= 8 minutes on 2 cores. LoRA on the top layer only (half the cost of two per
-    # step, which buys 5 local steps of 16 per adapter and round; 33 (client, task) adapters per round)
-    "quick": dict(_COMMON, max_train_per_task=1000, max_test_per_task=250, depth=1, rounds=6, local_steps=5,
-                  batch_size=16, lr=3e-3, eval_every=1, seeds=(0, 1),
-                  methods=("fl_tac", "fedit", "oracle", "local")),
-    # the authors' schedule (20 rounds x 50 local steps, rank 4, lr 5e-4) on six offline tasks, LoRA on the
-    # top 2 layers: ~50 adapters x 1,000 steps per run, about 3 h per seed on 2 cores (not part of CI)
-    "full": dict(_COMMON, tasks=QUICK_TASKS + ("sms_spam", "ng20"), max_train_per_task=2000,
-                 max_test_per_task=1000, depth=2, rounds=20, local_steps=50, batch_size=16, lr=5e-4,
-                 eval_every=2, seeds=(0, 1), methods=METHODS),
-}
+# the profiles live in configs/fl_tac/{smoke,quick,full}.yaml
+DEFAULTS = load_profiles(EXPERIMENT)
 
 
 # -- parameters --------------------------------------------------------------------------------------

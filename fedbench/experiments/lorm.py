@@ -53,7 +53,7 @@ import pandas as pd
 import torch
 
 from fedbench.config import ConfigError, FLConfig, ModelConfig, PeftConfig, TrainConfig, config_hash
-from fedbench.experiments.common import (Claim, TableRunStore, claims_table, is_int, is_number, mean_std,
+from fedbench.experiments.common import (Claim, TableRunStore, claims_table, is_int, is_number, load_profiles, mean_std,
                                          method_colors, output_dir, profile_settings, save_figure,
                                          save_table)
 from fedbench.fl.seeding import derive_seed, rng_for
@@ -68,19 +68,8 @@ LABELS = {"lorm": "LoRM (closed-form factor)", "fedavg_factors": "FedAvg of fact
 FEDERATED = METHODS[:-1]
 HEAD_KEYS = ("classifier.weight", "classifier.bias")
 
-_COMMON = dict(dataset="ng20", data_seed=0, num_tasks=5, clients=8, alpha=0.5, shuffle_classes=True, rank=4, lora_alpha=16.0,
-               depth=1, max_length=64, batch_size=16, lr=3e-3, ridge=1e-4, heldout_fraction=0.5)
-DEFAULTS = {
-    # CI: every method on 3 tasks of a few examples, well under a minute
-    "smoke": dict(_COMMON, num_tasks=3, clients=3, max_train_per_task=36, max_test_per_task=24, max_length=32,
-                  rounds_per_task=1, local_steps=2, batch_size=8, seeds=(0,), methods=METHODS),
-    # the issue's budget: <= 8 minutes on 2 cores (LoRA on the top layer, its inputs cached)
-    "quick": dict(_COMMON, clients=5, max_train_per_task=320, max_test_per_task=100, heldout_fraction=0.2,
-                  rounds_per_task=2, local_steps=4, seeds=(0, 1), methods=METHODS),
-    # closer to the authors (rank 16, 10 clients, 5 rounds per task), LoRA on the top 2 layers; hours
-    "full": dict(_COMMON, clients=10, rank=16, depth=2, max_train_per_task=2000, max_test_per_task=1000,
-                 rounds_per_task=5, local_steps=25, lr=1e-3, seeds=(0, 1, 2), methods=METHODS),
-}
+# the profiles live in configs/lorm/{smoke,quick,full}.yaml
+DEFAULTS = load_profiles(EXPERIMENT)
 
 
 # -- parameters --------------------------------------------------------------------------------------

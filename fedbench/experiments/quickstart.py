@@ -2,48 +2,43 @@
 
 The probe (logistic regression on the frozen MiniLM's mean-pooled features, trained centrally on the
 same training samples) is the bar a federated PEFT run has to clear to be worth its communication.
+The run is one :class:`fedbench.config.ExperimentConfig`: the profile's ``base``
+(``configs/quickstart/<profile>.yaml``) with any override on top.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import matplotlib
-import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
-from fedbench.config import (DataConfig, ExperimentConfig, FLConfig, ModelConfig, PeftConfig, TrainConfig)
-from fedbench.experiments.common import output_dir, profile_settings, runs_root, save_figure, save_table
+from fedbench.config import ExperimentConfig, ModelConfig, PeftConfig
+from fedbench.experiments.common import Settings, output_dir, resolve_profile, runs_root, save_figure, save_table
 
 EXPERIMENT = "quickstart"
-
-DEFAULTS = {
-    "smoke": dict(task="rt_sentiment", method="lora", clients=4, rounds=2, alpha=0.5, seed=0, lr=2e-3,
-                  depth=2, local_epochs=1, local_steps=3, max_train_samples=200, max_test_samples=200),
-    "quick": dict(task="rt_sentiment", method="lora", clients=10, rounds=10, alpha=0.5, seed=0, lr=2e-3,
-                  depth=2, local_epochs=1, local_steps=None, max_train_samples=None, max_test_samples=1000),
-    "full": dict(task="rt_sentiment", method="lora", clients=10, rounds=20, alpha=0.5, seed=0, lr=1e-3,
-                 depth=None, local_epochs=1, local_steps=None, max_train_samples=None, max_test_samples=None),
-}
+# the notebook's short parameter names -> the config fields they set
+ALIASES = {"task": "data.task", "method": "peft.method", "clients": "data.num_clients", "rounds": "fl.rounds",
+           "alpha": "data.alpha", "seed": "seed"}
 
 
-def make_config(s: dict, profile: str) -> ExperimentConfig:
-    return ExperimentConfig(
-        name=f"{EXPERIMENT}-{profile}", seed=s["seed"],
-        data=DataConfig(task=s["task"], num_clients=s["clients"], partition="dirichlet", alpha=s["alpha"],
-                        max_train_samples=s["max_train_samples"], max_test_samples=s["max_test_samples"]),
-        model=ModelConfig(),
-        # LoRA on every linear layer (q, k, v and the dense projections) of the top `depth` layers: the
-        # bottom layers stay frozen and their outputs are cached, so a round costs a fraction of the stack
-        peft=PeftConfig(method=s["method"], depth=s["depth"] if s["method"] in ("lora", "adapter") else None,
-                        target_modules=("query", "key", "value", "dense")),
-        train=TrainConfig(local_epochs=s["local_epochs"], local_steps=s["local_steps"], lr=s["lr"]),
-        fl=FLConfig(rounds=s["rounds"]),
-    )
+@dataclass
+class QuickstartSettings(Settings):
+    """The quickstart has no parameters beyond its run's config (the profile's ``base``)."""
 
 
-def linear_probe_accuracy(data, model_cfg: ModelConfig, seed: int) -> float:
-    """Logistic regression on frozen mean-pooled encoder features, trained on all clients' data pooled."""
+def settings_for(profile: str = "quick", path=None, **overrides):
+    """The resolved profile (``.base`` is the run's ExperimentConfig), overrides by alias or dotted field."""
+    overrides = {ALIASES.get(k, k): v for k, v in overrides.items()}
+    return resolve_profile(EXPERIMENT, profile, overrides, QuickstartSettings, path=path)
+
+
+def make_config(profile: str = "quick", path=None, **overrides) -> ExperimentConfig:
+    return settings_for(profile, path, **overrides).base
+
+
+def linear_probe(data, model_cfg: ModelConfig, seed: int) -> dict:
+    """Logistic regression on frozen mean-pooled encoder features, trained on all clients' data pooled.
+    Returns its test accuracy and per-example correctness on ``data.test_indices`` (in that order)."""
     import torch
     from sklearn.linear_model import LogisticRegression
 
@@ -64,7 +59,13 @@ def linear_probe_accuracy(data, model_cfg: ModelConfig, seed: int) -> float:
     clf = LogisticRegression(max_iter=2000, C=1.0)
     clf.fit(features(data.train, train_idx), data.train.labels[train_idx].numpy())
     test_idx = np.asarray(data.test_indices)
-    return float(clf.score(features(data.test, test_idx), data.test.labels[test_idx].numpy()))
+    pred = clf.predict(features(data.test, test_idx))
+    correct = (pred == data.test.labels[test_idx].numpy()).astype(int)
+    return {"accuracy": float(correct.mean()), "test_index": test_idx.tolist(), "correct": correct.tolist()}
+
+
+def linear_probe_accuracy(data, model_cfg: ModelConfig, seed: int) -> float:
+    return linear_probe(data, model_cfg, seed)["accuracy"]
 
 
 @dataclass
@@ -73,65 +74,82 @@ class QuickstartResult:
     rounds: pd.DataFrame
     summary: pd.DataFrame
     probe_accuracy: float
+    claims: pd.DataFrame
 
 
-def run(profile: str = "quick", **overrides) -> QuickstartResult:
+def run(profile: str = "quick", path=None, **overrides) -> QuickstartResult:
+    """Run (or load) the profile's federated run and the probe; write results/quickstart[/profile]/."""
     from fedbench.fl import prepare_data, run_cached
-    s = profile_settings(DEFAULTS, profile, overrides)
-    cfg = make_config(s, profile)
+    from fedbench.models.checks import check_against_backbone
+    cfg = make_config(profile, path, **overrides)
+    check_against_backbone(cfg)
     out = output_dir(EXPERIMENT, profile)
     data = prepare_data(cfg)
     result = run_cached(cfg, data, progress=True, root=runs_root())
     probe = _cached_probe(cfg, data)
     rounds = result.rounds.copy()
     rounds["mb_sent"] = rounds["cumulative_bytes"] / 1e6
+    rounds.insert(0, "seed", cfg.seed)
     summary = pd.DataFrame([{
-        "task": s["task"], "method": s["method"], "clients": s["clients"], "alpha": s["alpha"],
-        "rounds": s["rounds"], "seed": s["seed"], "final_accuracy": result.summary["final_accuracy"],
-        "best_accuracy": result.summary["best_accuracy"], "linear_probe_accuracy": probe,
-        "beats_probe": result.summary["final_accuracy"] > probe,
+        "task": cfg.data.task, "method": cfg.peft.method, "clients": cfg.data.num_clients, "alpha": cfg.data.alpha,
+        "rounds": cfg.fl.rounds, "seed": cfg.seed, "final_accuracy": result.summary["final_accuracy"],
+        "best_accuracy": result.summary["best_accuracy"], "linear_probe_accuracy": probe["accuracy"],
+        "beats_probe": result.summary["final_accuracy"] > probe["accuracy"],
         "trainable_params": result.summary["trainable_params"],
         "bytes_up_per_round": result.summary["bytes_up_per_round"], "total_mb": result.summary["total_bytes"] / 1e6,
         "config_hash": cfg.hash(),
     }])
+    claims = make_claims(result, probe, cfg)
     save_table(rounds, out, "rounds.csv")
     save_table(summary, out, "summary.csv")
-    _plots(rounds, probe, s, out)
-    return QuickstartResult(cfg, rounds, summary, probe)
+    save_table(claims, out, "claims.csv")
+    for name, fig in make_figures(rounds, probe["accuracy"], cfg).items():
+        save_figure(fig, out, name)
+    return QuickstartResult(cfg, rounds, summary, probe["accuracy"], claims)
 
 
-def _cached_probe(cfg, data) -> float:
+def make_claims(result, probe: dict, cfg) -> pd.DataFrame:
+    """The federated run against the probe, paired on the same test examples."""
+    from fedbench.claims import claims_table, paired_accuracy_difference
+    pred = result.predictions
+    order = np.argsort(pred["test_index"], kind="stable")
+    probe_order = np.argsort(np.asarray(probe["test_index"]), kind="stable")
+    if not np.array_equal(pred["test_index"][order], np.asarray(probe["test_index"])[probe_order]):
+        raise RuntimeError("the probe and the federated run were evaluated on different test examples")
+    fed = (pred["prediction"][order] == pred["label"][order]).astype(int)
+    lin = np.asarray(probe["correct"])[probe_order]
+    c = paired_accuracy_difference(
+        fed[None, :], lin[None, :], claim=f"{cfg.peft.method} FedAvg beats a linear probe on the frozen encoder",
+        paper="PEFT fine-tuning adapts the encoder: federated LoRA should clear the frozen-feature bar",
+        comparison=f"{cfg.peft.method} FedAvg - linear probe", seed=cfg.seed,
+        detail=f"{cfg.data.task}, {cfg.data.num_clients} clients Dir({cfg.data.alpha}), {cfg.fl.rounds} rounds; "
+               "one seed: the interval covers test-example noise only")
+    return claims_table([c])
+
+
+def make_figures(rounds: pd.DataFrame, probe: float, cfg) -> dict:
+    """Accuracy vs round and vs MB sent (log x), with the probe as a reference line."""
+    from fedbench import plots
+    r = rounds.dropna(subset=["accuracy"]).assign(
+        method=f"{cfg.peft.method} FedAvg ({cfg.data.num_clients} clients, Dir({cfg.data.alpha}))")
+    ylabel = f"test accuracy ({cfg.data.task})"
+    hl = {"linear probe": probe}
+    return {"accuracy_vs_round.png": plots.curves(r, "round", "accuracy", hue="method", hlines=hl, ylabel=ylabel),
+            "accuracy_vs_mb.png": plots.curves(r, "mb_sent", "accuracy", hue="method", hlines=hl, logx=True,
+                                               xlabel="MB sent (up + down, cumulative)", ylabel=ylabel)}
+
+
+def _cached_probe(cfg, data) -> dict:
     """The probe depends on data + backbone + seed only; keyed by those, stored atomically."""
     import json
 
     from fedbench.config import config_hash
     from fedbench.results import atomic_write_json
-    key = config_hash({"probe": 1, "data": cfg.to_dict()["data"], "model": cfg.to_dict()["model"], "seed": cfg.seed})
+    d = cfg.to_dict()
+    key = config_hash({"probe": 2, "data": d["data"], "model": d["model"], "seed": cfg.seed})
     path = runs_root() / f"probe-{key}.json"
     if path.exists():
-        return float(json.loads(path.read_text())["accuracy"])
-    acc = linear_probe_accuracy(data, cfg.model, cfg.seed)
-    atomic_write_json(path, {"accuracy": acc})
-    return acc
-
-
-def _plots(rounds: pd.DataFrame, probe: float, s: dict, out) -> None:
-    import matplotlib.pyplot as plt
-    matplotlib.rcParams.update({"figure.figsize": (5, 3.4)})
-    r = rounds.dropna(subset=["accuracy"])
-    label = f"{s['method']} FedAvg ({s['clients']} clients, Dir({s['alpha']}))"
-    for x, xlabel, name, logx in [("round", "round", "accuracy_vs_round.png", False),
-                                  ("mb_sent", "MB sent (up + down, cumulative)", "accuracy_vs_mb.png", True)]:
-        fig, ax = plt.subplots()
-        ax.plot(r[x], r["accuracy"], marker="o", label=label)
-        ax.axhline(probe, color="gray", ls="--", label=f"linear probe ({probe:.3f})")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"test accuracy ({s['task']})")
-        if logx:
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        save_figure(fig, out, name)
-        plt.close(fig)
+        return json.loads(path.read_text())
+    probe = linear_probe(data, cfg.model, cfg.seed)
+    atomic_write_json(path, probe)
+    return probe

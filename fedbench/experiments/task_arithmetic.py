@@ -52,7 +52,7 @@ import torch
 from fedbench import merging
 from fedbench.config import (ConfigError, DataConfig, ExperimentConfig, FLConfig, ModelConfig, PeftConfig,
                              TrainConfig, config_hash)
-from fedbench.experiments.common import (Claim, claims_table, is_int, is_number, mean_std, output_dir,
+from fedbench.experiments.common import (Claim, claims_table, is_int, is_number, load_profiles, mean_std, output_dir,
                                          profile_settings, runs_root, save_figure, save_table)
 from fedbench.fl.seeding import derive_seed, rng_for
 
@@ -69,28 +69,8 @@ FL_INSPIRED = ("fednova", "fedgma", "median", "cclip")
 QUICK_TASKS = ("rt_sentiment", "tweet_sentiment", "subjectivity", "wordnet_verb")
 SUMMARY_COLUMNS = ["method", "lambda", "rho", "setting", "task", "accuracy", "normalized_accuracy", "seed", "tuning"]
 
-_COMMON = dict(tunings=("lora",), rank=8, lora_alpha=16.0, max_length=64, batch_size=32, full_lr=5e-5,
-               gma_rhos=(0.5, 1.0), cclip_rhos=2, ties_densities=(0.2,), dare_drops=(0.5,), hetero_lr=None,
-               methods=METHODS, hetero_methods=("task_arithmetic", "fedavg", "fedit", "fednova"), pairs=True)
-DEFAULTS = {
-    # CI: the whole notebook in well under a minute
-    "smoke": dict(_COMMON, tasks=("rt_sentiment", "tweet_sentiment", "wordnet_verb"), seeds=(0,), depth=1, rank=4,
-                  train_samples=64, val_samples=32, test_samples=64, steps=4, lr=3e-3, batch_size=16,
-                  lambdas=(0.5, 1.0), hetero_steps=(2.0, 1.0, 0.5), rounds=(1, 2), rounds_seeds=1),
-    # the issue's budget (<= 6 min on 2 cores): 4 tasks, LoRA on the top 2 layers with cached activations.
-    # Evaluation dominates (36 merged models x 4 tasks on validation per seed): 128 val / 400 test / 64 steps
-    # took 8.4 min, hence 64 / 300 / 48.
-    "quick": dict(_COMMON, tasks=QUICK_TASKS, seeds=(0, 1), depth=2, train_samples=1000, val_samples=64,
-                  test_samples=300, steps=48, lr=2e-3, lambdas=(0.25, 0.5, 1.0, 2.0),
-                  hetero_steps=(2.0, 1.0, 1.0, 0.5), rounds=(1, 2, 4), rounds_seeds=1),
-    # six tasks, LoRA in every layer and full fine-tuning of the encoder, the authors' grids
-    "full": dict(_COMMON, tasks=QUICK_TASKS + ("ng20", "sms_spam"), seeds=(0, 1, 2), tunings=("lora", "full"),
-                 depth=None, train_samples=2000, val_samples=500, test_samples=1000, steps=300, lr=1e-3,
-                 lambdas=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0), gma_rhos=(0.1, 0.3, 0.5, 0.7, 0.9, 1.0),
-                 cclip_rhos=5, ties_densities=(0.1, 0.2, 0.5), dare_drops=(0.3, 0.5, 0.7, 0.9),
-                 hetero_steps=(2.0, 1.0, 1.0, 0.5, 1.0, 0.5), hetero_methods=METHODS, rounds=(1, 2, 4, 8),
-                 rounds_seeds=3),
-}
+# the profiles live in configs/task_arithmetic/{smoke,quick,full}.yaml
+DEFAULTS = load_profiles(EXPERIMENT)
 
 
 # -- parameters --------------------------------------------------------------------------------------

@@ -72,6 +72,13 @@ def no_attack(sent: dict, global_state: dict, generator: torch.Generator | None 
     return OrderedDict((k, v.detach().clone()) for k, v in sent.items())
 
 
+def nan_update(sent: dict, global_state: dict, generator: torch.Generator | None = None, **_) -> State:
+    """A diverged client (a fault, not an attack): every floating value it sends is NaN."""
+    _check_pair(sent, global_state)
+    return OrderedDict((k, torch.full_like(v, float("nan")) if v.is_floating_point() else v.detach().clone())
+                       for k, v in sent.items())
+
+
 def sign_flip(sent: dict, global_state: dict, generator: torch.Generator | None = None, **_) -> State:
     """Sign flipping: sends global - Delta = 2 global - sent, the update reversed."""
     return _map_update(sent, global_state, lambda k, d: -d)
@@ -153,6 +160,7 @@ class AttackSpec:
 
 ATTACKS: dict[str, AttackSpec] = {
     "none": AttackSpec("none", "update", no_attack),
+    "nan": AttackSpec("nan", "update", nan_update),
     "sign_flip": AttackSpec("sign_flip", "update", sign_flip),
     "scale": AttackSpec("scale", "update", scale, (("factor", 10.0),)),
     "gaussian": AttackSpec("gaussian", "update", gaussian, (("sigma", 1.0),)),
