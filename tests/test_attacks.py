@@ -110,9 +110,12 @@ def test_mismatched_states_are_rejected():
 
 
 def test_registry_specs():
-    assert set(attacks.ATTACKS) == {"none", "sign_flip", "scale", "gaussian", "label_flip"}
+    assert set(attacks.ATTACKS) == {"none", "nan", "sign_flip", "scale", "gaussian", "label_flip"}
     assert {k: s.kind for k, s in attacks.ATTACKS.items()} == {
-        "none": "update", "sign_flip": "update", "scale": "update", "gaussian": "update", "label_flip": "data"}
+        "none": "update", "nan": "update", "sign_flip": "update", "scale": "update", "gaussian": "update",
+        "label_flip": "data"}
+    from fedbench.registry import ATTACKS
+    assert ATTACKS.names() == list(attacks.ATTACKS)         # the config validates against these names
     assert all(s.name == k for k, s in attacks.ATTACKS.items())
     sent, glob = _pair()
     gen = torch.Generator().manual_seed(0)
@@ -144,3 +147,9 @@ def test_select_attackers_differs_across_seeds():
 def test_select_attackers_rejects_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         attacks.select_attackers(*args)
+
+
+def test_nan_fault_sends_nan_for_every_float():
+    sent, glob = _pair()
+    out = attacks.nan_update(sent, glob)
+    assert all(torch.isnan(v).all() for v in out.values() if v.is_floating_point())
