@@ -280,11 +280,25 @@ def paired_accuracy_difference(correct_a, correct_b, claim: str, paper: str, dir
     a, b = _correct_matrix(correct_a, "correct_a"), _correct_matrix(correct_b, "correct_b")
     if a.shape != b.shape:
         raise ValueError(f"correct_a and correct_b must cover the same seeds x examples: {a.shape} != {b.shape}")
+    if a.shape[1] < 2:
+        raise ValueError(f"correct_a needs >= 2 examples per seed, got {a.shape[1]}")
+    return paired_mean(a - b, claim, paper, direction=direction, threshold=threshold, n_boot=n_boot, seed=seed,
+                       comparison=comparison, detail=detail)
+
+
+def paired_mean(d, claim: str, paper: str, direction: int = +1, threshold: float = 0.0, n_boot: int = 2000,
+                seed: int = 0, comparison: str = "", detail: str = "") -> ClaimResult:
+    """The mean of per-(seed, example) paired values `d` (n_seeds, n_examples), with the two-way bootstrap of
+    :func:`paired_accuracy_difference` (which calls it with d = A - B). Any paired per-example quantity fits,
+    e.g. a difference of differences (the DP cost of one method minus that of another, per example)."""
+    d = np.asarray(d, dtype=float)
+    d = d[None, :] if d.ndim == 1 else d
+    if d.ndim != 2 or not np.isfinite(d).all():
+        raise ValueError(f"d must be a finite (n_seeds, n_examples) array, got shape {d.shape}")
     n_boot = _check_n_boot(n_boot)
-    n_seeds, n_examples = a.shape
+    n_seeds, n_examples = d.shape
     if n_examples < 2:
-        raise ValueError(f"correct_a needs >= 2 examples per seed, got {n_examples}")
-    d = a - b
+        raise ValueError(f"d needs >= 2 examples per seed, got {n_examples}")
     rng = np.random.default_rng(seed)
     ex_w = _draw_counts(rng, n_boot, n_examples)                              # (B, E)
     per_seed = ex_w @ d.T                                                     # (B, S): sum_e v_e d[s, e]
@@ -299,6 +313,14 @@ def paired_accuracy_difference(correct_a, correct_b, claim: str, paper: str, dir
     lo, hi = _percentile(stat)
     return _result(claim, paper, comparison, d.mean(), lo, hi, direction, threshold, n_seeds=int(n_seeds),
                    n_examples=int(n_examples), interval=text, detail=detail)
+
+
+def exact(value: float, claim: str, paper: str, direction: int = +1, threshold: float = 0.0,
+          comparison: str = "", detail: str = "", what: str = "exact count") -> ClaimResult:
+    """A quantity with no sampling noise (a byte count): the interval is the value itself."""
+    v = float(value)
+    return _result(claim, paper, comparison, v, v, v, direction, threshold, n_seeds=None, n_examples=None,
+                   interval=f"{what}: no sampling noise", detail=detail)
 
 
 def _row_corr(x: np.ndarray, y: np.ndarray) -> np.ndarray:

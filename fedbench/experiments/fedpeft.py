@@ -17,15 +17,15 @@ run resumes and a rerun only rebuilds the tables and figures.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from fedbench.config import (ConfigError, DataConfig, DPConfig, ExperimentConfig, FLConfig, ModelConfig, PeftConfig,
-                             TrainConfig)
-from fedbench.experiments.common import (Claim, claims_table, output_dir, profile_settings, runs_root, save_figure,
+from fedbench.config import ConfigError, ExperimentConfig, PeftConfig
+from fedbench.experiments.common import (Settings, check_list, output_dir, resolve_profile, runs_root, save_figure,
                                          save_table)
 from fedbench.registry import TUNERS
 
@@ -38,33 +38,35 @@ METHODS = ("full", "head", "prompt", "lora", "bitfit", "adapter")
 # rounds x local_steps = 8 updates, 1e-4 left full FT undertrained and flattered PEFT.
 _LR = {"full": 3e-4, "head": 2e-2, "bitfit": 1e-2, "adapter": 1e-2, "prompt": 3e-2, "lora": 1e-2}
 
-DEFAULTS = {
-    "smoke": dict(
-        tasks=["tweet_sentiment", "ng20"], methods=list(METHODS), seeds=[0],
-        task_methods=["head"], axis_methods=["lora", "head"], axis_seeds=[0],
-        heterogeneity=["dirichlet-1.0", "iid"], stability=[[1.0, 0.0], [0.5, 0.5]], dp_epsilons=[8.0],
-        clients=3, rounds=2, local_steps=1, batch_size=8, lr=dict(_LR), depth=1,
-        max_train_samples=60, max_test_samples=48, max_length=32, dp_max_grad_norm=1.0, dp_delta=None,
-        axis_eval_every=1, near_tolerance=0.03),
-    "quick": dict(
-        tasks=["tweet_sentiment", "ng20"], methods=list(METHODS), seeds=[0, 1],
-        task_methods=["full", "lora", "head"], axis_methods=["full", "lora", "head"], axis_seeds=[0],
-        # 3 clients keep the quick run within its 8 minutes (6 took 595 s, 4 took 439-485 s: full FT, with and
-        # without DP, is 60% of it); half of them (2) are sampled, so the sampled rounds still average two clients
-        heterogeneity=["dirichlet-1.0", "iid", "dirichlet-0.1"], stability=[[1.0, 0.0], [0.5, 0.0], [0.5, 0.3]],
-        dp_epsilons=[8.0, 2.0],
-        clients=3, rounds=4, local_steps=2, batch_size=16, lr=dict(_LR), depth=2,
-        max_train_samples=720, max_test_samples=200, max_length=64, dp_max_grad_norm=1.0, dp_delta=None,
-        axis_eval_every=2, near_tolerance=0.03),
-    "full": dict(
-        tasks=["tweet_sentiment", "ng20"], methods=list(METHODS), seeds=[0, 1, 2],
-        task_methods=list(METHODS), axis_methods=list(METHODS), axis_seeds=[0, 1, 2],
-        heterogeneity=["dirichlet-1.0", "iid", "dirichlet-0.1"],
-        stability=[[1.0, 0.0], [0.3, 0.0], [0.3, 0.3], [1.0, 0.3]], dp_epsilons=[8.0, 2.0],
-        clients=10, rounds=20, local_steps=10, batch_size=32, lr=dict(_LR), depth=None,
-        max_train_samples=5000, max_test_samples=2000, max_length=64, dp_max_grad_norm=1.0, dp_delta=None,
-        axis_eval_every=2, near_tolerance=0.03),
-}
+# The profiles live in configs/fedpeft/{smoke,quick,full}.yaml: `base` (what every run of the grid starts from)
+# and `settings` (FedPEFTSettings, the grid). The short names below are the notebook's parameters for base fields.
+ALIASES = {"clients": "data.num_clients", "rounds": "fl.rounds", "local_steps": "train.local_steps",
+           "batch_size": "train.batch_size", "depth": "peft.depth", "max_train_samples": "data.max_train_samples",
+           "max_test_samples": "data.max_test_samples", "max_length": "data.max_length",
+           "dp_max_grad_norm": "train.dp.max_grad_norm", "dp_delta": "train.dp.delta"}
+
+
+@dataclass
+class FedPEFTSettings(Settings):
+    """The grid: tasks x methods x seeds at the base condition, and each axis varied alone around it."""
+    tasks: tuple[str, ...] = ("tweet_sentiment", "ng20")
+    methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    task_methods: tuple[str, ...] = ()          # methods run on the other tasks (first seed, base condition)
+    axis_methods: tuple[str, ...] = ()          # methods run under every axis level (axis_seeds)
+    axis_seeds: tuple[int, ...] = (0,)
+    heterogeneity: tuple = ("dirichlet-1.0", "iid")     # the first is the base condition
+    stability: tuple = ((1.0, 0.0),)                    # (participation, dropout) pairs, the first the base
+    dp_epsilons: tuple[float, ...] = ()                 # target epsilons (no DP is always run)
+    lr: dict = field(default_factory=lambda: dict(_LR))  # AdamW learning rate per method
+    axis_eval_every: int = 2
+    near_tolerance: float = 0.03
+
+    def validate(self) -> None:
+        d = dataclasses.asdict(self)
+        d["depth"] = None                # checked on the base config (against the backbone)
+        validate_settings(d)
+
 
 def takes_depth(method: str) -> bool:
     """Whether `method`'s `depth` setting limits it to the top layers (the tuner registry's fact)."""
@@ -123,30 +125,41 @@ def parse_heterogeneity(level) -> tuple[str, float | None]:
     return "dirichlet", alpha
 
 
-def _check_list(name, value, item_ok, allowed, nonempty=True):
-    if not isinstance(value, (list, tuple)) or (nonempty and len(value) == 0) or not all(item_ok(v) for v in value):
-        raise ConfigError(name, value, allowed)
+def settings_for(profile: str = "quick", path=None, **overrides) -> dict:
+    """The profile's grid settings (validated) with the base fields under their short names and the base
+    config itself under ``"base"``. Overrides: a setting, a short name (``clients``) or a dotted field."""
+    from fedbench.models.checks import check_against_backbone
+    prof = resolve_profile(EXPERIMENT, profile, {ALIASES.get(k, k): v for k, v in overrides.items()},
+                           FedPEFTSettings, path=path)
+    base = prof.base
+    check_against_backbone(base)         # peft.depth, max_length, ... against the backbone, before any work
+    s = validate_settings({**dataclasses.asdict(prof.settings), "depth": None})
+    s.update(base=base, clients=base.data.num_clients, rounds=base.fl.rounds, local_steps=base.train.local_steps,
+             batch_size=base.train.batch_size, depth=base.peft.depth, max_train_samples=base.data.max_train_samples,
+             max_test_samples=base.data.max_test_samples, max_length=base.data.max_length,
+             dp_max_grad_norm=base.train.dp.max_grad_norm, dp_delta=base.train.dp.delta)
+    return s
 
 
 def validate_settings(s: dict) -> dict:
     """Check every parameter; raise ConfigError naming the parameter, its value and what is allowed."""
     from fedbench.data import OFFLINE_TASKS
     tasks = tuple(OFFLINE_TASKS)
-    _check_list("tasks", s["tasks"], lambda t: t in tasks, f"a non-empty list of offline text tasks from {list(tasks)}")
+    check_list("tasks", s["tasks"], lambda t: t in tasks, f"a non-empty list of offline text tasks from {list(tasks)}")
     for key in ("methods", "task_methods", "axis_methods"):
-        _check_list(key, s[key], lambda m: m in TUNERS, f"a list of methods from {TUNERS.names()}",
+        check_list(key, s[key], lambda m: m in TUNERS, f"a list of methods from {TUNERS.names()}",
                     nonempty=key == "methods")
     is_seed = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
-    _check_list("seeds", s["seeds"], is_seed, "a non-empty list of integers >= 0")
-    _check_list("axis_seeds", s["axis_seeds"], is_seed, "a non-empty list of integers >= 0")
-    _check_list("heterogeneity", s["heterogeneity"], lambda v: True, "a non-empty list like ['dirichlet-1.0', 'iid']")
+    check_list("seeds", s["seeds"], is_seed, "a non-empty list of integers >= 0")
+    check_list("axis_seeds", s["axis_seeds"], is_seed, "a non-empty list of integers >= 0")
+    check_list("heterogeneity", s["heterogeneity"], lambda v: True, "a non-empty list like ['dirichlet-1.0', 'iid']")
     s["heterogeneity"] = [parse_heterogeneity(v) for v in s["heterogeneity"]]
-    _check_list("stability", s["stability"],
+    check_list("stability", s["stability"],
                 lambda v: isinstance(v, (list, tuple)) and len(v) == 2
                 and 0 < float(v[0]) <= 1 and 0 <= float(v[1]) < 1,
                 "a non-empty list of [participation in (0, 1], dropout in [0, 1)] pairs, the first the base")
     s["stability"] = [(float(p), float(d)) for p, d in s["stability"]]
-    _check_list("dp_epsilons", s["dp_epsilons"],
+    check_list("dp_epsilons", s["dp_epsilons"],
                 lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v),
                 "a list of target epsilons > 0 (no DP is always run)", nonempty=False)
     lr = s["lr"]
@@ -159,7 +172,7 @@ def validate_settings(s: dict) -> dict:
             and s["axis_eval_every"] >= 1):
         raise ConfigError("axis_eval_every", s["axis_eval_every"],
                           "an integer >= 1 (the last round is always evaluated)")
-    _check_list("near_tolerance", [s["near_tolerance"]], lambda v: isinstance(v, (int, float)) and 0 <= v < 1,
+    check_list("near_tolerance", [s["near_tolerance"]], lambda v: isinstance(v, (int, float)) and 0 <= v < 1,
                 "an accuracy difference in [0, 1)")
     return s
 
@@ -191,21 +204,15 @@ def build_cells(s: dict) -> list[Cell]:
 
 
 def make_config(c: Cell, s: dict) -> ExperimentConfig:
-    dp = (DPConfig(enabled=True, target_epsilon=float(c.dp_epsilon), delta=s["dp_delta"],
-                   max_grad_norm=float(s["dp_max_grad_norm"])) if c.dp_epsilon is not None else DPConfig())
-    return ExperimentConfig(
-        name=EXPERIMENT, seed=int(c.seed),
-        data=DataConfig(task=c.task, num_clients=s["clients"], partition=c.partition,
-                        alpha=float(c.alpha) if c.alpha is not None else 1.0,
-                        max_train_samples=s["max_train_samples"], max_test_samples=s["max_test_samples"],
-                        max_length=s["max_length"]),
-        model=ModelConfig(),
-        peft=PeftConfig(method=c.method, depth=s["depth"] if takes_depth(c.method) else None),
-        train=TrainConfig(local_steps=s["local_steps"], batch_size=s["batch_size"], lr=float(s["lr"][c.method]),
-                          dp=dp),
-        fl=FLConfig(rounds=s["rounds"], clients_per_round=float(c.participation), dropout=float(c.dropout),
-                    eval_every=1 if is_headline(c, s) else s["axis_eval_every"]),
-    )
+    """The profile's base config with this cell's task, method, partition, participation, dropout and DP."""
+    return s["base"].replace(**{
+        "seed": int(c.seed), "data.task": c.task, "data.partition": c.partition,
+        "data.alpha": float(c.alpha) if c.alpha is not None else 1.0, "peft.method": c.method,
+        "peft.depth": s["depth"] if takes_depth(c.method) else None, "train.lr": float(s["lr"][c.method]),
+        "train.dp.enabled": c.dp_epsilon is not None,
+        "train.dp.target_epsilon": float(c.dp_epsilon) if c.dp_epsilon is not None else None,
+        "fl.clients_per_round": float(c.participation), "fl.dropout": float(c.dropout),
+        "fl.eval_every": 1 if is_headline(c, s) else s["axis_eval_every"]})
 
 
 def is_headline(c: Cell, s: dict) -> bool:
@@ -292,8 +299,9 @@ class SharedCaches:
         return self.pool[key]
 
 
-def run_cells(cells: list[Cell], s: dict, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Run (or load) every cell; returns (summary rows, long per-round metrics)."""
+def run_cells(cells: list[Cell], s: dict, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Run (or load) every cell; returns (summary rows, long per-round metrics, {cell: per-example 0/1 of the
+    final evaluation, by test index})."""
     import time
 
     from fedbench.config import config_hash
@@ -301,7 +309,7 @@ def run_cells(cells: list[Cell], s: dict, progress: bool = True) -> tuple[pd.Dat
     from fedbench.results import load_run, run_key
     data_cache: dict[str, object] = {}
     caches = SharedCaches()
-    summary_rows, metric_frames = [], []
+    summary_rows, metric_frames, correct = [], [], {}
     t0 = time.perf_counter()
     for i, c in enumerate(cells, 1):
         cfg = make_config(c, s)
@@ -315,6 +323,7 @@ def run_cells(cells: list[Cell], s: dict, progress: bool = True) -> tuple[pd.Dat
         else:
             result = done
         sm = result.summary
+        correct[c] = result.correct
         keys = {"task": c.task, "method": c.method, "partition": c.partition, "alpha": c.alpha,
                 "participation": c.participation, "dropout": c.dropout, "dp_epsilon_target": c.dp_epsilon,
                 "seed": c.seed}
@@ -341,23 +350,25 @@ def run_cells(cells: list[Cell], s: dict, progress: bool = True) -> tuple[pd.Dat
                   flush=True)
     summary = pd.DataFrame(summary_rows)
     metrics = pd.concat(metric_frames, ignore_index=True) if metric_frames else pd.DataFrame()
-    return summary, metrics
+    return summary, metrics, correct
 
 
-def run(profile: str = "quick", progress: bool = True, **overrides) -> FedPEFTResult:
+def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -> FedPEFTResult:
     """Run the FedPEFT grid of `profile` (parameters overridable), write results/fedpeft[/profile]/."""
-    s = validate_settings(profile_settings(DEFAULTS, profile, overrides))
+    s = settings_for(profile, path, **overrides)
     cells = build_cells(s)
     out = output_dir(EXPERIMENT, profile)
-    summary, metrics = run_cells(cells, s, progress=progress)
+    summary, metrics, correct = run_cells(cells, s, progress=progress)
     save_table(summary, out, "summary.csv")
     save_table(metrics, out, "metrics.csv")
     tables = make_tables(summary, s)
     for name, df in tables.items():
         save_table(df, out, f"{name}.csv")
-    claims = make_claims(summary, s)
+    claims = make_claims(summary, correct, s)
     save_table(claims, out, "claims.csv")
-    figures = make_figures(summary, metrics, s, out)
+    figures = make_figures(summary, metrics, s)
+    for name, fig in figures.items():
+        save_figure(fig, out, name)
     return FedPEFTResult(settings=s, summary=summary, metrics=metrics, tables=tables, claims=claims, figures=figures)
 
 
@@ -462,98 +473,92 @@ def make_tables(summary: pd.DataFrame, s: dict) -> dict[str, pd.DataFrame]:
 
 
 # -- claims ------------------------------------------------------------------------------------------
-def make_claims(summary: pd.DataFrame, s: dict) -> pd.DataFrame:
-    """Each FedPEFT claim against our numbers, computed from the summary (never typed in)."""
+def base_cell(s: dict, task: str, method: str, seed: int, **change) -> Cell:
+    """The cell of (task, method, seed) at the base condition, with `change` (partition/alpha, participation/
+    dropout or dp_epsilon) applied."""
+    (part, alpha), (p, d) = s["heterogeneity"][0], s["stability"][0]
+    fields = dict(partition=part, alpha=alpha, participation=p, dropout=d, dp_epsilon=None) | change
+    return Cell(task, method, fields["partition"], fields["alpha"], fields["participation"], fields["dropout"],
+                fields["dp_epsilon"], seed)
+
+
+def make_claims(summary: pd.DataFrame, correct: dict, s: dict) -> pd.DataFrame:
+    """Each FedPEFT claim, one comparison per row, decided by fedbench.claims from per-seed, per-example results
+    (paired on the same test examples and seeds). A claim whose runs are not in this profile is left out."""
+    from fedbench import claims as C
     tol = float(s["near_tolerance"])
-    claims: list[Claim] = []
-    missing: list[tuple[str, str, str]] = []
-    head = headline_table(summary, s)
+    rows: list = []
 
-    # 1. PEFT near full-FT accuracy at a small fraction of the bytes (per task)
+    def matrix(cells):
+        """(n_seeds, n_examples) 0/1 for these cells, or None if one is missing."""
+        got = [correct.get(c) for c in cells]
+        return None if any(g is None for g in got) else np.stack(got).astype(float)
+
+    # 1. each PEFT method within `tol` of full FT (non-inferiority: the interval's lower end above -tol)
     for task in s["tasks"]:
-        h = head[head["task"] == task].set_index("method")
-        paper = ("PEFT within a few points of (or above) full FT while sending ~0.2% of its bytes "
-                 "(ViT-B: 0.68 vs 328 MB per round)")
-        if "full" not in h.index or not (set(h.index) - {"full"}):
-            missing.append((f"[{task}] a PEFT method reaches ~full-FT accuracy at a small fraction of the bytes", paper,
-                            "full FT or PEFT not run on this task"))
-            continue
-        full_acc = h.loc["full", "final_accuracy_mean"]
-        peft = h.drop(index="full")
-        near = peft[(peft["final_accuracy_mean"] >= full_acc - tol) & (peft["bytes_pct_of_full"] <= 5.0)]
-        parts = [f"{m}: {r.final_accuracy_mean:.3f} at {r.bytes_pct_of_full:.2f}% bytes" for m, r in peft.iterrows()]
-        ours = f"full {full_acc:.3f} (100% bytes); " + "; ".join(parts) + f" (near = within {tol:.2f}, <= 5% bytes)"
-        claims.append(Claim(f"[{task}] a PEFT method reaches ~full-FT accuracy at a small fraction of the bytes",
-                            paper, ours + f" -> {', '.join(near.index) or 'none'}", len(near) > 0))
-
-    # 2. LoRA's bytes per round < 2% of full fine-tuning's (exact byte counts)
-    main = head[head["task"] == s["tasks"][0]].set_index("method")
-    if {"full", "lora"} <= set(main.index):
-        pct = 100 * main.loc["lora", "bytes_up_per_round"] / main.loc["full", "bytes_up_per_round"]
-        per_client = 100 * main.loc["lora", "MB_per_client_per_round"] / main.loc["full", "MB_per_client_per_round"]
-        claims.append(Claim("LoRA sends < 2% of full fine-tuning's bytes per round",
-                            "LoRA/adapters/prompts send < 1% of the model per round",
-                            f"{main.loc['lora', 'variant']}: "
-                            f"{main.loc['lora', 'MB_per_client_per_round'] * 1e3:.1f} kB "
-                            f"vs {main.loc['full', 'MB_per_client_per_round']:.1f} MB per client per round "
-                            f"= {per_client:.3f}% (bytes up per round: {pct:.3f}%)", bool(pct < 2.0)))
-
-    # 3. PEFT more robust than full FT under DP
-    dp = axis_table(summary, s, "dp")
-    peft_methods = [m for m in s["axis_methods"] if m != "full"]
-    if len(dp) and "full" in set(dp["method"]) and peft_methods and s["dp_epsilons"]:
-        ok, parts = True, []
-        for e in s["dp_epsilons"]:
-            lvl = dp[dp["dp"] == f"eps={e:g}"].set_index("method")
-            if "full" not in lvl.index:
+        seeds = s["seeds"] if task == s["tasks"][0] else s["seeds"][:1]
+        methods = s["methods"] if task == s["tasks"][0] else s["task_methods"]
+        full = matrix([base_cell(s, task, "full", sd) for sd in seeds])
+        for m in [m for m in methods if m != "full"]:
+            mine = matrix([base_cell(s, task, m, sd) for sd in seeds])
+            if full is None or mine is None:
                 continue
-            peft_drops = lvl.loc[[m for m in peft_methods if m in lvl.index], "drop_vs_base"]
-            ok &= bool(peft_drops.mean() < lvl.loc["full", "drop_vs_base"])
-            parts.append(f"eps={e:g}: drop full {lvl.loc['full', 'drop_vs_base']:+.3f} vs "
-                         + ", ".join(f"{m} {v:+.3f}" for m, v in peft_drops.items())
-                         + f" (PEFT mean {peft_drops.mean():+.3f})")
-        claims.append(Claim("PEFT loses less accuracy than full FT under DP-SGD",
-                            "under DP the gap to full FT narrows or reverses: noise grows with the trained dimension",
-                            "; ".join(parts), ok))
-    else:
-        missing.append(("PEFT loses less accuracy than full FT under DP-SGD", "noise grows with the trained dimension",
-                        "full FT or PEFT under DP not run"))
-
-    # 4. behaviour under instability: PEFT keeps its standing relative to full FT
-    st = axis_table(summary, s, "stability")
-    if len(st) and "full" in set(st["method"]) and peft_methods and len(s["stability"]) > 1:
-        levels = [stability_label(p, d) for p, d in s["stability"]]
-        gaps = {}
-        for lvl in levels:
-            g = st[st["stability"] == lvl].set_index("method")
-            if "full" in g.index:
-                gaps[lvl] = g.loc[[m for m in peft_methods if m in g.index], "final_accuracy_mean"].mean() \
-                    - g.loc["full", "final_accuracy_mean"]
-        base_gap = gaps.get(levels[0], float("nan"))
-        ok = all(v >= base_gap - tol for k, v in gaps.items() if k != levels[0])
-        claims.append(Claim("PEFT keeps its accuracy relative to full FT when clients are sampled or drop out",
-                            "PEFT stays competitive under partial participation and client dropout",
-                            "; ".join(f"{k}: PEFT mean - full = {v:+.3f}" for k, v in gaps.items())
-                            + f" (agrees if no gap falls more than {tol:.2f} below the all-clients gap)", ok))
-    else:
-        missing.append(("PEFT keeps its accuracy relative to full FT when clients are sampled or drop out",
-                        "PEFT stays competitive under partial participation and client dropout",
-                        "full FT or PEFT under instability not run"))
-    # 5. heterogeneity: stronger label skew costs accuracy for every method
-    het = axis_table(summary, s, "heterogeneity")
-    skewed = [heterogeneity_label(p, a) for p, a in s["heterogeneity"] if p == "dirichlet"]
-    if len(het) and "iid" in set(het["heterogeneity"]) and len(skewed):
-        most = min((a, heterogeneity_label(p, a)) for p, a in s["heterogeneity"] if p == "dirichlet")[1]
-        pivot = het.pivot_table(index="method", columns="heterogeneity", values="final_accuracy_mean")
-        drops = (pivot["iid"] - pivot[most]) if most in pivot.columns else pd.Series(dtype=float)
-        claims.append(Claim(f"strong label skew ({most}) lowers accuracy vs IID for every method",
-                            "accuracy falls as Dirichlet alpha shrinks, for full FT and PEFT alike",
-                            ", ".join(f"{m}: {v:+.3f}" for m, v in drops.items()) + " (IID minus skewed)",
-                            bool(len(drops) and (drops > 0).all())))
-    table = claims_table(claims)
-    for claim, paper, why in missing:
-        table.loc[len(table)] = {"claim": claim, "paper": paper, "ours": f"not measured: {why}", "agrees": "n/a"}
-    return table
+            rows.append(C.paired_mean(
+                mine - full, f"[{task}] {variant(m, s['depth'])} is within {tol:.2f} of full fine-tuning",
+                "PEFT reaches accuracy close to (or above) full FT at a small fraction of the bytes",
+                direction=+1, threshold=-tol, comparison=f"{m} - full", seed=int(seeds[0])))
+    # 2. LoRA's bytes per round: an exact count
+    main = summary[_base_mask(summary, s) & (summary["task"] == s["tasks"][0])]
+    by = main.groupby("method")["bytes_up_per_round"].first()
+    if {"full", "lora"} <= set(by.index):
+        pct = 100 * by["lora"] / by["full"]
+        rows.append(C.exact(pct, f"{variant('lora', s['depth'])} sends < 2% of full fine-tuning's bytes per round",
+                            "LoRA/adapters/prompts send < 1% of the model per round", direction=-1, threshold=2.0,
+                            comparison="100 * bytes(lora) / bytes(full)", what="exact byte count"))
+    peft = [m for m in s["axis_methods"] if m != "full"]
+    main_task, axis_seeds = s["tasks"][0], s["axis_seeds"]
+    # 3. DP: PEFT loses less accuracy than full FT (difference of the two drops, per seed and example)
+    for eps in s["dp_epsilons"]:
+        f_no, f_dp = (matrix([base_cell(s, main_task, "full", sd, dp_epsilon=e) for sd in axis_seeds])
+                      for e in (None, float(eps)))
+        for m in peft:
+            m_no, m_dp = (matrix([base_cell(s, main_task, m, sd, dp_epsilon=e) for sd in axis_seeds])
+                          for e in (None, float(eps)))
+            if any(x is None for x in (f_no, f_dp, m_no, m_dp)):
+                continue
+            rows.append(C.paired_mean(
+                (f_no - f_dp) - (m_no - m_dp), f"[eps={eps:g}] {m} loses less accuracy than full FT under DP-SGD",
+                "under DP the gap to full FT narrows or reverses: noise grows with the trained dimension",
+                direction=+1, comparison=f"drop(full) - drop({m})", seed=int(axis_seeds[0])))
+    # 4. stability: PEFT's gap to full FT does not fall by more than `tol` when clients are sampled / drop out
+    (bp, bd) = s["stability"][0]
+    for p, d in s["stability"][1:]:
+        f_b = matrix([base_cell(s, main_task, "full", sd) for sd in axis_seeds])
+        f_l = matrix([base_cell(s, main_task, "full", sd, participation=p, dropout=d) for sd in axis_seeds])
+        for m in peft:
+            m_b = matrix([base_cell(s, main_task, m, sd) for sd in axis_seeds])
+            m_l = matrix([base_cell(s, main_task, m, sd, participation=p, dropout=d) for sd in axis_seeds])
+            if any(x is None for x in (f_b, f_l, m_b, m_l)):
+                continue
+            rows.append(C.paired_mean(
+                (m_l - f_l) - (m_b - f_b), f"[{stability_label(p, d)}] {m} keeps its standing relative to full FT "
+                f"(gap change > -{tol:.2f})", "PEFT stays competitive under partial participation and dropout",
+                direction=+1, threshold=-tol, comparison=f"({m} - full) at this level - at the base level",
+                seed=int(axis_seeds[0])))
+    # 5. heterogeneity: strong label skew costs accuracy, for every axis method
+    skewed = [(pa, al) for pa, al in s["heterogeneity"] if pa == "dirichlet"]
+    if ("iid", None) in s["heterogeneity"] and skewed:
+        pa, al = min(skewed, key=lambda x: x[1])
+        for m in s["axis_methods"]:
+            iid = matrix([base_cell(s, main_task, m, sd, partition="iid", alpha=None) for sd in axis_seeds])
+            skew = matrix([base_cell(s, main_task, m, sd, partition=pa, alpha=al) for sd in axis_seeds])
+            if iid is None or skew is None:
+                continue
+            rows.append(C.paired_mean(
+                iid - skew, f"[{m}] strong label skew (Dir({al:g})) lowers accuracy vs IID",
+                "accuracy falls as Dirichlet alpha shrinks, for full FT and PEFT alike", direction=+1,
+                comparison=f"{m}: IID - Dir({al:g})", seed=int(axis_seeds[0])))
+    return C.claims_table(rows)
 
 
 # -- figures -----------------------------------------------------------------------------------------
@@ -561,106 +566,49 @@ def _wide(metrics: pd.DataFrame) -> pd.DataFrame:
     return metrics.pivot_table(index=KEYS + ["round"], columns="metric", values="value", dropna=False).reset_index()
 
 
-def make_figures(summary: pd.DataFrame, metrics: pd.DataFrame, s: dict, out) -> dict:
-    import matplotlib
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (MaxNLocator)
-    matplotlib.rcParams.update({"font.size": 8})
+def make_figures(summary: pd.DataFrame, metrics: pd.DataFrame, s: dict) -> dict:
+    """The figure set (fedbench.plots): accuracy vs rounds and vs MB (log x) at the base condition, the DP drop
+    per method, the heterogeneity x method heatmap and client stability, each mean over seeds with intervals."""
+    from fedbench import plots
+    colors = plots.method_colors([variant(m, s["depth"]) for m in METHODS])
+    order = [variant(m, s["depth"]) for m in METHODS]
     figs = {}
-    colors = {m: plt.cm.tab10(i) for i, m in enumerate(METHODS)}
     wide = _wide(metrics.assign(alpha=metrics["alpha"].fillna(-1),
                                 dp_epsilon_target=metrics["dp_epsilon_target"].fillna(-1)))
     wide = wide.replace({"alpha": {-1: np.nan}, "dp_epsilon_target": {-1: np.nan}})
-    base = wide[_base_mask(wide, s)]
-    tasks = [t for t in s["tasks"] if t in set(base["task"])]
-
-    for name, x, xlabel, logx in [("accuracy_vs_rounds.png", "round", "round", False),
-                                  ("accuracy_vs_mb.png", "cumulative_bytes",
-                                   "MB communicated (up + down, cumulative)", True)]:
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.2), squeeze=False)
-        for ax, task in zip(axes[0], tasks):
-            for method in METHODS:
-                g = base[(base["task"] == task) & (base["method"] == method)].dropna(subset=["accuracy"])
-                if not len(g):
-                    continue
-                agg = g.groupby("round").agg(acc=("accuracy", "mean"), sd=("accuracy", "std"),
-                                             x=(x, "mean")).reset_index()
-                xs = agg["x"] / 1e6 if x == "cumulative_bytes" else agg["x"]
-                ax.plot(xs, agg["acc"], marker="o", ms=3, color=colors[method],
-                        label=variant(method, s["depth"])
-                        + (f" ({g['seed'].nunique()} seeds)" if g["seed"].nunique() > 1 else ""))
-                if agg["sd"].notna().any():
-                    ax.fill_between(xs, agg["acc"] - agg["sd"], agg["acc"] + agg["sd"], color=colors[method],
-                                    alpha=0.15)
-            ax.set_title(task)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("test accuracy")
-            if logx:
-                ax.set_xscale("log")
-            else:
-                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
-        figs[name] = save_figure(fig, out, name)
-        plt.close(fig)
-
-    dp = axis_table(summary, s, "dp")
-    if len(dp) and s["dp_epsilons"]:
-        fig, ax = plt.subplots(figsize=(4.8, 3.2))
-        methods = [m for m in METHODS if m in set(dp["method"])]
-        width = 0.8 / max(1, len(s["dp_epsilons"]))
-        for j, e in enumerate(s["dp_epsilons"]):
-            lvl = dp[dp["dp"] == f"eps={e:g}"].set_index("method")
-            vals = [lvl.loc[m, "drop_vs_base"] if m in lvl.index else np.nan for m in methods]
-            ax.bar(np.arange(len(methods)) + j * width, vals, width, label=f"target eps={e:g}")
-        ax.set_xticks(np.arange(len(methods)) + width * (len(s["dp_epsilons"]) - 1) / 2)
-        ax.set_xticklabels([variant(m, s["depth"]) for m in methods], rotation=15)
-        ax.axhline(0, color="k", lw=0.6)
-        ax.set_ylabel("accuracy drop under DP-SGD\n(no DP minus DP)")
-        ax.set_title(f"{s['tasks'][0]}: DP cost per method")
-        ax.legend(fontsize=7)
-        figs["dp_drop.png"] = save_figure(fig, out, "dp_drop.png")
-        plt.close(fig)
-
-    het = axis_table(summary, s, "heterogeneity")
-    if len(het):
-        levels = [heterogeneity_label(p, a) for p, a in s["heterogeneity"]]
-        levels = sorted(levels, key=lambda lv: -float("inf") if lv == "iid" else -float(lv.split("-")[1]))
-        pivot = het.pivot_table(index="method", columns="heterogeneity", values="final_accuracy_mean")
-        pivot = pivot.reindex(index=[m for m in METHODS if m in pivot.index],
-                              columns=[lv for lv in levels if lv in pivot.columns])
-        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * pivot.shape[1], 0.9 + 0.45 * pivot.shape[0]))
-        im = ax.imshow(pivot.values, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(pivot.shape[1]))
-        ax.set_xticklabels(pivot.columns)
-        ax.set_yticks(range(pivot.shape[0]))
-        ax.set_yticklabels([variant(m, s["depth"]) for m in pivot.index])
-        lo, hi = np.nanmin(pivot.values), np.nanmax(pivot.values)
-        for i in range(pivot.shape[0]):
-            for j in range(pivot.shape[1]):
-                v = pivot.values[i, j]
-                bright = hi > lo and (v - lo) / (hi - lo) > 0.6
-                ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="k" if bright else "w", fontsize=7)
-        fig.colorbar(im, ax=ax, label="final accuracy")
-        ax.set_title(f"{s['tasks'][0]}: heterogeneity x method")
-        figs["heterogeneity_heatmap.png"] = save_figure(fig, out, "heterogeneity_heatmap.png")
-        plt.close(fig)
-
-    st = axis_table(summary, s, "stability")
-    if len(st) and len(s["stability"]) > 1:
-        fig, ax = plt.subplots(figsize=(4.8, 3.2))
-        methods = [m for m in METHODS if m in set(st["method"])]
-        levels = [stability_label(p, d) for p, d in s["stability"]]
-        width = 0.8 / len(levels)
-        for j, lvl in enumerate(levels):
-            g = st[st["stability"] == lvl].set_index("method")
-            ax.bar(np.arange(len(methods)) + j * width,
-                   [g.loc[m, "final_accuracy_mean"] if m in g.index else np.nan for m in methods], width, label=lvl)
-        ax.set_xticks(np.arange(len(methods)) + width * (len(levels) - 1) / 2)
-        ax.set_xticklabels([variant(m, s["depth"]) for m in methods], rotation=15)
-        ax.set_ylabel("final accuracy")
-        ax.set_title(f"{s['tasks'][0]}: client stability")
-        ax.legend(fontsize=7)
-        figs["stability.png"] = save_figure(fig, out, "stability.png")
-        plt.close(fig)
+    base = wide[_base_mask(wide, s)].dropna(subset=["accuracy"]).copy()
+    base["variant"] = [variant(m, s["depth"]) for m in base["method"]]
+    base["MB"] = base["cumulative_bytes"] / 1e6
+    if len(base):
+        figs["accuracy_vs_rounds.png"] = plots.curves(base, "round", "accuracy", hue="variant", facet="task",
+                                                      colors=colors, order=order, ylabel="test accuracy")
+        figs["accuracy_vs_mb.png"] = plots.curves(base, "MB", "accuracy", hue="variant", facet="task", logx=True,
+                                                  colors=colors, order=order, ylabel="test accuracy",
+                                                  xlabel="MB communicated (up + down, cumulative)")
+    main = summary[(summary["task"] == s["tasks"][0]) & summary["method"].isin(s["axis_methods"])
+                   & summary["seed"].isin(s["axis_seeds"])].copy()
+    main["variant"] = [variant(m, s["depth"]) for m in main["method"]]
+    (part, alpha), (p, d) = s["heterogeneity"][0], s["stability"][0]
+    het_base = (main["partition"] == part) & ((main["alpha"].isna()) if alpha is None else (main["alpha"] == alpha))
+    stab_base = (main["participation"] == p) & (main["dropout"] == d)
+    if s["dp_epsilons"]:
+        no_dp = main[het_base & stab_base & main["dp_epsilon_target"].isna()].set_index(["method", "seed"])
+        drops = []
+        for _, r in main[het_base & stab_base & main["dp_epsilon_target"].notna()].iterrows():
+            if (r["method"], r["seed"]) in no_dp.index:
+                drops.append({"variant": r["variant"], "seed": r["seed"], "dp": f"target eps={r['dp_epsilon_target']:g}",
+                              "drop": no_dp.loc[(r["method"], r["seed"]), "final_accuracy"] - r["final_accuracy"]})
+        if drops:
+            figs["dp_drop.png"] = plots.bars(pd.DataFrame(drops), "variant", "drop", hue="dp", order=order,
+                                             ylabel="accuracy drop under DP-SGD (no DP - DP)",
+                                             title=f"{s['tasks'][0]}: DP cost per method")
+    het = main[stab_base & main["dp_epsilon_target"].isna()]
+    if het["heterogeneity"].nunique() > 1:
+        figs["heterogeneity_heatmap.png"] = plots.heatmap(het, "variant", "heterogeneity", "final_accuracy",
+                                                          title=f"{s['tasks'][0]}: heterogeneity x method",
+                                                          cbar_label="final accuracy")
+    st = main[het_base & main["dp_epsilon_target"].isna()]
+    if st["stability"].nunique() > 1:
+        figs["stability.png"] = plots.bars(st, "variant", "final_accuracy", hue="stability", order=order,
+                                           ylabel="final accuracy", title=f"{s['tasks'][0]}: client stability")
     return figs
