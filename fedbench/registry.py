@@ -115,7 +115,10 @@ STRATEGIES = Registry("strategy", "fl.strategy", ("fedbench.fl.strategy", "fedbe
 ATTACKS = Registry("attack", "fl.attack", ("fedbench.fl.attacks",), "Byzantine clients: what an attacker sends")
 MERGES = Registry("merge", "method", ("fedbench.merging.task_vectors",), "one-shot merges of task vectors")
 
-REGISTRIES = (TUNERS, AGGREGATORS, LORA_SEMANTICS, STRATEGIES, ATTACKS, MERGES)
+EXPERIMENTS = Registry("experiment", "experiment", ("fedbench.experiments",),
+                       "paper experiments: fedbench run configs/<experiment>/<profile>.yaml")
+
+REGISTRIES = (TUNERS, AGGREGATORS, LORA_SEMANTICS, STRATEGIES, ATTACKS, MERGES, EXPERIMENTS)
 
 
 def format_registries() -> str:

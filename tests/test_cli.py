@@ -33,3 +33,36 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     path.write_text("peft:\n  rank: 0\n")
     assert main(["run", str(path)]) == 2
     assert "peft.rank" in capsys.readouterr().err
+
+
+def test_list_prints_every_registry(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ["ia3", "krum", "bulyan", "stack", "ffa_lora", "sign_flip", "ties", "fedpeft"]:
+        assert name in out
+
+
+def test_build_time_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    """peft.depth=99 is only wrong for a 6-layer backbone: still caught before any work, without a traceback."""
+    path = tmp_path / "c.yaml"
+    ExperimentConfig(name="x").save(path)
+    assert main(["run", str(path), "--set", "peft.depth=99"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "peft.depth" in err and "6 layers" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert main(["run", str(path), "--set", "data.max_length=100000"]) == 2
+    assert "data.max_length" in capsys.readouterr().err
+
+
+def test_run_a_paper_experiment_profile_with_overrides(tmp_results, capsys):
+    """The README's command shape on the quickstart's smoke profile; a core override reaches its run."""
+    assert main(["run", "configs/quickstart/smoke.yaml", "--set", "fl.rounds=1", "--set", "fl.dropout=0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "linear probe" in out and ("agrees" in out or "inconclusive" in out or "disagrees" in out)
+    import pandas as pd
+    rounds = pd.read_csv(tmp_results / "quickstart" / "smoke" / "rounds.csv")
+    assert len(rounds) == 1
+
+
+def test_core_override_on_an_experiment_not_yet_on_the_core_is_a_clear_error(capsys):
+    assert main(["run", "configs/fl_tac/smoke.yaml", "--set", "fl.dropout=0.3"]) == 2
+    assert "fl.dropout" in capsys.readouterr().err
