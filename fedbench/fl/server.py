@@ -382,6 +382,7 @@ class FederatedRun:
         atomic_write_tensors(tmp / "strategy.safetensors", s_tensors)
         self.store.save(tmp)
         meta = {"round": self.rounds_done, "records": self.records, "rejections": self.rejections,
+                "record_keys": [list(r) for r in self.records],          # JSON files sort keys: keep the order
                 "cumulative_bytes": self.cumulative_bytes, "down_bytes": gm.down_bytes, "strategy": s_meta,
                 "state_keys": list(gm.state), "config_hash": self.cfg.hash(),
                 "caches": [c.fill_log() if c is not None else None for c in (self.train_cache, self.test_cache)],
@@ -412,7 +413,8 @@ class FederatedRun:
         self.global_model = GlobalModel(state, base, meta["down_bytes"])
         self.strategy.load_state_dict(read_tensors(d / "strategy.safetensors"), meta["strategy"])
         self.store = ClientStore.load(d)
-        self.records, self.rejections = meta["records"], meta["rejections"]
+        self.records = [{k: r[k] for k in keys} for r, keys in zip(meta["records"], meta["record_keys"])]
+        self.rejections = meta["rejections"]
         self.cumulative_bytes = meta["cumulative_bytes"]
         fp = meta.get("final_predictions")
         self.final_predictions = None if fp is None else {k: np.asarray(v, dtype=np.int64) for k, v in fp.items()}
