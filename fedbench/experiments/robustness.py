@@ -127,7 +127,14 @@ class RobustnessSettings(Settings):
             raise ConfigError("n_boot", self.n_boot, "an integer >= 100")
 
     def check_base(self, base: ExperimentConfig) -> None:
-        """What the grid needs of the base config: every nonzero fraction gives at least one attacker."""
+        """What the grid needs of the base config: the fields each cell sets are left at their defaults (a
+        value there would be silently replaced), and every nonzero fraction gives at least one attacker."""
+        for name, default, setting in (("aggregator", "fedavg", "aggregators"), ("attack", "none", "attacks"),
+                                       ("attack_fraction", 0.0, "fractions")):
+            value = getattr(base.fl, name)
+            if value != default:
+                raise ConfigError(f"fl.{name}", value, f"{default!r} in this experiment's base: each run sets it "
+                                                       f"from the setting {setting!r} (e.g. --set {setting}=[...])")
         n = base.data.num_clients
         for name, fracs in (("fractions", self.fractions), ("nan_fractions", self.nan_fractions)):
             few = [x for x in fracs if x > 0 and round(float(x) * n) == 0]
@@ -656,5 +663,5 @@ def make_figures(summary: pd.DataFrame, rounds: pd.DataFrame) -> dict:
                 frames.append(g.assign(run=f"{agg}, {frac:.0%} NaN clients"))
         df = pd.concat(frames, ignore_index=True).dropna(subset=["accuracy"])
         figs["nan_arm.png"] = plots.curves(df, "round", "accuracy", hue="run", hlines=hl,
-                                           ylabel="test accuracy", title="NaN clients: rejected by the guard")
+                                           ylabel="test accuracy (NaN updates rejected by the guard)")
     return figs
