@@ -70,13 +70,17 @@ def test_tiny_run_tables(tmp_results):
     assert len(res.summary) == 7
     na = res.summary[~res.summary["applicable"]]
     assert list(zip(na["aggregator"], na["attack"], na["fraction"])) == [("bulyan", "sign_flip", 0.3)]
-    assert na["final_accuracy"].isna().all() and na["note"].str.startswith("n/a").all()
+    assert na["final_accuracy"].isna().all() and na["note"].str.startswith("not applicable").all()
     ok = res.summary[res.summary["applicable"]]
     assert ok["final_accuracy"].between(0, 1).all()
     nan = res.nan_arm.iloc[0]
     assert nan["all_rejected"] and nan["rejected"] == nan["nan_updates"] == 2 and nan["honest_rejected"] == 0
     assert set(res.claims["verdict"]) <= {"agrees", "disagrees", "inconclusive"}
-    assert "n/a" in set(res.wide["clean"]) | set(res.wide["sign_flip 30%"])
+    assert "not applicable" in set(res.wide["clean"]) | set(res.wide["sign_flip 30%"])
+    import pandas as pd
+    back = pd.read_csv(tmp_results / "robustness" / "smoke" / "summary.csv")
+    assert back[["arm", "aggregator", "attack"]].notna().all().all()      # no label reads back as NaN
+    assert set(back["arm"]) == {"grid", rb.NAN_ARM} and rb.NAN_LABEL in set(back["attack"])
     for name in ("summary.csv", "rounds.csv", "robustness.csv", "robustness_wide.csv", "nan_arm.csv", "claims.csv",
                  "accuracy_heatmap.png", "accuracy_vs_fraction.png", "nan_arm.png"):
         assert (tmp_results / "robustness" / "smoke" / name).exists(), name

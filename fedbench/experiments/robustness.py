@@ -61,6 +61,9 @@ PAPERS = {
 }
 # the notebook's short parameter names -> the config fields they set
 ALIASES = {"task": "data.task", "clients": "data.num_clients", "rounds": "fl.rounds"}
+# the NaN arm's attack in the tables (it runs fl.attack="nan"; a bare "nan" would read back as a missing value)
+NAN_LABEL = "nan_update"
+NAN_ARM = "nan_arm"
 
 SUMMARY_COLUMNS = ["arm", "aggregator", "attack", "fraction", "seed", "num_clients", "cohort", "attackers",
                    "num_malicious", "trim_ratio", "applicable", "final_accuracy", "best_accuracy", "final_loss",
@@ -161,7 +164,7 @@ def settings_for(profile: str = "quick", path=None, **overrides):
 
 @dataclass(frozen=True)
 class Cell:
-    """One run: arm ("grid" or "nan"), rule, attack ("none" for the clean run), attacker fraction, seed."""
+    """One run: arm ("grid" or "nan_arm"), rule, attack ("none" for the clean run), attacker fraction, seed."""
     arm: str
     aggregator: str
     attack: str
@@ -182,7 +185,7 @@ def build_cells(s: RobustnessSettings) -> list[Cell]:
             for attack in s.attacks:
                 cells += [Cell("grid", agg, attack, float(x), int(seed)) for x in s.fractions if x > 0]
         for agg in s.nan_aggregators:
-            cells += [Cell("nan", agg, "nan", float(x), int(seed)) for x in s.nan_fractions]
+            cells += [Cell(NAN_ARM, agg, NAN_LABEL, float(x), int(seed)) for x in s.nan_fractions]
     return cells
 
 
@@ -209,7 +212,8 @@ def plan_cell(cell: Cell, base: ExperimentConfig, s: RobustnessSettings) -> Plan
     attackers = round(cell.fraction * base.data.num_clients) if cell.fraction > 0 else 0
     expected = round(cell.fraction * n) if cell.fraction > 0 else 0      # attackers in a round's cohort
     f = expected if cell.arm == "grid" and cell.fraction > 0 else clean_f(s, n)
-    changes = {"seed": cell.seed, "fl.aggregator": cell.aggregator, "fl.attack": cell.attack,
+    changes = {"seed": cell.seed, "fl.aggregator": cell.aggregator,
+               "fl.attack": "nan" if cell.arm == NAN_ARM else cell.attack,
                "fl.attack_fraction": float(cell.fraction)}
     info = {"num_clients": base.data.num_clients, "cohort": n, "attackers": attackers,
             "num_malicious": float("nan"), "trim_ratio": float("nan")}
@@ -221,18 +225,18 @@ def plan_cell(cell: Cell, base: ExperimentConfig, s: RobustnessSettings) -> Plan
         info["num_malicious"], info["trim_ratio"] = f, f / n
     if cell.aggregator in F_RULES:
         # the guard drops the NaN updates before the rule: it must still have enough states
-        survivors = n - expected if cell.arm == "nan" else n
+        survivors = n - expected if cell.arm == NAN_ARM else n
         need = F_RULES[cell.aggregator](f)
         if survivors < need:
-            why = (f"n/a: {cell.aggregator} needs n >= {need} clients per round for f={f}, "
-                   f"the round has {survivors}" + (" after the guard" if cell.arm == "nan" else ""))
+            why = (f"not applicable: {cell.aggregator} needs n >= {need} clients per round for f={f}, "
+                   f"the round has {survivors}" + (" after the guard" if cell.arm == NAN_ARM else ""))
             return Plan(cell, None, info, why)
     try:
         cfg = base.replace(**changes)
     except ConfigError as e:
         if not e.field_name.startswith("fl."):
             raise
-        return Plan(cell, None, info, f"n/a: {e.field_name}={e.value!r}: expected {e.allowed}")
+        return Plan(cell, None, info, f"not applicable: {e.field_name}={e.value!r}: expected {e.allowed}")
     return Plan(cell, cfg, info)
 
 
@@ -363,10 +367,10 @@ def run(profile: str = "quick", path=None, progress: bool = True, **overrides) -
     s, base = p.settings, p.base
     check_against_backbone(base)
     out = output_dir(EXPERIMENT, profile)
-    summary, rounds, correct = run_cells(build_cells(s), base, s, progress=progress)
+    summary, rounds, correct, expected = run_cells(build_cells(s), base, s, progress=progress)
     table = robustness_table(summary)
     wide = wide_table(table)
-    nan = nan_arm_table(summary, rounds, correct["_expected"], s)
+    nan = nan_arm_table(summary, rounds, expected)
     claims = make_claims(summary, correct, nan, s)
     save_table(summary, out, "summary.csv")
     save_table(rounds, out, "rounds.csv")
@@ -395,9 +399,9 @@ def expected_nan_per_round(cfg) -> list[int]:
 
 
 def run_cells(cells: list[Cell], base: ExperimentConfig, s: RobustnessSettings, progress: bool = True):
-    """Run (or load) every applicable cell. Returns (summary, rounds, correct): `correct` maps a cell's key
-    to (test indices, 0/1 per test example) of its final evaluation, and "_expected" to the NaN arm's
-    expected NaN updates per round."""
+    """Run (or load) every applicable cell. Returns (summary, rounds, correct, expected): `correct` maps a
+    cell's key to (test indices, 0/1 per test example) of its final evaluation, `expected` a NaN-arm cell's
+    key to the NaN updates its clients send per round."""
     from fedbench.fl import run_cached
     from fedbench.results import load_run, run_key
     shared, root = SharedData(), store_root()
@@ -441,7 +445,7 @@ def run_cells(cells: list[Cell], base: ExperimentConfig, s: RobustnessSettings, 
                 for k, v in reversed(list(zip(ROUND_COLUMNS[:5], cell.key))):
                     rr.insert(0, k, v)
                 round_frames.append(rr)
-                if cell.arm == "nan":
+                if cell.arm == NAN_ARM:
                     expected[cell.key] = expected_nan_per_round(cfg)
             last = i + 1 == len(cells) or cells[i + 1].seed != cell.seed
             if progress and last:
@@ -454,14 +458,12 @@ def run_cells(cells: list[Cell], base: ExperimentConfig, s: RobustnessSettings, 
     for c in ("num_malicious", "clients_rejected_total", "rounds_with_rejection", "rounds"):
         summary[c] = summary[c].astype("Int64")       # integers, empty where the cell did not run
     rounds = pd.concat(round_frames, ignore_index=True) if round_frames else pd.DataFrame(columns=ROUND_COLUMNS)
-    correct["_expected"] = expected
-    return summary, rounds, correct
+    return summary, rounds, correct, expected
 
 
 # -- tables ----------------------------------------------------------------------------------------------
 
-def _group_keys():
-    return ["arm", "aggregator", "attack", "fraction"]
+GROUP_KEYS = ["arm", "aggregator", "attack", "fraction"]
 
 
 def robustness_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -471,10 +473,10 @@ def robustness_table(summary: pd.DataFrame) -> pd.DataFrame:
     clean = summary[(summary["arm"] == "grid") & (summary["attack"] == "none") & summary["applicable"]]
     clean_acc = {(a, sd): v for a, sd, v in zip(clean["aggregator"], clean["seed"], clean["final_accuracy"])}
     rows = []
-    for keys, g in summary.groupby(_group_keys(), sort=False):
+    for keys, g in summary.groupby(GROUP_KEYS, sort=False):
         ok = g[g["applicable"]]
         acc = ok["final_accuracy"].to_numpy(dtype=float)
-        row = dict(zip(_group_keys(), keys))
+        row = dict(zip(GROUP_KEYS, keys))
         row.update(attackers=int(g["attackers"].iloc[0]), num_malicious=g["num_malicious"].iloc[0],
                    applicable=bool(len(ok) > 0), n_seeds=int(len(ok)))
         if len(ok):
@@ -483,7 +485,9 @@ def robustness_table(summary: pd.DataFrame) -> pd.DataFrame:
                      if (a, sd) in clean_acc]
             row.update(accuracy_mean=mean, ci_low=lo, ci_high=hi,
                        accuracy_sd=float(np.std(acc, ddof=1)) if len(acc) > 1 else float("nan"),
-                       change_vs_clean=float(np.mean(diffs)) if diffs and row["attack"] != "none" else float("nan"),
+                       # rounded: the mean of k/E differences carries float noise (1e-17 for "no change")
+                       change_vs_clean=round(float(np.mean(diffs)), 12) + 0.0 if diffs and row["attack"] != "none"
+                       else float("nan"),
                        clients_rejected_mean=float(ok["clients_rejected_total"].mean()), note="")
         else:
             row.update(accuracy_mean=float("nan"), ci_low=float("nan"), ci_high=float("nan"),
@@ -502,14 +506,14 @@ def _column_label(attack: str, fraction: float, arm: str) -> str:
 
 
 def wide_table(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per rule, one column per (attack, fraction): "mean [ci_low, ci_high]" or "n/a"."""
+    """One row per rule, one column per (attack, fraction): "mean [ci_low, ci_high]" or "not applicable"."""
     cols, cells = [], {}
     for _, r in table.iterrows():
         col = _column_label(r["attack"], r["fraction"], r["arm"])
         if col not in cols:
             cols.append(col)
         if not r["applicable"]:
-            text = "n/a"
+            text = "not applicable"
         elif r["n_seeds"] > 1:
             text = f"{r['accuracy_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
         else:
@@ -520,17 +524,17 @@ def wide_table(table: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-def nan_arm_table(summary: pd.DataFrame, rounds: pd.DataFrame, expected: dict, s: RobustnessSettings) -> pd.DataFrame:
+def nan_arm_table(summary: pd.DataFrame, rounds: pd.DataFrame, expected: dict) -> pd.DataFrame:
     """Per NaN-arm run: NaN updates sent (expected from the seeded attacker set and sampling), rejected, the
     rounds in which every NaN update was rejected, honest updates rejected, finite loss, accuracy vs clean."""
     rows = []
-    nan = summary[(summary["arm"] == "nan") & summary["applicable"]]
+    nan = summary[(summary["arm"] == NAN_ARM) & summary["applicable"]]
     clean = summary[(summary["arm"] == "grid") & (summary["attack"] == "none") & summary["applicable"]]
     clean_acc = {(a, sd): v for a, sd, v in zip(clean["aggregator"], clean["seed"], clean["final_accuracy"])}
     for _, r in nan.iterrows():
-        key = ("nan", r["aggregator"], "nan", float(r["fraction"]), int(r["seed"]))
+        key = (NAN_ARM, r["aggregator"], NAN_LABEL, float(r["fraction"]), int(r["seed"]))
         exp = np.asarray(expected[key])
-        rr = rounds[(rounds["arm"] == "nan") & (rounds["aggregator"] == r["aggregator"])
+        rr = rounds[(rounds["arm"] == NAN_ARM) & (rounds["aggregator"] == r["aggregator"])
                     & (rounds["fraction"] == r["fraction"]) & (rounds["seed"] == r["seed"])].sort_values("round")
         rej = rr["clients_rejected"].to_numpy(dtype=int)
         ca = clean_acc.get((r["aggregator"], r["seed"]), float("nan"))
@@ -598,7 +602,7 @@ def make_claims(summary: pd.DataFrame, correct: dict, nan: pd.DataFrame, s: Robu
                 out.append(c)
     for _, g in nan.groupby(["aggregator", "fraction"], sort=False):
         agg, frac = g["aggregator"].iloc[0], float(g["fraction"].iloc[0])
-        a, b, used = _paired(correct, ("grid", agg, "none", 0.0), ("nan", agg, "nan", frac), s.seeds)
+        a, b, used = _paired(correct, ("grid", agg, "none", 0.0), (NAN_ARM, agg, NAN_LABEL, frac), s.seeds)
         if not used:
             continue
         all_rej, finite = bool(g["all_rejected"].all()), bool(g["loss_finite"].all())
@@ -642,7 +646,8 @@ def make_figures(summary: pd.DataFrame, rounds: pd.DataFrame) -> dict:
                                     (summary["arm"] == "grid"), "aggregator"]))
         figs["accuracy_heatmap.png"] = plots.heatmap(
             heat, "aggregator", "attack", "final_accuracy", fmt=".2f", cbar_label="final test accuracy",
-            title=f"{top:.0%} attackers (clean column: none)" + (f"; blank = n/a ({', '.join(na)})" if na else ""))
+            title=f"final accuracy with {top:.0%} attackers (clean column: none)"
+                  + (f"; blank = not applicable ({', '.join(na)})" if na else ""))
         curves = []
         for attack in dict.fromkeys(attacked["attack"]):
             curves.append(grid[grid["attack"] == "none"].assign(attack=attack))
@@ -652,13 +657,13 @@ def make_figures(summary: pd.DataFrame, rounds: pd.DataFrame) -> dict:
         figs["accuracy_vs_fraction.png"] = plots.curves(
             cur, "attackers_pct", "final_accuracy", hue="aggregator", facet="attack", order=list(aggs),
             hlines=hl, xlabel="attackers (% of clients)", ylabel="final test accuracy")
-    nan_keys = summary[(summary["arm"] == "nan") & summary["applicable"]][["aggregator"]].drop_duplicates()
+    nan_keys = summary[(summary["arm"] == NAN_ARM) & summary["applicable"]][["aggregator"]].drop_duplicates()
     if len(nan_keys) and len(rounds):
         frames = []
         for agg in nan_keys["aggregator"]:
             cl = rounds[(rounds["arm"] == "grid") & (rounds["aggregator"] == agg) & (rounds["attack"] == "none")]
             frames.append(cl.assign(run=f"{agg} clean"))
-            nn = rounds[(rounds["arm"] == "nan") & (rounds["aggregator"] == agg)]
+            nn = rounds[(rounds["arm"] == NAN_ARM) & (rounds["aggregator"] == agg)]
             for frac, g in nn.groupby("fraction", sort=True):
                 frames.append(g.assign(run=f"{agg}, {frac:.0%} NaN clients"))
         df = pd.concat(frames, ignore_index=True).dropna(subset=["accuracy"])
