@@ -856,7 +856,9 @@ def protocol_table(r: Resolved) -> pd.DataFrame:
         ("selection", "validation", "normalised = merged / individual accuracy (note: scaling_coef_search divides "
          "the running sum inside the dataset loop)", f"mean over tasks of merged / individual validation accuracy, "
          f"{s.val_samples} validation examples per task carved from training data; first best in grid order",
-         "the authors' criterion, computed as intended"),
+         "the authors' criterion, computed as intended" + ("" if s.val_samples >= 200 else
+                                                              f"; only {s.val_samples} per task in this profile "
+                                                              "(CPU budget; the full profile uses 500)")),
         ("reported", "normalised accuracy = merged / individual", "same", "(merged - probe) / (individual - probe) "
          "beside merged / individual; lambda = 1/T (plain one-shot FedAvg) beside the tuned value",
          "with frozen heads the probe is the floor the encoder change has to lift"),
