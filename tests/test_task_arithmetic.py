@@ -1,8 +1,10 @@
-"""Task arithmetic = one-shot FedAvg: parameters, the equivalence on real fine-tunes, determinism."""
+"""Task arithmetic = one-shot FedAvg on the shared loop: settings, scale matching, the equivalence, determinism."""
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from fedbench import merging
 from fedbench.config import ConfigError
 from fedbench.experiments import task_arithmetic as ta
 
@@ -11,14 +13,14 @@ from fedbench.experiments import task_arithmetic as ta
     (dict(tasks=("rt_sentiment",)), "tasks"),
     (dict(tasks=("rt_sentiment", "no_such_task")), "tasks"),
     (dict(hetero_steps=(1.0, 2.0)), "hetero_steps"),
-    (dict(hetero_lr=(1.0, 1.0)), "hetero_lr"),
-    (dict(rounds=(1, 5)), "rounds"),
+    (dict(rounds=(1, 500)), "rounds"),
     (dict(gma_rhos=(1.5,)), "gma_rhos"),
     (dict(lambdas=(-0.5,)), "lambdas"),
-    (dict(methods=("fedavg", "krum")), "methods"),
+    (dict(methods=("task_arithmetic", "krum")), "methods"),
     (dict(tunings=("adapter",)), "tunings"),
     (dict(seeds=(0, 0)), "seeds"),
     (dict(no_such_parameter=1), "no_such_parameter"),
+    ({"peft.depth": 99}, "peft.depth"),
 ])
 def test_bad_settings_name_the_parameter(override, field):
     with pytest.raises(ConfigError) as e:
@@ -26,10 +28,37 @@ def test_bad_settings_name_the_parameter(override, field):
     assert e.value.field_name == field
 
 
-def test_settings_accept_lists_and_keep_profile_defaults():
-    s = ta.settings_for("smoke", seeds=[3], lambdas=[0.5])
-    assert s["seeds"] == (3,) and s["lambdas"] == (0.5,) and s["steps"] == ta.DEFAULTS["smoke"]["steps"]
-    assert len(ta.settings_for("quick")["tasks"]) >= 4
+def test_profiles_resolve_with_a_base_and_meet_the_protocol():
+    r = ta.settings_for("smoke", seeds=[3], **{"train.local_steps": 6})
+    assert r.settings.seeds == (3,) and r.base.train.local_steps == 6
+    q = ta.settings_for("quick")
+    assert len(q["tasks"]) >= 6 and len(q["seeds"]) >= 3 and q.base.peft.depth is None
+    assert min(q["lambdas"]) <= 0.05 + 1e-12 and max(q["lambdas"]) >= 2.0
+    f = ta.settings_for("full")
+    assert f["val_samples"] >= 200 and list(f["gma_rhos"]) == pytest.approx(list(np.arange(0.1, 1.0, 0.1)))
+    cfg = ta.run_config(q.base, q.settings, "lora", 0)
+    assert cfg.fl.strategy == "task_clients" and cfg.data.num_clients == len(q["tasks"]) and not cfg.peft.train_head
+
+
+def test_grid_includes_one_over_T_and_is_scale_matched():
+    s = ta.settings_for("smoke").settings
+    for T in (2, 3, 6):
+        assert 1.0 / T in ta.per_task_grid(s, T)
+    g = torch.Generator().manual_seed(0)
+    tvs = [{"w": torch.randn(4, 5, generator=g)} for _ in range(3)]
+    w = 0.4
+    ta_v = ta.merge("task_arithmetic", tvs, w, float("nan"), [5, 5, 5], 0)
+    nova = ta.merge("fednova", tvs, w, float("nan"), [5, 5, 5], 0)
+    # the same per-task weight: FedNova with equal steps is task arithmetic at the same grid point
+    torch.testing.assert_close(nova["w"], ta_v["w"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ta_v["w"], w * sum(t["w"] for t in tvs), rtol=1e-6, atol=1e-7)
+    # mean-scale merges at w = 1/T are the plain merge
+    med = ta.merge("median", tvs, 1 / 3, float("nan"), [5, 5, 5], 0)
+    torch.testing.assert_close(med["w"], merging.median(tvs, 1.0)["w"])
+    # CCLIP's rho grid is the official linspace(min norm, max norm, n, endpoint=False)
+    norms = [merging.norm(t) for t in tvs]
+    assert ta.rho_grid("cclip", s, tvs) == pytest.approx(list(np.linspace(min(norms), max(norms), s.cclip_rhos,
+                                                                          endpoint=False)))
 
 
 @pytest.fixture(scope="module")
@@ -55,59 +84,76 @@ def smoke(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_equivalence_holds_on_real_fine_tunes(smoke):
+def test_equivalence_holds_on_the_loop(smoke):
     res = smoke[0]
     eq = res.equivalence
     assert len(eq) == len(res.settings["tasks"])
     assert (eq["max_abs_param_diff"] <= 1e-6).all() and eq["same_accuracy"].all()
-    assert (eq["accuracy_task_arithmetic"] == eq["accuracy_fedavg"]).all()
-    # FedIT's factor average is a different model
-    assert (eq["fedit_rel_delta_diff"] > 1e-3).all()
+    assert (eq["prediction_mismatches"] == 0).all()
+    assert (eq["fedit_rel_delta_diff"] > 1e-3).all()          # FedIT's factor average is another model
     claim = res.claims[res.claims["claim"].str.startswith("Task arithmetic with lambda = 1/T")]
-    assert list(claim["agrees"]) == ["yes"]
+    assert list(claim["verdict"]) == ["agrees"]
 
 
 @pytest.mark.slow
-def test_summary_is_normalised_and_hyperparameters_come_from_the_grid(smoke):
+def test_summary_has_every_merge_tuned_and_one_over_T(smoke):
     res = smoke[0]
     s, summ = res.settings, res.summary
+    T = len(s["tasks"])
     assert list(summ.columns) == ta.SUMMARY_COLUMNS
     homo = summ[summ["setting"] == "homogeneous"]
-    assert set(homo["method"]) == {"individual", "pretrained", *s["methods"]}
-    ind = homo[homo["method"] == "individual"].set_index("task")["accuracy"]
-    np.testing.assert_allclose(homo["normalized_accuracy"], homo["accuracy"] / homo["task"].map(ind))
-    assert (homo[homo["method"] == "individual"]["normalized_accuracy"] == 1.0).all()
-    tuned = homo[homo["method"].isin(ta.TUNED)]
-    assert tuned["lambda"].isin(s["lambdas"]).all()
-    assert homo[homo["method"] == "fedavg"]["lambda"].eq(1 / len(s["tasks"])).all()
-    # the selected point is the best mean normalised validation accuracy of its method
-    val = res.validation[(res.validation["setting"] == "homogeneous") & (res.validation["method"] == "task_arithmetic")]
-    ind_val = val.groupby("lambda")["accuracy"].size()
-    assert val["selected"].sum() == len(s["tasks"]) and len(ind_val) == len(s["lambdas"])
-    # one round of the federated loop is the one-shot FedAvg merge
-    r1 = summ[summ["setting"] == "rounds:1"].set_index("task")["accuracy"]
+    for m in ta.MERGE_METHODS:
+        assert set(homo[homo["method"] == m]["variant"]) == {"tuned", "1/T"}, m
+        assert (homo[(homo["method"] == m) & (homo["variant"] == "1/T")]["lambda"] == 1.0 / T).all()
+        assert homo[homo["method"] == m]["lambda"].isin(ta.per_task_grid(s.settings, T)).all()
+    # plain one-shot FedAvg (the loop's round) = task arithmetic at 1/T
     fa = homo[homo["method"] == "fedavg"].set_index("task")["accuracy"]
-    pd.testing.assert_series_equal(r1.sort_index(), fa.sort_index())
-    # settings present: heterogeneous training, every pair, every number of rounds
-    T = len(s["tasks"])
-    assert {f"rounds:{r}" for r in s["rounds"]} <= set(summ["setting"])
-    assert summ["setting"].str.startswith("pair:").sum() == T * (T - 1) // 2 * 2 * 2   # (ind + TA) x 2 tasks
-    het = summ[(summ["setting"] == "hetero_training")]
-    assert set(het["method"]) == {"individual", *s["hetero_methods"]}
-    # the cosine matrix is symmetric with a unit diagonal
+    t1 = homo[(homo["method"] == "task_arithmetic") & (homo["variant"] == "1/T")].set_index("task")["accuracy"]
+    pd.testing.assert_series_equal(fa.sort_index(), t1.sort_index(), check_names=False)
+    # normalised accuracy: probe 0, individual 1
+    assert (homo[homo["method"] == "probe"]["normalized_accuracy"].fillna(0) == 0).all()
+    ind = homo[homo["method"] == "individual"]
+    assert (ind["normalized_accuracy"].dropna() == 1.0).all() and (ind["accuracy_ratio"] == 1.0).all()
+    # heterogeneous rows are normalised by the homogeneous individual models
+    het = summ[summ["setting"] == "hetero_training"]
+    ind_h = ind.set_index("task")["accuracy"]
+    np.testing.assert_allclose(het["accuracy_ratio"], het["accuracy"] / het["task"].map(ind_h))
+    assert summ["setting"].str.startswith("pair:").sum() == T * (T - 1) // 2 * 2
+    assert {f"rounds:{R}" for R in s["rounds"] if R > 1} <= set(summ["setting"])
     c = res.cosine.pivot_table(index="task_a", columns="task_b", values="cosine")
     np.testing.assert_allclose(c.values, c.values.T, atol=1e-12)
     np.testing.assert_allclose(np.diag(c.values), 1.0, atol=1e-9)
-    for name in ("normalized_accuracy.png", "cosine_similarity.png", "similarity_vs_accuracy.png",
-                 "accuracy_vs_rounds.png", "summary.csv", "equivalence.csv", "claims.csv"):
+    for name in ("summary.csv", "equivalence.csv", "claims.csv", "PROTOCOL.md", "cosine_similarity.png",
+                 "normalized_accuracy_homogeneous.png", "accuracy_vs_rounds.png"):
         assert (res.out_dir / name).exists(), name
+    assert {"aspect", "paper", "official code", "ours", "why"} == set(res.protocol.columns)
 
 
 @pytest.mark.slow
 def test_rerun_and_cold_rerun_give_identical_tables(smoke):
     res, again, cold, root = smoke
-    for name in ("summary.csv", "equivalence.csv", "pairs.csv", "rounds.csv", "validation.csv", "claims.csv"):
+    for name in ("summary.csv", "table.csv", "equivalence.csv", "pairs.csv", "rounds.csv", "validation.csv",
+                 "finetune.csv", "claims.csv", "PROTOCOL.md"):
         a = (root / "a" / "task_arithmetic" / "smoke" / name).read_text()
         b = (root / "b" / "task_arithmetic" / "smoke" / name).read_text()
         assert a == b, name
     pd.testing.assert_frame_equal(res.summary, again.summary)
+
+
+def test_task_clients_freeze_the_head_and_take_per_client_steps():
+    from fedbench.config import DataConfig, ExperimentConfig, FLConfig, PeftConfig, TrainConfig
+    from fedbench.fl.server import FederatedRun
+    cfg = ExperimentConfig(data=DataConfig(task="rt_sentiment", num_clients=2, partition="iid", max_train_samples=16,
+                                           max_test_samples=8, max_length=16),
+                           peft=PeftConfig(method="full"), train=TrainConfig(local_steps=2, batch_size=4),
+                           fl=FLConfig(strategy="task_clients", rounds=1))
+    run = FederatedRun(cfg)
+    head = run.global_model.state["classifier.weight"].clone()
+    run.strategy.client_steps = {1: 1}
+    ins = run.configure(run.select_clients(1))
+    assert all(not k.startswith("classifier.") for k in ins[0].send_keys)
+    ups = [run.client_update(c, 1, ins[c]) for c in (0, 1)]
+    assert [u.num_steps for u in ups] == [2, 1]
+    assert not any(k.startswith("classifier.") for k in ups[0].state)
+    g = run.strategy.aggregate(run.global_model, ups, 1)
+    assert torch.equal(g.state["classifier.weight"], head)

