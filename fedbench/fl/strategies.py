@@ -47,3 +47,7 @@ class FFALoRA(FedAvg):
         ins.state = OrderedDict((k, ins.state[k] if k in ins.state else self.frozen_a[k])
                                 for k in [*ins.state, *self.frozen_a])
         return super().client_update(run, ins, store)
+
+
+# the continual protocol (fresh factors per task, running mean of the tasks' products) and LoRM
+from fedbench.fl import continual  # noqa: E402,F401  (registers continual, lorm, regmean)

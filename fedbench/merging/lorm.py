@@ -135,9 +135,9 @@ def gram_nbytes(d_in: int) -> int:
 
 @torch.no_grad()
 def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=None, pad_id: int = 0,
-                      batch_size: int = 64) -> dict[str, torch.Tensor]:
+                      batch_size: int = 64, dtype=torch.float64) -> dict[str, torch.Tensor]:
     """{module name: X^T X} over the non-padding token rows of the inputs each module sees on the examples
-    `indices` of `split`, in float64 (forward pre-hooks; eval mode; a fixed batch order, so the sums are
+    `indices` of `split`, in `dtype` (float64 by default; the official code accumulates in float32) (forward pre-hooks; eval mode; a fixed batch order, so the sums are
     deterministic). With an :class:`~fedbench.models.inputs.ActivationCache` the forward starts above the
     frozen prefix, as training does."""
     from fedbench.fl.client import forward_batch
@@ -152,7 +152,8 @@ def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=
             mask = current["mask"].bool()
             if x.shape[:2] != mask.shape:
                 raise RuntimeError(f"{name}: input {tuple(x.shape)} does not match the token mask {tuple(mask.shape)}")
-            g = gram(x[mask])                       # padding rows never enter the Gram matrix
+            rows = x[mask].to(dtype)                # padding rows never enter the Gram matrix
+            g = rows.T @ rows
             out[name] = g if out[name] is None else out[name] + g
         return hook
 
@@ -174,5 +175,5 @@ def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=
     for name, m in modules.items():
         if out[name] is None:
             d_in = m.in_features if hasattr(m, "in_features") else m.base_layer.in_features
-            out[name] = torch.zeros((d_in, d_in), dtype=torch.float64)
+            out[name] = torch.zeros((d_in, d_in), dtype=dtype)
     return out
