@@ -383,6 +383,8 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
     for name in ("summary", "per_task", "merge_error", "lr_selection", "claims", "runs"):
         save_table(getattr(result, name), out, f"{name}.csv")
     save_table(result.avg_curve, out, "avg_accuracy.csv")
+    from fedbench.results import atomic_write_text
+    atomic_write_text(out / "PROTOCOL.md", "# LoRM: protocol (paper / official code / ours)\n\n" + PROTOCOL)
     result.figures = {name: save_figure(fig, out, f"{name}.png") for name, fig in make_figures(result).items()}
     return result
 
@@ -478,3 +480,25 @@ def make_figures(res: LormResult) -> dict:
                                          ylabel="response error / error of no merge",
                                          title="merging LoRM's client updates")
     return figs
+
+
+# -- the protocol table (results/lorm/PROTOCOL.md; the notebook shows it) -------------------------------------
+
+PROTOCOL = """\
+| aspect | paper (arXiv 2410.17961) | official code (aimagelab/fed-mammoth `_models/lorm.py`) | ours | why ours differs |
+|---|---|---|---|---|
+| backbone, data | ViT-B/16; CIFAR-100, ImageNet-R, ... (class-incremental) | same | MiniLM-L6 (offline) on ng20: 20 classes, 5 tasks x 4 classes, task order drawn per seed | CPU-only, offline benchmark |
+| clients, rounds | 10 clients, Dirichlet; 5 rounds x 5 epochs per task | per config | 4 clients, Dirichlet(0.5), all sampled; 3 rounds per task (B, A, B), 3 local steps (quick) | CPU budget (quick <= 12 min); sampling/dropout/DP by config |
+| trained factor | one factor at a time, alternating | per **round**: B, A, B, ..., restarting at B each task (`set_train_matrix`, `cur_round = 0` in `begin_task`) | same (`configure_round`: `train_keys`/`send_keys`) | - |
+| LoRA placement, rank | qkv, attention output, MLP of every block, r = 16 | same | q, v, attention output and the FFN's first linear of the top 2 layers, r = 8, alpha 16 | CPU cost; the FFN's second linear (1536-d input: a 1536 x 1536 Gram matrix per client per round) left out |
+| new task | fresh LoRA | `init_matrices` at `begin_task` | fresh factors (peft init: A kaiming-uniform, B = 0, seeded per task) for **every** LoRA method | - |
+| previous tasks | running mean of task updates | `old_delta` = running mean of the tasks' B A; `cl_merge='individual_mean'`: each task trains on W0 + its own B A, the model is W0 + mean over tasks | the same rule for every LoRA method (the rank-growing variants bank what they folded into the base during the task) | - |
+| end-of-task cross-task merge | - | `end_task_server` also computes a Gram-weighted merge of the tasks' products | not applied: one rule (the running mean) for every method | the issue asks for one stated rule for all methods; FedIT et al. send no Gram matrices |
+| Gram matrices | G_i = X_i^T X_i per layer | float32 (`gram_dtype='32'`), one per LoRA layer, on the model (old_delta*t + B_i A_i)/(t+1) | float32, **one per distinct layer input** (query and value share one), sent as the upper triangle (exact bytes); on the model the client trained (W0 + its current B_i A_i) | fewer bytes for the same information; the inputs of the responses the client fitted |
+| solve | closed form | float64, `torch.pinverse` | float64, relative ridge 1e-4 (towards the factor average) | numerical stability on rank-deficient Grams at CPU scale; its error never exceeds averaging's |
+| head | - | RegMean on the head weight (`regmean_all`, alpha 0.5), bias FedAvg'd | FedAvg'd by sample count, for every method | the same head rule for every method isolates the LoRA merge |
+| logits | train on the current task's classes | `outputs[:, cur_offset:cur_offset + cpt]` | logits outside the task masked; evaluated by argmax over every seen class (no task id) | - |
+| optimizer, lr | AdamW, lr 3e-4 | AdamW, lr 3e-4, weight decay 0.1 | AdamW, no weight decay; lr per method from a grid, chosen on a validation split carved from the training data (first seed) | an lr tuned for ViT/CIFAR does not carry over; never chosen on test |
+| baselines | FedAvg-style LoRA, merging methods, ... | `lora.py`, `regmean.py`, ... | FedIT (factor average), exact product average SVD'd to rank r, RegMean SVD'd to rank r, and separately labelled the rank-growing variants (stacked product average; dense RegMean), full FT of the top layer, joint training | equal capacity: every rank-r method ends each round at rank r |
+| statistics | mean of runs | - | 3 seeds with the task order drawn per seed; claims via `fedbench.claims` (paired bootstrap over seeds x test examples; t interval for forgetting) | - |
+"""
