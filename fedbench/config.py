@@ -322,7 +322,7 @@ class ExperimentConfig:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         text = _dump_yaml(self.to_dict()) if path.suffix in (".yaml", ".yml") else self.to_json()
-        from fedbench.results import atomic_write_text
+        from fedbench.atomic import atomic_write_text
         atomic_write_text(path, text)
 
     @classmethod

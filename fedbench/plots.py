@@ -199,6 +199,9 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str, seed: str | None = "seed"
     palette = _colors_for(hues, colors, order)
     keys = ([facet] if facet else []) + [hue, x]
     summary = _summarise(df, keys, y, seed, band)
+    bounded = bool(len(summary)) and summary["mean"].between(0, 1).all()
+    if bounded:       # an accuracy-like quantity: its band cannot leave [0, 1] (a 2-seed t interval easily would)
+        summary[["lo", "hi"]] = summary[["lo", "hi"]].clip(0, 1)
 
     fig = Figure(figsize=(3.8 * len(facets) + 2.2, 3.4), layout="constrained")
     axes = fig.subplots(1, len(facets), sharey=True, squeeze=False)[0]
@@ -216,6 +219,9 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str, seed: str | None = "seed"
             labels[h] = _seed_label(h, summary.loc[summary[hue] == h, "n"])
         if facet is not None:
             ax.set_title(f"{facet} = {fv}", fontsize=FONT["subtitle"])
+        if not logx and pd.api.types.is_integer_dtype(df[x]):     # rounds, steps: integer ticks only
+            from matplotlib.ticker import MaxNLocator
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if logx:
             ax.set_xscale("log")
             # plain numbers (0.5, 2, 10) rather than 5x10^-1; minor ticks labelled only on a short range
@@ -230,6 +236,8 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str, seed: str | None = "seed"
     _legend_outside(fig, legend_handles, legend_labels, title=f"mean over seeds; {BAND_TEXT[band]}")
     limits = ylim or _curve_ylim(_finite(summary["mean"], summary["lo"], summary["hi"],
                                          list((hlines or {}).values())), baseline)
+    if limits is not None and bounded and ylim is None:
+        limits = (limits[0], min(limits[1], 1.02))
     if limits is not None:
         axes[0].set_ylim(*limits)                       # shared y: applies to every facet
     if title:

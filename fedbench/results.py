@@ -19,42 +19,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
+from fedbench.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
+
 # Bump when what a run computes or records changes meaning: every stored run is then recomputed.
 RESULTS_SCHEMA = 2
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def atomic_write_csv(path: str | Path, df: pd.DataFrame) -> None:
     atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def atomic_write_tensors(path: str | Path, tensors: dict) -> None:
@@ -83,17 +61,6 @@ def atomic_savefig(fig, path: str | Path, **kwargs) -> None:
     fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", bbox_inches="tight", dpi=kwargs.pop("dpi", 110),
                 **kwargs)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def _json_default(x):
-    import numpy as np
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
 @dataclass

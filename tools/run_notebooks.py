@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# notebook stem -> experiment folder under results/
-EXPERIMENTS = {"00_quickstart": "quickstart", "01_fedpeft": "fedpeft", "02_fl_tac": "fl_tac",
-               "03_autofednlp": "autofednlp", "04_lorm": "lorm", "05_task_arithmetic": "task_arithmetic"}
+
+
+def experiment_of(stem: str) -> str:
+    """The experiment whose notebook is `stem` (fedbench's experiment registry), for its results folder."""
+    from fedbench.registry import EXPERIMENTS
+    return next((e.name for e in EXPERIMENTS if e.notebook == stem), stem)
 
 
 def main() -> int:
@@ -32,7 +35,7 @@ def main() -> int:
     results = project_results_dir()      # results/, or $FEDBENCH_RESULTS_ROOT
     timings = []
     for nb in notebooks:
-        exp = EXPERIMENTS.get(nb.stem, nb.stem)
+        exp = experiment_of(nb.stem)
         out_dir = results / exp if args.profile == "quick" else results / exp / args.profile
         out_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()

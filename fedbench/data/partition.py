@@ -360,33 +360,56 @@ def _class_colors(num_classes: int) -> list:
     return [matplotlib.colormaps["viridis"](i / (num_classes - 1)) for i in range(num_classes)]
 
 
-def plot_partition(labels, parts: Sequence[np.ndarray], class_names: Sequence[str] | None = None, ax=None, title=None):
-    """Stacked horizontal bars: each client's label histogram. Returns the matplotlib Figure.
+class _IndexPartitioner:
+    """fedbench's per-client index arrays as a flwr-datasets ``Partitioner``, so that Flower's own counting and
+    plotting (``flwr_datasets.visualization``) read them. Built lazily: flwr-datasets is imported on use."""
 
-    Works under any backend (Agg in tests/CI). Pass ``ax`` to draw into an existing axes.
+    def __new__(cls, labels, parts, class_names=None):
+        from datasets import ClassLabel, Dataset, Features
+        from flwr_datasets.partitioner import Partitioner
+
+        class IndexPartitioner(Partitioner):
+            def __init__(self):
+                super().__init__()
+                labels_ = np.asarray(labels, dtype=np.int64)
+                names = list(class_names) if class_names is not None else [str(c) for c in range(int(labels_.max()) + 1)]
+                self.dataset = Dataset.from_dict({"label": labels_.tolist()},
+                                                 features=Features({"label": ClassLabel(names=names)}))
+                self._parts = [np.asarray(p, dtype=np.int64) for p in parts]
+
+            @property
+            def num_partitions(self) -> int:
+                return len(self._parts)
+
+            def load_partition(self, partition_id: int):
+                return self.dataset.select(self._parts[partition_id])
+
+        return IndexPartitioner()
+
+
+def plot_partition(labels, parts: Sequence[np.ndarray], class_names: Sequence[str] | None = None, ax=None, title=None,
+                   size_unit: str = "absolute"):
+    """Each client's label histogram as stacked horizontal bars, drawn by flwr-datasets'
+    ``plot_label_distributions`` (fed our index arrays through a Partitioner). Returns the matplotlib Figure.
+
+    Draws into `ax` if given, else into a new Figure that is not registered with pyplot (no global state);
+    the legend sits outside the axes.
     """
-    import matplotlib.pyplot as plt
+    import os
+
+    from matplotlib.figure import Figure
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")      # a benchmark's plot is no telemetry event
+    from flwr_datasets.visualization import plot_label_distributions
 
     table = describe_partition(labels, parts, class_names)
-    class_columns = list(table.columns[2:-1])
     if ax is None:
-        height = min(12.0, 1.5 + 0.3 * len(table))
-        fig, ax = plt.subplots(figsize=(8, height))
-    else:
-        fig = ax.figure
-    colors = _class_colors(len(class_columns))
-    left = np.zeros(len(table))
-    for column, color in zip(class_columns, colors):
-        values = table[column].to_numpy()
-        ax.barh(table["client"], values, left=left, color=color, label=column)
-        left += values
-    ax.set_xlabel("samples")
-    ax.set_ylabel("client")
+        fig = Figure(figsize=(8, min(12.0, 1.5 + 0.3 * len(table))), layout="constrained")
+        ax = fig.add_subplot()
+    n_classes = len(table.columns) - 3
+    fig, ax, _ = plot_label_distributions(
+        _IndexPartitioner(labels, parts, class_names), "label", plot_type="bar", size_unit=size_unit,
+        partition_id_axis="y", axis=ax, title=title or f"{len(table)} clients, {int(table['n_samples'].sum())} samples",
+        legend=n_classes <= 20, legend_title="class", cmap="tab20" if n_classes > 10 else "tab10",
+        legend_kwargs={"loc": "center left", "bbox_to_anchor": (1.0, 0.5), "fontsize": "small"})
     ax.invert_yaxis()  # client 0 on top
-    if len(table) <= 40:
-        ax.set_yticks(table["client"])
-    if len(class_columns) <= 20:
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", title="class")
-    ax.set_title(title or f"{len(table)} clients, {int(table['n_samples'].sum())} samples")
-    fig.tight_layout()
     return fig

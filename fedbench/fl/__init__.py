@@ -6,9 +6,9 @@ from fedbench.fl.seeding import derive_seed, rng_for
 from fedbench.fl.server import (FederatedData, FederatedRun, prepare_data, run_cached, run_federated,
                                 sample_clients)
 from fedbench.fl.store import ClientStore
-from fedbench.fl.strategy import ClientInstruction, FedAvg, GlobalModel, LoraLayout
+from fedbench.fl.strategy import ClientInstruction, FedAvg, GlobalModel, LoraLayout, ServerStep, Strategy
 
 __all__ = ["ClientInstruction", "ClientStore", "ClientUpdate", "FedAdam", "FedAvg", "FedAvgM", "FederatedData",
-           "FederatedRun", "GlobalModel", "LoraLayout", "coordinate_median", "derive_seed", "evaluate", "fedavg",
+           "FederatedRun", "GlobalModel", "LoraLayout", "ServerStep", "Strategy", "coordinate_median", "derive_seed", "evaluate", "fedavg",
            "lora_factor_average", "lora_stack", "lora_svd", "predict", "prepare_data", "rng_for", "run_cached",
            "run_federated", "sample_clients", "train_client", "trimmed_mean"]
