@@ -109,6 +109,18 @@ def test_response_error_from_inputs_and_grams_agree():
     assert L.response_error(target, dW, [L.gram(_t(x)) for x in X]) == pytest.approx(direct, rel=1e-12)
 
 
+def test_factored_response_error_is_the_dense_one():
+    """The merge check scores rank-r merges from their factors: exact, not an approximation."""
+    X, A, _, _, Bs = _problem(seed=5)
+    G = [L.gram(_t(x)) for x in X]
+    rng = np.random.default_rng(0)
+    As = [_t(A) + _t(rng.normal(size=A.shape)) for _ in Bs]
+    dW = [_t(b) @ a for b, a in zip(Bs, As)]
+    U, V = _t(rng.normal(size=(5, 3))), _t(rng.normal(size=(3, 7)))
+    assert L.factored_response_error((U, V), list(zip(map(_t, Bs), As)), G) == pytest.approx(
+        L.response_error(U @ V, dW, G), rel=1e-10)
+
+
 def test_bad_ridge_weights_and_grams_are_config_errors():
     X, A, _, As, Bs = _problem()
     G = [L.gram(_t(x)) for x in X]

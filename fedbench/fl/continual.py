@@ -325,25 +325,35 @@ class LoRM(Continual):
     def _merge_errors(self, m, gname, factor, round_idx, g, new_state, updates, weights, G) -> list[dict]:
         """Response-matching error of LoRM's solve and of the alternatives on the same client updates, on the
         inputs the Gram matrices came from (fit) and on held-out inputs of each client (heldout); rel_error
-        divides by the error of keeping the previous global factors."""
-        def prod(st):
-            return m.scaling * st[m.b_key].double() @ st[m.a_key].double()
+        divides by the error of keeping the previous global factors.
+
+        Cost: every rule but RegMean is a sum of rank-r products, so dW - dW_i = U V with few columns in U and
+        tr(U V G V^T U^T) = sum((U^T U) * (V G V^T)) is exact (float64) at O(rank d_in^2) instead of
+        O(d_out d_in^2) (:func:`fedbench.merging.lorm.factored_response_error`); RegMean's dense merge is
+        scored densely."""
+        s = m.scaling
         full = [OrderedDict(g.state, **u.state) for u in updates]
-        deltas = [prod(s) for s in full]
-        b_avg = L.factor_average([s[m.b_key] for s in full], weights)
-        a_avg = L.factor_average([s[m.a_key] for s in full], weights)
-        rules = {"lorm": prod(new_state), "factor_average": m.scaling * b_avg @ a_avg,
-                 "product_average": L.factor_average(deltas, weights),
-                 "regmean": L.regmean(deltas, G, weights, self.ridge)}
-        prev = prod(g.state)
+        Bs = [s * st[m.b_key].double() for st in full]
+        As = [st[m.a_key].double() for st in full]
+        p = L.normalized_weights(weights, len(full))
+        b_avg = L.factor_average([st[m.b_key] for st in full], weights)
+        a_avg = L.factor_average([st[m.a_key] for st in full], weights)
+        deltas = [b @ a for b, a in zip(Bs, As)]
+        factored = {"lorm": (s * new_state[m.b_key].double(), new_state[m.a_key].double()),
+                    "factor_average": (s * b_avg, a_avg),
+                    "product_average": (torch.cat([pi * b for pi, b in zip(p, Bs)], 1), torch.cat(As, 0))}
+        prev = (s * g.state[m.b_key].double(), g.state[m.a_key].double())
+        dense = {"regmean": L.regmean(deltas, G, weights, self.ridge)}
         held = [self._heldout.get((round_idx, u.client_id)) for u in updates]
         rows = []
         splits = [("fit", G)] + ([("heldout", [h[gname].double() for h in held])] if all(h is not None for h in held)
                                  else [])
         for split, grams in splits:
-            keep = L.response_error(prev, deltas, grams)
-            for rule, dw in rules.items():
-                e = L.response_error(dw, deltas, grams)
+            errs = {rule: L.factored_response_error(uv, list(zip(Bs, As)), grams) for rule, uv in factored.items()}
+            errs.update({rule: L.response_error(dw, deltas, grams) for rule, dw in dense.items()})
+            keep = L.factored_response_error(prev, list(zip(Bs, As)), grams)
+            for rule in ("lorm", "factor_average", "product_average", "regmean"):
+                e = errs[rule]
                 rows.append({"task": self.schedule.task_of(round_idx), "round": int(round_idx), "layer": short(m.name),
                              "factor": factor, "rule": rule, "split": split, "error": e,
                              "rel_error": e / keep if keep > 0 else float("nan")})

@@ -126,6 +126,26 @@ def response_error(dW, dW_list: Sequence, G_list: Sequence) -> float:
     return total
 
 
+def factored_response_error(uv, factors_list: Sequence, G_list: Sequence) -> float:
+    """:func:`response_error` of dW = U V against client updates dW_i = B_i A_i given as factors (uv = (U, V),
+    factors_list = [(B_i, A_i)]): dW - dW_i = [U, -B_i] [V; A_i], and tr(D G D^T) = sum((P^T P) * (Q G Q^T))
+    for D = P Q. Exact; O(k d_in^2) for k = columns of P instead of O(d_out d_in^2). float64."""
+    if len(factors_list) != len(G_list):
+        raise ConfigError("G_list", len(G_list), f"one Gram matrix per client ({len(factors_list)})")
+    u, v = _f64(uv[0]), _f64(uv[1])
+    total = 0.0
+    for (b, a), g in zip(factors_list, G_list):
+        P = torch.cat([u, -_f64(b)], 1)
+        Q = torch.cat([v, _f64(a)], 0)
+        total += float(torch.sum((P.T @ P) * (Q @ _f64(g) @ Q.T)))
+    return total
+
+
+def normalized_weights(weights, n: int) -> list[float]:
+    """The weights as :func:`factor_average` uses them (summing to one; None = uniform)."""
+    return _weights(weights, n)
+
+
 def gram_nbytes(d_in: int) -> int:
     """Bytes of one Gram matrix on the wire: its upper triangle (it is symmetric) in float64."""
     return d_in * (d_in + 1) // 2 * 8
