@@ -1,5 +1,6 @@
-"""LoRM: the closed-form merges against numpy's least squares, their optimality, the Gram hooks, bad
-settings, and an end-to-end FCIL run that reproduces itself and resumes from the run store."""
+"""LoRM: the closed-form merges against numpy's least squares, their optimality, the Gram hooks; the strategies on
+the shared loop (alternation per round, what travels, exact Gram bytes, fresh factors per task, equal-rank baselines),
+bad settings, and an end-to-end FCIL run that reproduces itself from an empty store and resumes from the run store."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -108,6 +109,18 @@ def test_response_error_from_inputs_and_grams_agree():
     assert L.response_error(target, dW, [L.gram(_t(x)) for x in X]) == pytest.approx(direct, rel=1e-12)
 
 
+def test_factored_response_error_is_the_dense_one():
+    """The merge check scores rank-r merges from their factors: exact, not an approximation."""
+    X, A, _, _, Bs = _problem(seed=5)
+    G = [L.gram(_t(x)) for x in X]
+    rng = np.random.default_rng(0)
+    As = [_t(A) + _t(rng.normal(size=A.shape)) for _ in Bs]
+    dW = [_t(b) @ a for b, a in zip(Bs, As)]
+    U, V = _t(rng.normal(size=(5, 3))), _t(rng.normal(size=(3, 7)))
+    assert L.factored_response_error((U, V), list(zip(map(_t, Bs), As)), G) == pytest.approx(
+        L.response_error(U @ V, dW, G), rel=1e-10)
+
+
 def test_bad_ridge_weights_and_grams_are_config_errors():
     X, A, _, As, Bs = _problem()
     G = [L.gram(_t(x)) for x in X]
@@ -120,21 +133,30 @@ def test_bad_ridge_weights_and_grams_are_config_errors():
     assert L.gram_nbytes(384) == 384 * 385 // 2 * 8
 
 
-# -- the experiment -------------------------------------------------------------------------------------
+
+# -- the strategies on the shared loop ------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, field", [
     ({"dataset": "fashion_mnist"}, "dataset"), ({"dataset": "nope"}, "dataset"), ({"num_tasks": 1}, "num_tasks"),
     ({"num_tasks": 21}, "num_tasks"), ({"methods": ["lorm", "flora"]}, "methods"), ({"ridge": -1.0}, "ridge"),
-    ({"seeds": [0, 0]}, "seeds"), ({"alpha": 0}, "alpha"), ({"rounds_per_task": 0}, "rounds_per_task"),
-    ({"depth": 7}, "depth"), ({"heldout_fraction": 0.0}, "heldout_fraction"), ({"max_train_per_task": 5}, "max_train_per_task"),
-    ({"shuffle_classes": "yes"}, "shuffle_classes"), ({"colour": 1}, "colour")])
+    ({"seeds": [0, 0]}, "seeds"), ({"rounds_per_task": 0}, "rounds_per_task"), ({"lr_grid": []}, "lr_grid"),
+    ({"val_fraction": 1.0}, "val_fraction"), ({"fl.dropout": 2.0}, "fl.dropout"), ({"peft.depth": 9}, "peft.depth"),
+    ({"colour": 1}, "colour")])
 def test_bad_settings_name_the_parameter(override, field):
     from fedbench.experiments import lorm
     with pytest.raises(ConfigError) as e:
         lorm.settings_for("smoke", **override)
     assert e.value.field_name == field
-    with pytest.raises(ConfigError, match="profile"):
-        lorm.settings_for("huge")
+
+
+def test_core_conditions_reach_every_run_by_config():
+    from fedbench.experiments import lorm
+    s, base = lorm.settings_for("smoke", **{"fl.dropout": 0.3, "fl.clients_per_round": 1.0})
+    for m in lorm.METHODS:
+        cfg = lorm.run_config(s, base, m, 0, 1e-3)
+        assert cfg.fl.dropout == 0.3 and cfg.fl.rounds == s.num_tasks * s.rounds_per_task
+    assert lorm.run_config(s, base, "lorm", 0, 1e-3).fl.strategy == "lorm"
+    assert lorm.run_config(s, base, "regmean_svd", 0, 1e-3).fl.lora_aggregation == "svd"
 
 
 def test_cl_metrics_from_an_accuracy_matrix():
@@ -147,59 +169,159 @@ def test_cl_metrics_from_an_accuracy_matrix():
     assert m["forgetting"] == pytest.approx(((0.9 - 0.5) + (0.8 - 0.7)) / 2)
 
 
-TINY = dict(num_tasks=2, clients=2, max_train_per_task=16, max_test_per_task=8, max_length=24, local_steps=1,
-            rounds_per_task=1, batch_size=8)
+TINY = {"max_train_per_class": 6, "max_test_per_class": 2, "num_tasks": 2, "rounds_per_task": 3}
 
 
-def test_grams_skip_padding_and_match_the_layer_inputs():
+@pytest.fixture(scope="module")
+def tiny():
+    """(settings, base, pool, data of seed 0) on the smoke profile, shrunk."""
     from fedbench.experiments import lorm
-    s = lorm.settings_for("smoke", **TINY)
-    data = lorm.prepare_data(s, 0)
-    run = lorm.FcilRun(s, 0, data)
-    model = lorm.build(s, 0, "lorm", data.num_labels)
-    idx = data.client_indices[0][0]
-    grams = run.grams(model, run.layer_names, "train", idx)
-    # depth 1: the wrapped query/value layers of the top layer read the cached output of the layer below
-    hidden = torch.cat([run.caches["train"].hidden[int(i)] for i in idx]).double()
-    for name in run.layer_names:
-        torch.testing.assert_close(grams[name], hidden.T @ hidden, rtol=1e-9, atol=1e-6)
-    # every example in the task's own class mask; a client's held-out inputs come from its own classes
-    assert data.train.class_mask[idx].sum(1).eq(len(data.class_groups[0])).all()
-    held_labels = set(data.heldout.labels[data.heldout_indices[0][0]].tolist())
-    assert held_labels <= set(data.train.labels[idx].tolist())
+    s, base = lorm.settings_for("smoke", **TINY)
+    pool = lorm.prepare_pool(s, base)
+    lorm.fill_caches(pool, base.model, [base.peft.depth, 1])
+    return s, base, pool, lorm.task_data(s, base, pool, 0)
+
+
+def _run(tiny, method, rounds=None):
+    from fedbench.experiments import lorm
+    from fedbench.fl import FederatedRun
+    s, base, pool, data = tiny
+    cfg = lorm.run_config(s, base, method, 0, 3e-3)
+    run = FederatedRun(cfg, data, pool.caches)
+    records = [run.run_round(r) for r in range(1, (rounds or cfg.fl.rounds) + 1)]
+    return run, records
+
+
+def test_lorm_alternates_per_round_and_only_the_declared_factor_travels(tiny):
+    from fedbench.fl import FederatedRun
+    from fedbench.fl.continual import input_groups
+    from fedbench.experiments import lorm
+    s, base, pool, data = tiny
+    run = FederatedRun(lorm.run_config(s, base, "lorm", 0, 3e-3), data, pool.caches)
+    mods = run.strategy.lora.modules
+    assert [run.strategy.factor(r) for r in range(1, 7)] == ["B", "A", "B", "B", "A", "B"]   # restarts at B per task
+    d = {m.name: m for m in mods}
+    for r in range(1, 7):
+        ins = run.configure(run.select_clients(r))
+        factor = run.strategy.factor(r)
+        for c, i in ins.items():
+            assert i.options == {"task": (r - 1) // 3, "factor": factor}
+            assert all((m.b_key in i.send_keys) == (factor == "B") and (m.a_key in i.send_keys) == (factor == "A")
+                       for m in mods)
+            assert "classifier.weight" in i.send_keys
+        updates = [run.client_update(c, r, ins[c]) for c in run.select_clients(r).reporting]
+        for u in updates:
+            assert list(u.state) == list(ins[u.client_id].send_keys)
+            # one Gram matrix per distinct layer input (query and value share one), upper triangle, float32
+            groups = input_groups(mods)
+            assert sorted(u.extras) == sorted(f"gram/{g}" for g in groups)
+            assert any(len(ms) == 2 for ms in groups.values())            # query + value
+            d_in = {g: run.model.get_submodule(ms[0].name).in_features for g, ms in groups.items()}
+            assert u.nbytes_up == sum(t.numel() * 4 for t in u.state.values()) + \
+                sum(n * (n + 1) // 2 * 4 for n in d_in.values())
+        before = {k: v.clone() for k, v in run.global_model.state.items()}
+        rec = run.finish_round(run.select_clients(r), updates, 0.0, instructions=ins)
+        assert rec["bytes_up"] == sum(u.nbytes_up for u in updates)
+        if r % 3:     # within a task the frozen factor never changes on the server either
+            frozen = [m.a_key if factor == "B" else m.b_key for m in mods]
+            assert all(torch.equal(run.global_model.state[k], before[k]) for k in frozen)
+    assert len(d) == len(mods)
+
+
+def test_the_gram_matrix_is_that_of_the_layer_inputs(tiny):
+    from fedbench.fl.continual import unpack_upper
+    s, base, pool, data = tiny
+    run, _ = _run(tiny, "lorm", rounds=1)
+    ins = run.configure(run.select_clients(2))[0]
+    u = run.client_update(0, 2, ins)
+    idx = data.task_clients[0][0]
+    # depth 1: query/value read the cached output of the layer below
+    hidden = torch.cat([pool.caches[0].hidden[int(i)] for i in idx]).double()
+    g = unpack_upper(u.extras[next(k for k in u.extras if k.endswith(".qkv"))]).double()
+    torch.testing.assert_close(g, hidden.T @ hidden, rtol=1e-4, atol=1e-3)
+
+
+def test_every_task_starts_fresh_factors_and_the_served_model_is_the_mean(tiny):
+    run, _ = _run(tiny, "fedit", rounds=3)       # task 0 done
+    st, mods = run.strategy, run.strategy.lora.modules
+    assert st.done == 1 and st.rounds_in_task == 0
+    for i, m in enumerate(mods):
+        assert torch.count_nonzero(run.global_model.state[m.b_key]) == 0          # B = 0: fresh
+        fresh_a, _ = st.fresh_factors(run.global_model.state, m, i, 3)
+        assert torch.equal(run.global_model.state[m.a_key], fresh_a)
+    task0 = {m.base_key: st.old_sum[m.base_key].clone() for m in mods}
+    assert any(v.abs().sum() > 0 for v in task0.values())
+    served = st.served_model(run.global_model)
+    for m in mods:
+        torch.testing.assert_close(served.base_delta[m.base_key].double(), task0[m.base_key], rtol=1e-6, atol=1e-7)
+    for r in range(4, 7):
+        run.run_round(r)
+    # the last task keeps its factors; served = (task 0 + task 1) / 2
+    served = st.served_model(run.global_model)
+    for m in mods:
+        t1 = st.task_delta(run.global_model, m)
+        torch.testing.assert_close(served.base_delta[m.base_key].double(), (task0[m.base_key] + t1) / 2,
+                                   rtol=1e-5, atol=1e-6)
+    acc = pd.DataFrame(st.acc_rows)
+    assert sorted(zip(acc.loc[acc.split == "test", "after_task"], acc.loc[acc.split == "test", "task"])) == \
+        [(0, 0), (1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("method", ["product_svd", "regmean_svd", "product_stack", "regmean_dense"])
+def test_equal_rank_baselines_stay_at_rank_r_and_growing_ones_fold(tiny, method):
+    s, base, pool, data = tiny
+    run, recs = _run(tiny, method, rounds=2)
+    r = base.peft.rank
+    for m in run.strategy.lora.modules:
+        b, a = run.global_model.state[m.b_key], run.global_model.state[m.a_key]
+        assert b.shape[1] == r and a.shape[0] == r
+        folded = run.global_model.base_delta[m.base_key]
+        if method.endswith("_svd"):
+            assert torch.count_nonzero(folded) == 0 and torch.linalg.matrix_rank(b.double() @ a.double()) <= r
+        else:        # rank grows: the merge is folded into the base and the factors restart
+            assert torch.count_nonzero(folded) > 0 and torch.count_nonzero(b) == 0
+    if method == "regmean_dense":       # what travels down includes every folded dense delta
+        assert recs[1]["bytes_down"] > recs[0]["bytes_down"]
+
+
+def test_lorm_rejects_what_it_cannot_run():
+    from fedbench.experiments import lorm
+    s, base = lorm.settings_for("smoke")
+    with pytest.raises(ConfigError, match="fl.lora_aggregation"):
+        base.replace(**{"fl.strategy": "lorm", "fl.lora_aggregation": "svd"})
+    with pytest.raises(ConfigError, match="fl.lora_aggregation"):
+        base.replace(**{"fl.strategy": "regmean"})
+    with pytest.raises(ConfigError, match="fl.aggregator"):
+        base.replace(**{"fl.strategy": "lorm", "fl.aggregator": "median"})
 
 
 def test_end_to_end_reproduces_exactly_and_resumes(tmp_path, monkeypatch):
     from fedbench.experiments import lorm
     monkeypatch.delenv("FEDBENCH_RESULTS", raising=False)
+    kw = dict(TINY, methods=["lorm", "fedit", "joint"])
     names = ("summary.csv", "per_task.csv", "merge_error.csv", "claims.csv")
     tables = []
     for root in ("a", "b"):       # two cold runs in two empty result roots
         monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path / root))
-        res = lorm.run(profile="smoke", progress=False, **TINY)
+        res = lorm.run(profile="smoke", progress=False, **kw)
         out = tmp_path / root / "lorm" / "smoke"
         tables.append({n: (out / n).read_text() for n in names})
     assert tables[0] == tables[1]
-    # resume: drop one finished run from the store; the rerun recomputes it alone, the tables are unchanged
     store = tmp_path / "b" / "runs" / "lorm"
-    victim = res.runs.loc[res.runs["method"] == "regmean", "run"].iloc[0]
+    victim = res.runs.loc[res.runs["method"] == "fedit", "run"].iloc[0]
     (store / victim / "summary.json").unlink()
-    again = lorm.run(profile="smoke", progress=False, **TINY)
+    again = lorm.run(profile="smoke", progress=False, **kw)
     assert {n: (tmp_path / "b" / "lorm" / "smoke" / n).read_text() for n in names} == tables[1]
     pd.testing.assert_frame_equal(again.summary, res.summary)
     summary = pd.read_csv(tmp_path / "b" / "lorm" / "smoke" / "summary.csv")
-    assert list(summary.columns) == ["method", "final_avg_accuracy", "avg_incremental_accuracy", "forgetting",
-                                     "bytes_up_total", "seed"]
-    assert list(summary["method"]) == list(lorm.METHODS)
-    b = summary.set_index("method")["bytes_up_total"]
-    assert b["joint"] == 0 and b["lorm"] > b["fedavg_factors"] and b["regmean"] > b["fedavg_products"]
+    assert list(summary.columns)[:6] == ["method", "seed", "final_avg_accuracy", "avg_incremental_accuracy",
+                                         "forgetting", "mb_up"]
+    b = summary.groupby("method")["mb_up"].mean()
+    assert b["joint"] == 0 and b["lorm"] > b["fedit"]
     err = res.merge_error
-    lo = err[(err["method"] == "lorm") & (err["split"] == "fit")].pivot_table(
-        index=["seed", "task", "round", "layer"], columns="rule", values="error")
-    assert (lo["lorm"] <= lo["factor_average"] * (1 + 1e-9)).all()       # least squares on the server's inputs
-    assert set(err.loc[err["method"] == "lorm", "factor"]) == {"A", "B"}  # alternating, B first
-    assert (err.loc[(err["method"] == "lorm") & (err["task"] == 0), "factor"] == "B").all()
-    pt = pd.read_csv(tmp_path / "b" / "lorm" / "smoke" / "per_task.csv")
-    assert len(pt) == len(lorm.METHODS) * 3 and pt["accuracy"].between(0, 1).all()   # a[0,0], a[1,0], a[1,1]
-    for name in ("avg_accuracy.png", "forgetting.png", "accuracy_matrix.png", "merge_error.png"):
-        assert (tmp_path / "b" / "lorm" / "smoke" / name).stat().st_size > 1000
+    lo = err[err["split"] == "fit"].pivot_table(index=["seed", "task", "round", "layer"], columns="rule",
+                                                values="error")
+    assert (lo["lorm"] <= lo["factor_average"] * (1 + 1e-6)).all()       # least squares on the server's inputs
+    assert set(err["split"]) == {"fit", "heldout"}
+    assert list(err.groupby("round")["factor"].first()) == ["B", "A", "B", "B", "A", "B"]
+    assert set(res.claims["verdict"]) <= {"agrees", "disagrees", "inconclusive"}

@@ -45,13 +45,18 @@ def _lora_strategies():
     return [s for s in STRATEGIES.names() if s != "fedavg"]
 
 
+def _strategy(st) -> dict:
+    """The strategy and the settings it requires (its registry fact ``requires``, e.g. regmean's semantics)."""
+    return {"fl.strategy": st, **STRATEGIES.entry(st).facts.get("requires", {})}
+
+
 CASES = (
     [pytest.param({"peft.method": m, **_depth(m), "train.dp": dp}, id=f"tuner={m}-dp={'on' if dp else 'off'}")
      for m in TUNERS.names() for dp in (None, DP)]
     + [pytest.param({"peft.method": "head", "peft.depth": None, "fl.aggregator": a, "fl.server_lr": 0.5},
                     id=f"aggregator={a}") for a in AGGREGATORS.names()]
     + [pytest.param({"fl.lora_aggregation": sem}, id=f"lora_semantics={sem}") for sem in LORA_SEMANTICS.names()]
-    + [pytest.param({"fl.strategy": st, "train.dp": dp}, id=f"strategy={st}-dp={'on' if dp else 'off'}")
+    + [pytest.param({**_strategy(st), "train.dp": dp}, id=f"strategy={st}-dp={'on' if dp else 'off'}")
        for st in _lora_strategies() for dp in (None, DP)]
 )
 
@@ -124,7 +129,7 @@ def test_ffa_lora_never_sends_or_changes_a(data):
 
 
 FLOWER_CASES = [pytest.param({}, id="fedavg"), pytest.param({"train.dp": DP}, id="fedavg-dp"),
-                *[pytest.param({"fl.strategy": st}, id=st) for st in _lora_strategies()],
+                *[pytest.param(_strategy(st), id=st) for st in _lora_strategies()],
                 pytest.param({"peft.method": "ia3", "fl.aggregator": "multi_krum"}, id="ia3-multi_krum")]
 
 

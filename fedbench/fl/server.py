@@ -208,6 +208,8 @@ class FederatedRun:
         self.data = data or prepare_data(cfg)
         self.model = build_model(cfg.model, cfg.peft, self.data.num_labels, seed=derive_seed(cfg.seed, "init"))
         self.strategy = STRATEGIES.get(cfg.fl.strategy)(cfg, self.model)
+        if hasattr(self.strategy, "attach"):      # a strategy that reads the run's data (e.g. a task schedule)
+            self.strategy.attach(self.data)
         self.global_model = self.strategy.initial_model(self.model)
         self.base = LoraBase(self.model)
         # (train, test) frozen-prefix caches; pass shared ones to reuse them across runs on the same data

@@ -75,3 +75,7 @@ class TaskClients(FedAvg):
         steps = self.client_steps or {}
         return [self.instruction(int(c), round_idx, down, train_keys=keys, send_keys=keys,
                                  local_steps=steps.get(int(c))) for c in clients]
+
+
+# the continual protocol (fresh factors per task, running mean of the tasks' products) and LoRM
+from fedbench.fl import continual  # noqa: E402,F401  (registers continual, lorm, regmean)

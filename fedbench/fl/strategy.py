@@ -212,13 +212,18 @@ class FedAvg:
         with train_only(run.model, ins.train_keys):
             start = {k: v for k, v in ins.state.items() if ins.train_keys is None or k in ins.train_keys}
             update = train_client(
-                run.model, start, run.client_split(ins.client_id), run.data.client_indices[ins.client_id],
+                run.model, start, run.client_split(ins.client_id), self.local_indices(run, ins),
                 train_cfg, seed=run.client_seed(ins.round_idx, ins.client_id), client_id=ins.client_id,
                 cache=run.train_cache, pad_id=run.data.pad_id, dp_state=store.setdefault("dp", {}),
                 dp_total_rounds=run.cfg.fl.rounds)
         if ins.send_keys is not None:
             update.state = OrderedDict((k, update.state[k]) for k in ins.send_keys)
         return update
+
+    def local_indices(self, run, ins: ClientInstruction):
+        """The rows of the training split client ``ins.client_id`` trains on this round (a continual strategy
+        picks the instruction's task)."""
+        return run.data.client_indices[ins.client_id]
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict, dict]:

@@ -126,6 +126,26 @@ def response_error(dW, dW_list: Sequence, G_list: Sequence) -> float:
     return total
 
 
+def factored_response_error(uv, factors_list: Sequence, G_list: Sequence) -> float:
+    """:func:`response_error` of dW = U V against client updates dW_i = B_i A_i given as factors (uv = (U, V),
+    factors_list = [(B_i, A_i)]): dW - dW_i = [U, -B_i] [V; A_i], and tr(D G D^T) = sum((P^T P) * (Q G Q^T))
+    for D = P Q. Exact; O(k d_in^2) for k = columns of P instead of O(d_out d_in^2). float64."""
+    if len(factors_list) != len(G_list):
+        raise ConfigError("G_list", len(G_list), f"one Gram matrix per client ({len(factors_list)})")
+    u, v = _f64(uv[0]), _f64(uv[1])
+    total = 0.0
+    for (b, a), g in zip(factors_list, G_list):
+        P = torch.cat([u, -_f64(b)], 1)
+        Q = torch.cat([v, _f64(a)], 0)
+        total += float(torch.sum((P.T @ P) * (Q @ _f64(g) @ Q.T)))
+    return total
+
+
+def normalized_weights(weights, n: int) -> list[float]:
+    """The weights as :func:`factor_average` uses them (summing to one; None = uniform)."""
+    return _weights(weights, n)
+
+
 def gram_nbytes(d_in: int) -> int:
     """Bytes of one Gram matrix on the wire: its upper triangle (it is symmetric) in float64."""
     return d_in * (d_in + 1) // 2 * 8
@@ -135,9 +155,9 @@ def gram_nbytes(d_in: int) -> int:
 
 @torch.no_grad()
 def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=None, pad_id: int = 0,
-                      batch_size: int = 64) -> dict[str, torch.Tensor]:
+                      batch_size: int = 64, dtype=torch.float64) -> dict[str, torch.Tensor]:
     """{module name: X^T X} over the non-padding token rows of the inputs each module sees on the examples
-    `indices` of `split`, in float64 (forward pre-hooks; eval mode; a fixed batch order, so the sums are
+    `indices` of `split`, in `dtype` (float64 by default; the official code accumulates in float32) (forward pre-hooks; eval mode; a fixed batch order, so the sums are
     deterministic). With an :class:`~fedbench.models.inputs.ActivationCache` the forward starts above the
     frozen prefix, as training does."""
     from fedbench.fl.client import forward_batch
@@ -152,7 +172,8 @@ def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=
             mask = current["mask"].bool()
             if x.shape[:2] != mask.shape:
                 raise RuntimeError(f"{name}: input {tuple(x.shape)} does not match the token mask {tuple(mask.shape)}")
-            g = gram(x[mask])                       # padding rows never enter the Gram matrix
+            rows = x[mask].to(dtype)                # padding rows never enter the Gram matrix
+            g = rows.T @ rows
             out[name] = g if out[name] is None else out[name] + g
         return hook
 
@@ -174,5 +195,5 @@ def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=
     for name, m in modules.items():
         if out[name] is None:
             d_in = m.in_features if hasattr(m, "in_features") else m.base_layer.in_features
-            out[name] = torch.zeros((d_in, d_in), dtype=torch.float64)
+            out[name] = torch.zeros((d_in, d_in), dtype=dtype)
     return out
