@@ -207,3 +207,14 @@ def test_update_norm_bound_rejects_large_updates(data):
     run = FederatedRun(cfg, data)
     rec = run.run_round(1)
     assert rec["clients_rejected"] == 3 and "fl.max_update_norm" in run.rejections[0]["reason"]
+
+
+def test_a_robust_rule_left_with_too_few_updates_skips_the_round(data):
+    """The config checks the cohort; dropout or the guard can still thin a round below the rule's 2f + 3."""
+    cfg = tiny(**{"peft.method": "head", "peft.depth": None, "fl.aggregator": "krum", "fl.num_malicious": 0,
+                  "fl.attack": "nan", "fl.attack_fraction": 0.34})
+    run = FederatedRun(cfg, data)
+    before = OrderedDict((k, v.clone()) for k, v in run.global_model.state.items())
+    rec = run.run_round(1)                         # 3 sampled, 1 rejected: 2 < 2 * 0 + 3
+    assert rec["clients_rejected"] == 1
+    assert all(torch.equal(run.global_model.state[k], v) for k, v in before.items())

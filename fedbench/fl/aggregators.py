@@ -179,6 +179,15 @@ def trimmed_mean_rule(states, weights, fl_cfg):
 from fedbench.fl import robust as _robust  # noqa: E402
 
 
+class TooFewUpdates(ValueError):
+    """A robust rule got fewer updates than it needs for its f (dropout or the guard thinned the round)."""
+
+
+def _enough(rule: str, states, f: int, minimum: int) -> None:
+    if len(states) < minimum:
+        raise TooFewUpdates(f"{rule} needs >= {minimum} updates for fl.num_malicious={f}, the round has {len(states)}")
+
+
 def _check_byzantine(rule: str, minimum: Callable[[int], int]):
     def check(cfg) -> None:
         from fedbench.errors import ConfigError
@@ -192,6 +201,7 @@ def _check_byzantine(rule: str, minimum: Callable[[int], int]):
 @AGGREGATORS.register("krum", weighted=False, robust=True, check=_check_byzantine("krum", lambda f: 2 * f + 3))
 def krum_rule(states, weights, fl_cfg):
     """Krum (Blanchard et al. 2017): the state closest to its n - f - 2 nearest neighbours."""
+    _enough("krum", states, fl_cfg.num_malicious, 2 * fl_cfg.num_malicious + 3)
     return _robust.krum(states, num_malicious=fl_cfg.num_malicious)
 
 
@@ -200,6 +210,7 @@ def krum_rule(states, weights, fl_cfg):
 def multi_krum_rule(states, weights, fl_cfg):
     """Multi-Krum: the sample-weighted mean of the m best Krum scores (m = fl.multi_krum_keep, or n - f)."""
     keep = fl_cfg.multi_krum_keep
+    _enough("multi_krum", states, fl_cfg.num_malicious, 2 * fl_cfg.num_malicious + 3)
     return _robust.multi_krum(states, weights, num_malicious=fl_cfg.num_malicious,
                               num_selected=None if keep is None else min(keep, len(states)))
 
@@ -207,4 +218,5 @@ def multi_krum_rule(states, weights, fl_cfg):
 @AGGREGATORS.register("bulyan", weighted=False, robust=True, check=_check_byzantine("bulyan", lambda f: 4 * f + 3))
 def bulyan_rule(states, weights, fl_cfg):
     """Bulyan (El Mhamdi et al. 2018): iterated Krum, then a coordinate-wise trimmed mean around the median."""
+    _enough("bulyan", states, fl_cfg.num_malicious, 4 * fl_cfg.num_malicious + 3)
     return _robust.bulyan(states, num_malicious=fl_cfg.num_malicious)

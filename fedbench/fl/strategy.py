@@ -193,7 +193,13 @@ class FedAvg:
         if any(list(s) != keys for s in states[1:]):
             raise ValueError(f"round {round_idx}: clients sent different keys; a strategy's updates must agree")
         weights = [u.num_samples for u in updates]
-        combined = self.rule(states, weights, self.fl)
+        from fedbench.fl.aggregators import TooFewUpdates
+        try:
+            combined = self.rule(states, weights, self.fl)
+        except TooFewUpdates as e:      # dropout or the guard left too few for the rule's f: skip, not crash
+            import logging
+            logging.getLogger("fedbench.fl").warning("round %d: model unchanged: %s", round_idx, e)
+            return global_model
         if self.optimizer is not None:
             combined = self.optimizer.step(OrderedDict((k, global_model.state[k]) for k in keys), combined)
         new_state = OrderedDict((k, combined[k] if k in combined else v) for k, v in global_model.state.items())
