@@ -1,6 +1,6 @@
 """`fedbench` on the shell: list tasks and registries, run a paper experiment or one federated run, show runs.
 
-    fedbench run configs/fedpeft/quick.yaml --set fl.dropout=0.3     # a whole paper experiment (its profile)
+    fedbench run configs/fedpeft/quick.yaml --set fl.aggregator=median   # a whole paper experiment (its profile)
     fedbench run my_run.yaml --set peft.rank=4 --engine flower        # one federated run (an ExperimentConfig)
     fedbench list                                                     # tuners, aggregators, strategies, ...
 

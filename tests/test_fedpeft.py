@@ -214,3 +214,11 @@ def test_end_to_end_tiny_grid_is_reproducible(tmp_results, tmp_path, monkeypatch
     cols = [c for c in summary.columns if c != "wall_s"]
     assert cold[cols].equals(summary[cols])
     assert pd.read_csv(tmp_path / "cold" / "fedpeft" / "smoke" / "metrics.csv").equals(metrics)
+
+
+def test_a_base_field_the_grid_sets_is_refused_not_silently_replaced():
+    with pytest.raises(ConfigError, match="stability") as e:
+        settings(**{"fl.dropout": 0.3})
+    assert e.value.field_name == "fl.dropout"
+    s = settings(**{"fl.aggregator": "median"})            # a field no cell sets reaches every run
+    assert all(fp.make_config(c, s).fl.aggregator == "median" for c in fp.build_cells(s))

@@ -46,6 +46,13 @@ ALIASES = {"clients": "data.num_clients", "rounds": "fl.rounds", "local_steps": 
            "dp_max_grad_norm": "train.dp.max_grad_norm", "dp_delta": "train.dp.delta"}
 
 
+# base fields every cell sets itself (make_config), and the setting that controls each
+GRID_FIELDS = {"seed": "seeds", "data.task": "tasks", "data.partition": "heterogeneity", "data.alpha": "heterogeneity",
+               "peft.method": "methods", "train.lr": "lr", "train.dp.enabled": "dp_epsilons",
+               "train.dp.target_epsilon": "dp_epsilons", "fl.clients_per_round": "stability",
+               "fl.dropout": "stability", "fl.eval_every": "axis_eval_every"}
+
+
 @dataclass
 class FedPEFTSettings(Settings):
     """The grid: tasks x methods x seeds at the base condition, and each axis varied alone around it."""
@@ -129,8 +136,11 @@ def settings_for(profile: str = "quick", path=None, **overrides) -> dict:
     """The profile's grid settings (validated) with the base fields under their short names and the base
     config itself under ``"base"``. Overrides: a setting, a short name (``clients``) or a dotted field."""
     from fedbench.models.checks import check_against_backbone
-    prof = resolve_profile(EXPERIMENT, profile, {ALIASES.get(k, k): v for k, v in overrides.items()},
-                           FedPEFTSettings, path=path)
+    overrides = {ALIASES.get(k, k): v for k, v in overrides.items()}
+    for key, setting in GRID_FIELDS.items():      # each cell sets these: a base value would be silently replaced
+        if overrides.get(key) is not None:
+            raise ConfigError(key, overrides[key], f"a field the grid sets per run: change the setting {setting!r}")
+    prof = resolve_profile(EXPERIMENT, profile, overrides, FedPEFTSettings, path=path)
     base = prof.base
     check_against_backbone(base)         # peft.depth, max_length, ... against the backbone, before any work
     s = validate_settings({**dataclasses.asdict(prof.settings), "depth": None})
