@@ -310,7 +310,7 @@ class ExperimentConfig:
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExperimentConfig":
@@ -357,15 +357,16 @@ class ExperimentConfig:
 
 
 def config_hash(d: dict) -> str:
-    blob = json.dumps(_to_plain(d), sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(to_plain(d), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _to_plain(x):
+def to_plain(x):
+    """Nested dicts/lists/tuples as plain dicts and lists (JSON's view of a config)."""
     if isinstance(x, dict):
-        return {k: _to_plain(v) for k, v in x.items()}
+        return {k: to_plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_to_plain(v) for v in x]
+        return [to_plain(v) for v in x]
     return x
 
 

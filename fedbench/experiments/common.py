@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedbench.config import PROFILES, ConfigError, ExperimentConfig
+from fedbench.config import PROFILES, ConfigError, ExperimentConfig, to_plain
 from fedbench.results import atomic_savefig, atomic_write_csv, project_results_dir
 
 CORE_SECTIONS = ("name", "seed", "data", "model", "peft", "train", "fl")
@@ -160,15 +160,7 @@ class Settings:
         pass
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
+        return to_plain(dataclasses.asdict(self))
 
 
 def check_list(name: str, value, item_ok, allowed: str, nonempty: bool = True) -> None:

@@ -319,10 +319,7 @@ class SharedData:
         if depth > 0 and (key, depth) not in self.filled:
             with torch.no_grad():
                 for cache, idx in zip(self.caches[key], (np.arange(len(data.train)), np.asarray(data.test_indices))):
-                    cache.ensure(depth)
-                    order = idx[np.lexsort((idx, cache.split.lengths[idx]))]
-                    for start in range(0, len(order), 128):
-                        cache.get(self._model, order[start:start + 128])
+                    cache.fill(self._model, idx, depth)
             self.filled.add((key, depth))
         return data, self.caches[key]
 

@@ -220,5 +220,15 @@ class ActivationCache:
             self._compute(model, todo[start:start + batch_size])
         return pad_hidden([self.hidden[int(i)] for i in indices])
 
+    @torch.no_grad()
+    def fill(self, model, indices, depth: int, batch_size: int = 128) -> None:
+        """Compute the prefix of every example in `indices` at `depth`, in a fixed order (by length, then index):
+        the cached values, and every number after them, then do not depend on which runs came first."""
+        self.ensure(depth)
+        idx = np.asarray(indices)
+        order = idx[np.lexsort((idx, self.split.lengths[idx]))]
+        for start in range(0, len(order), batch_size):
+            self.get(model, order[start:start + batch_size], batch_size)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in self._stores.values() for t in store.values())
