@@ -29,8 +29,6 @@ fraction), ``robustness_wide.csv`` (the same as one readable grid), ``nan_arm.cs
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import math
 import time
@@ -44,7 +42,6 @@ import pandas as pd
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.experiments.common import (Settings, check_list, is_int, is_number, output_dir, resolve_profile,
                                          runs_root, save_figure, save_table)
-from fedbench.models.inputs import TokenizedSplit
 
 EXPERIMENT = "robustness"
 AGGREGATOR_ORDER = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
@@ -242,22 +239,6 @@ def plan_cell(cell: Cell, base: ExperimentConfig, s: RobustnessSettings) -> Plan
 
 # -- shared data and frozen-feature caches ---------------------------------------------------------------
 
-class _LengthCachedSplit(TokenizedSplit):
-    """A TokenizedSplit whose ``lengths`` are computed once. TokenizedSplit recomputes them (a Python loop over
-    every example) on each access, and the client loop reads them once per client update: for a head on
-    cached features over the whole rt_sentiment train split that was a third of a run. Same values."""
-
-    @functools.cached_property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(t) for t in self.input_ids), dtype=np.int64, count=len(self.input_ids))
-
-
-def _fast_lengths(split):
-    if type(split) is not TokenizedSplit:
-        return split
-    return _LengthCachedSplit(**{f.name: getattr(split, f.name) for f in dataclasses.fields(split)})
-
-
 class SharedData:
     """Each seed's prepared data (shared by all its runs) and the frozen-prefix activation caches.
 
@@ -282,7 +263,7 @@ class SharedData:
         key = config_hash({"data": cfg.to_dict()["data"], "backbone": cfg.model.backbone, "seed": cfg.seed})
         if key not in self.data:
             data = prepare_data(cfg)
-            self.data[key] = dataclasses.replace(data, train=_fast_lengths(data.train), test=_fast_lengths(data.test))
+            self.data[key] = data
         return self.data[key]
 
     @staticmethod

@@ -71,22 +71,22 @@ def _check_states(states: Sequence[dict], weights: Sequence[float] | None) -> in
     return len(states)
 
 
-def _check_krum_n(n: int, num_malicious, rule: str) -> int:
+def _check_n(n: int, num_malicious, rule: str, k: int, source: str) -> int:
+    """f = num_malicious, checked against a rule that needs n >= k f + 3 clients (k = 2 Krum, 4 Bulyan)."""
     f = _check_int("num_malicious", num_malicious, 0)
-    if n < 2 * f + 3:
-        raise ValueError(f"{rule} needs n >= 2 * num_malicious + 3 clients (Blanchard et al. 2017: n > 2f + 2); "
-                         f"got n={n} with num_malicious={f}, so num_malicious must be <= {max((n - 3) // 2, 0)}"
+    if n < k * f + 3:
+        raise ValueError(f"{rule} needs n >= {k} * num_malicious + 3 clients ({source}); "
+                         f"got n={n} with num_malicious={f}, so num_malicious must be <= {max((n - 3) // k, 0)}"
                          + ("" if n >= 3 else " and n >= 3"))
     return f
+
+
+def _check_krum_n(n: int, num_malicious, rule: str) -> int:
+    return _check_n(n, num_malicious, rule, 2, "Blanchard et al. 2017: n > 2f + 2")
 
 
 def _check_bulyan_n(n: int, num_malicious) -> int:
-    f = _check_int("num_malicious", num_malicious, 0)
-    if n < 4 * f + 3:
-        raise ValueError(f"bulyan needs n >= 4 * num_malicious + 3 clients (El Mhamdi et al. 2018); "
-                         f"got n={n} with num_malicious={f}, so num_malicious must be <= {max((n - 3) // 4, 0)}"
-                         + ("" if n >= 3 else " and n >= 3"))
-    return f
+    return _check_n(n, num_malicious, "bulyan", 4, "El Mhamdi et al. 2018")
 
 
 # -- Krum scores ------------------------------------------------------------------------------------

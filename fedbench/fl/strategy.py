@@ -23,6 +23,7 @@ combination the strategy cannot run.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -30,6 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedbench.errors import ConfigError
+from fedbench.fl import aggregators as agg
+from fedbench.fl.aggregators import TooFewUpdates
+from fedbench.fl.seeding import derive_seed
 from fedbench.models.state import state_nbytes
 from fedbench.registry import AGGREGATORS, LORA_SEMANTICS, STRATEGIES
 
@@ -117,7 +122,6 @@ def factors_semantics(strategy, global_model, states, weights, new_state, round_
 @LORA_SEMANTICS.register("svd")
 def svd_semantics(strategy, global_model, states, weights, new_state, round_idx):
     """Exact product average re-factorised at rank r by truncated SVD (best rank-r approximation)."""
-    from fedbench.fl import aggregators as agg
     new_state.update(agg.lora_svd(states, weights, strategy.lora.pairs, strategy.rank))
     return GlobalModel(new_state, dict(global_model.base_delta))
 
@@ -126,7 +130,6 @@ def svd_semantics(strategy, global_model, states, weights, new_state, round_idx)
 def stack_semantics(strategy, global_model, states, weights, new_state, round_idx):
     """Exact product average by stacking (FLoRA): folded into the base weight, factors restarted; the stacked
     factors (rank sum r_i) are what travels down."""
-    from fedbench.fl import aggregators as agg
     lora = strategy.lora
     base_delta = dict(global_model.base_delta)
     stacked = agg.lora_stack(states, weights, lora.pairs)
@@ -145,7 +148,6 @@ def stack_semantics(strategy, global_model, states, weights, new_state, round_id
 
 def check_lora_semantics(cfg) -> None:
     """LoRA semantics other than 'factors' act on LoRA factors: meaningless for a tuner without them."""
-    from fedbench.errors import ConfigError
     if cfg.fl.lora_aggregation != "factors" and not has_lora_factors(cfg.peft.method):
         raise ConfigError("fl.lora_aggregation", cfg.fl.lora_aggregation,
                           f"'factors' for peft.method={cfg.peft.method!r} (it has no LoRA factors)")
@@ -193,11 +195,9 @@ class FedAvg:
         if any(list(s) != keys for s in states[1:]):
             raise ValueError(f"round {round_idx}: clients sent different keys; a strategy's updates must agree")
         weights = [u.num_samples for u in updates]
-        from fedbench.fl.aggregators import TooFewUpdates
         try:
             combined = self.rule(states, weights, self.fl)
         except TooFewUpdates as e:      # dropout or the guard left too few for the rule's f: skip, not crash
-            import logging
             logging.getLogger("fedbench.fl").warning("round %d: model unchanged: %s", round_idx, e)
             return global_model
         if self.optimizer is not None:
@@ -253,7 +253,6 @@ class FedAvg:
 
     # -- helpers --------------------------------------------------------------------------------------
     def fresh_factors(self, state, m, module_idx, round_idx):
-        from fedbench.fl.seeding import derive_seed
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "server", round_idx, module_idx))
         a = torch.empty_like(state[m.a_key])
         # peft's default: kaiming_uniform_(a=sqrt(5)) for A, zeros for B

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +21,18 @@ class TokenizedSplit:
     # union of its tasks' label spaces (one head with every task's rows) sets it, so that each example's
     # softmax runs over its own task's classes only, which is exactly one head per task. None = all.
     class_mask: torch.Tensor | None = None
+    _lengths: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.fromiter((len(t) for t in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+        # computed once (it was ~12 ms per client update on 5k examples); token ids are never edited in place
+        if self._lengths is None or len(self._lengths) != len(self.input_ids):
+            self._lengths = np.fromiter((len(t) for t in self.input_ids), dtype=np.int64,
+                                        count=len(self.input_ids))
+        return self._lengths
 
     def inputs(self, indices, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's inputs for these examples: token ids padded to this batch's longest, and the mask."""
