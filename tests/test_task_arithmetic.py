@@ -229,3 +229,16 @@ def test_task_clients_take_a_per_client_learning_rate():
     for k in a0:
         assert torch.equal(a0[k], c0[k]) and torch.equal(a1[k], b1[k])      # client 1 trained at 3e-2
     assert any(not torch.equal(a1[k], c1[k]) for k in a1)
+
+
+def test_protocol_markdown_carries_the_measured_claims():
+    p = pd.DataFrame({"aspect": ["heads"], "paper": ["a|b"], "official code": ["c"], "ours": ["d"], "why": ["e"]})
+    claims = pd.DataFrame({"claim": ["Fine-tuning beats the probe"], "comparison": ["individual - probe"],
+                           "estimate": [0.0278], "ci_low": [-0.0042], "ci_high": [0.0604], "verdict": ["inconclusive"]})
+    ft = pd.DataFrame({"tuning": ["lora"] * 2, "task": ["x", "x"], "probe_test": [0.5, 0.7],
+                       "individual_test": [0.6, 0.7], "gain_test": [0.1, 0.0]})
+    md = ta.protocol_markdown(p, claims, ft)
+    assert "a\\|b" in md and "| Fine-tuning beats the probe | individual - probe | 0.0278 | -0.0042 | 0.0604 | " \
+                              "inconclusive |" in md
+    assert "| lora | x | 0.6 | 0.65 | 0.05 |" in md
+    assert "Measured" not in ta.protocol_markdown(p)
