@@ -13,6 +13,10 @@ from fedbench.experiments import task_arithmetic as ta
     (dict(tasks=("rt_sentiment",)), "tasks"),
     (dict(tasks=("rt_sentiment", "no_such_task")), "tasks"),
     (dict(hetero_steps=(1.0, 2.0)), "hetero_steps"),
+    (dict(hetero_lrs=(1.0, 2.0)), "hetero_lrs"),
+    (dict(hetero_lrs=(1.0, 0.0, 1.0)), "hetero_lrs"),
+    (dict(lrs=(0.01, -1.0)), "lrs"),
+    (dict(probe_samples=1), "probe_samples"),
     (dict(rounds=(1, 500)), "rounds"),
     (dict(gma_rhos=(1.5,)), "gma_rhos"),
     (dict(lambdas=(-0.5,)), "lambdas"),
@@ -33,8 +37,11 @@ def test_profiles_resolve_with_a_base_and_meet_the_protocol():
     assert r.settings.seeds == (3,) and r.base.train.local_steps == 6
     q = ta.settings_for("quick")
     assert len(q["tasks"]) >= 6 and len(q["seeds"]) >= 3 and q.base.peft.depth is None
-    assert min(q["lambdas"]) <= 0.05 + 1e-12 and max(q["lambdas"]) >= 2.0
+    assert q["val_samples"] >= 200 and q["probe_samples"] >= 100 and len(q["lrs"]) >= 2 and q["hetero_lrs"]
+    assert 1 in q["rounds"] and max(q["rounds"]) > 1
+    assert 1.0 / len(q["tasks"]) in ta.per_task_grid(q.settings, len(q["tasks"])) and len(q["lambdas"]) >= 1
     f = ta.settings_for("full")
+    assert min(f["lambdas"]) <= 0.05 + 1e-12 and max(f["lambdas"]) >= 2.0 and f["lrs"]
     assert f["val_samples"] >= 200 and list(f["gma_rhos"]) == pytest.approx(list(np.arange(0.1, 1.0, 0.1)))
     cfg = ta.run_config(q.base, q.settings, "lora", 0)
     assert cfg.fl.strategy == "task_clients" and cfg.data.num_clients == len(q["tasks"]) and not cfg.peft.train_head
@@ -114,10 +121,13 @@ def test_summary_has_every_merge_tuned_and_one_over_T(smoke):
     assert (homo[homo["method"] == "probe"]["normalized_accuracy"].fillna(0) == 0).all()
     ind = homo[homo["method"] == "individual"]
     assert (ind["normalized_accuracy"].dropna() == 1.0).all() and (ind["accuracy_ratio"] == 1.0).all()
-    # heterogeneous rows are normalised by the homogeneous individual models
-    het = summ[summ["setting"] == "hetero_training"]
+    # heterogeneous rows (steps and lr) are normalised by the homogeneous individual models
     ind_h = ind.set_index("task")["accuracy"]
-    np.testing.assert_allclose(het["accuracy_ratio"], het["accuracy"] / het["task"].map(ind_h))
+    for setting in ("hetero_training", "hetero_lr"):
+        het = summ[summ["setting"] == setting]
+        assert set(het["method"]) >= {"individual", "fedavg", "task_arithmetic"}, setting
+        np.testing.assert_allclose(het["accuracy_ratio"], het["accuracy"] / het["task"].map(ind_h))
+    assert "fednova" not in set(summ[summ["setting"] == "hetero_lr"]["method"])     # = task arithmetic there
     assert summ["setting"].str.startswith("pair:").sum() == T * (T - 1) // 2 * 2
     assert {f"rounds:{R}" for R in s["rounds"] if R > 1} <= set(summ["setting"])
     c = res.cosine.pivot_table(index="task_a", columns="task_b", values="cosine")
@@ -133,7 +143,7 @@ def test_summary_has_every_merge_tuned_and_one_over_T(smoke):
 def test_rerun_and_cold_rerun_give_identical_tables(smoke):
     res, again, cold, root = smoke
     for name in ("summary.csv", "table.csv", "equivalence.csv", "pairs.csv", "rounds.csv", "validation.csv",
-                 "finetune.csv", "claims.csv", "PROTOCOL.md"):
+                 "finetune.csv", "lr_search.csv", "claims.csv", "PROTOCOL.md"):
         a = (root / "a" / "task_arithmetic" / "smoke" / name).read_text()
         b = (root / "b" / "task_arithmetic" / "smoke" / name).read_text()
         assert a == b, name
@@ -157,3 +167,78 @@ def test_task_clients_freeze_the_head_and_take_per_client_steps():
     assert not any(k.startswith("classifier.") for k in ups[0].state)
     g = run.strategy.aggregate(run.global_model, ups, 1)
     assert torch.equal(g.state["classifier.weight"], head)
+
+
+@pytest.mark.slow
+def test_lr_is_chosen_on_validation_and_its_fine_tunes_are_the_units(smoke):
+    res = smoke[0]
+    lrs, ft = res.lr_search, res.finetune
+    grid = list(res.settings["lrs"])
+    assert sorted(lrs["lr"].unique()) == sorted(grid) and len(lrs) == len(grid) * len(res.settings["tasks"])
+    score = lrs.groupby("lr", sort=False)["individual_val"].mean()
+    best = float(score.index[int(np.argmax(score.to_numpy()))])
+    assert set(lrs[lrs["chosen"]]["lr"]) == {best} and (ft["lr"] == best).all()
+    # the unit's fine-tunes are the search's at the chosen lr (reused, not retrained differently)
+    chosen = lrs[lrs["chosen"]].set_index("task")
+    np.testing.assert_allclose(ft.set_index("task")["individual_val"], chosen["individual_val"].loc[ft["task"]])
+    np.testing.assert_allclose(ft.set_index("task")["train_loss"], chosen["train_loss"].loc[ft["task"]])
+
+
+def test_probe_carve_is_disjoint_from_validation_and_fine_tuning():
+    r = ta.settings_for("smoke")
+    cfg = ta.run_config(r.base, r.settings, "lora", 0)
+    td = ta.build_data(cfg, r.settings.tasks, r.settings.val_samples, r.settings.probe_samples)
+    for t in range(len(r.settings.tasks)):
+        val, probe, ft = set(td.val[t]), set(td.probe[t]), set(td.data.client_indices[t])
+        assert len(val) == r.settings.val_samples and len(probe) == r.settings.probe_samples
+        assert not (val & probe) and not (probe & ft) and not (val & ft)
+        assert len(val | probe | ft) == cfg.data.max_train_samples
+        assert set(td.task_of_train[list(probe)]) == {t}
+    with pytest.raises(ConfigError) as e:
+        ta.build_data(cfg, r.settings.tasks, 30, 30)
+    assert e.value.field_name == "val_samples"
+
+
+def test_pairs_fall_back_to_raw_accuracy_when_a_normalised_value_is_undefined():
+    p = pd.DataFrame({"cosine": [0.1, 0.2, 0.3], "accuracy_1/T": [0.5, 0.6, 0.7],
+                      "normalized_1/T": [0.2, 0.4, 0.9]})
+    assert ta.pair_metric(p)[0] == "normalized_1/T"
+    p.loc[1, "normalized_1/T"] = float("nan")
+    assert ta.pair_metric(p) == ("accuracy_1/T", "accuracy")
+
+
+def test_task_clients_take_a_per_client_learning_rate():
+    from fedbench.config import DataConfig, ExperimentConfig, FLConfig, PeftConfig, TrainConfig
+    from fedbench.fl.server import FederatedRun
+
+    def updates(lr, client_lrs):
+        cfg = ExperimentConfig(data=DataConfig(task="rt_sentiment", num_clients=2, partition="iid",
+                                               max_train_samples=16, max_test_samples=8, max_length=16),
+                               peft=PeftConfig(method="lora", rank=2), train=TrainConfig(local_steps=2, batch_size=4,
+                                                                                        lr=lr),
+                               fl=FLConfig(strategy="task_clients", rounds=1))
+        run = FederatedRun(cfg)
+        run.strategy.client_lrs = client_lrs
+        ins = run.configure(run.select_clients(1))
+        return [run.client_update(c, 1, ins[c]).state for c in (0, 1)], ins
+
+    (a0, a1), ins = updates(1e-3, {1: 3e-2})
+    assert ins[1].options == {"lr": 3e-2} and ins[0].options == {}
+    (b0, b1), _ = updates(3e-2, None)
+    (c0, c1), _ = updates(1e-3, None)
+    for k in a0:
+        assert torch.equal(a0[k], c0[k]) and torch.equal(a1[k], b1[k])      # client 1 trained at 3e-2
+    assert any(not torch.equal(a1[k], c1[k]) for k in a1)
+
+
+def test_protocol_markdown_carries_the_measured_claims():
+    p = pd.DataFrame({"aspect": ["heads"], "paper": ["a|b"], "official code": ["c"], "ours": ["d"], "why": ["e"]})
+    claims = pd.DataFrame({"claim": ["Fine-tuning beats the probe"], "comparison": ["individual - probe"],
+                           "estimate": [0.0278], "ci_low": [-0.0042], "ci_high": [0.0604], "verdict": ["inconclusive"]})
+    ft = pd.DataFrame({"tuning": ["lora"] * 2, "task": ["x", "x"], "probe_test": [0.5, 0.7],
+                       "individual_test": [0.6, 0.7], "gain_test": [0.1, 0.0]})
+    md = ta.protocol_markdown(p, claims, ft)
+    assert "a\\|b" in md and "| Fine-tuning beats the probe | individual - probe | 0.0278 | -0.0042 | 0.0604 | " \
+                              "inconclusive |" in md
+    assert "| lora | x | 0.6 | 0.65 | 0.05 |" in md
+    assert "Measured" not in ta.protocol_markdown(p)

@@ -4,11 +4,15 @@ Every FedAvg round runs on the shared loop (:class:`fedbench.fl.server.Federated
 ``task_clients`` strategy (:mod:`fedbench.fl.strategies`): client t holds task t, and the model is one
 shared encoder with one head matrix holding every task's rows (``TokenizedSplit.class_mask`` restricts each
 example to its own task's rows: exactly one head per task). The heads are **frozen**: each task's rows are
-a linear probe (logistic regression) fitted on theta_0's features of its training split, then never
+a linear probe (logistic regression) fitted on theta_0's features of a probe carve of its training
+subsample (``probe_samples``, disjoint from the validation carve and from the fine-tuning data: a probe
+fitted on the fine-tuning data fits it almost perfectly and leaves the encoder nothing to learn), then never
 trained and never sent, as the paper's frozen zero-shot heads. A task's fine-tune is its client's round-1
 update from theta_0, so its task vector tau_t is the change of the shared encoder only: the dense LoRA
 update ``s B_t A_t`` of every wrapped weight (LoRA on all layers by default), or every encoder parameter
-with full fine-tuning (``tunings: [full]``).
+with full fine-tuning (``tunings: [full]``). LoRA's learning rate is one lr shared by the tasks, chosen
+from ``lrs`` on the first seed's validation (best mean individual validation accuracy; ``lr_search``
+table) and used for every seed.
 
 Merges are the pure functions of :mod:`fedbench.merging` (the MERGES registry, whose ``scale`` fact says
 whether a merge returns a sum- or a mean-scale vector), plus ``fedit`` (the dense product of the averaged
@@ -27,7 +31,8 @@ task carved (seeded) from the task's training subsample, never the test split, b
 
 Normalised accuracy = (merged - probe) / (individual - probe), per task, where probe = theta_0 with the
 frozen heads; ``accuracy_ratio`` = merged / individual (the paper's) beside it. In the heterogeneous
-setting both are taken against the *homogeneous* individual models, so the denominators do not move.
+settings (``hetero_training``: local steps x ``hetero_steps``; ``hetero_lr``: lr x ``hetero_lrs``) both are
+taken against the *homogeneous* individual models, so the denominators do not move.
 
 Per (tuning, seed) one unit computes every table; it is stored under ``runs_root()/task_arithmetic`` by the
 hash of the whole resolved profile (base config + settings, with this unit's seed and tuning) and the
@@ -67,7 +72,7 @@ LABELS = {"individual": "individual fine-tune", "probe": "theta_0 + frozen heads
           "fedit": "FedIT (factor avg)"}
 SUMMARY_COLUMNS = ["tuning", "seed", "setting", "method", "variant", "lambda", "rho", "task", "accuracy",
                    "normalized_accuracy", "accuracy_ratio"]
-TABLES = ("accuracy", "validation", "equivalence", "cosine", "pairs", "rounds", "finetune", "correct")
+TABLES = ("accuracy", "validation", "equivalence", "cosine", "pairs", "rounds", "finetune", "lr_search", "correct")
 
 
 # -- settings -----------------------------------------------------------------------------------------
@@ -80,7 +85,9 @@ class TaskArithmeticSettings(Settings):
     seeds: tuple[int, ...] = (0, 1, 2)
     tunings: tuple[str, ...] = ("lora",)
     full_lr: float = 5e-5                     # learning rate of full fine-tuning (train.lr is LoRA's)
+    lrs: tuple[float, ...] = ()               # LoRA lr grid searched on validation (shared lr); () = train.lr
     val_samples: int = 200                    # per task, carved from its training subsample
+    probe_samples: int = 200                  # per task, carved too: the frozen head's data, never fine-tuned on
     lambdas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)   # per-task units; 1/T added
     gma_rhos: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     cclip_rhos: int = 5
@@ -88,7 +95,9 @@ class TaskArithmeticSettings(Settings):
     dare_drops: tuple[float, ...] = (0.5,)
     methods: tuple[str, ...] = MERGE_METHODS
     hetero_steps: tuple[float, ...] = ()      # local-step multiplier per task (empty: no heterogeneous setting)
+    hetero_lrs: tuple[float, ...] = ()        # learning-rate multiplier per task (empty: no such setting)
     hetero_methods: tuple[str, ...] = ("task_arithmetic", "fednova")
+    hetero_variants: tuple[str, ...] = VARIANTS   # ("1/T",): the heterogeneous settings untuned only (cheaper)
     rounds: tuple[int, ...] = (1, 4)          # FedAvg rounds at equal total local steps
     pairs: bool = True                        # every pair of tasks merged (plain FedAvg, lambda = 1/2)
     pair_search: bool = False                 # also search lambda for every pair on validation
@@ -106,9 +115,11 @@ class TaskArithmeticSettings(Settings):
         check_list("tunings", self.tunings, lambda t: t in TUNINGS, f"a non-empty subset of {list(TUNINGS)}")
         if not (is_number(self.full_lr) and self.full_lr > 0):
             raise ConfigError("full_lr", self.full_lr, "a number > 0")
-        for key, low in (("val_samples", 1), ("cclip_rhos", 1)):
+        for key, low in (("val_samples", 1), ("probe_samples", 2), ("cclip_rhos", 1)):
             if not (is_int(getattr(self, key)) and getattr(self, key) >= low):
                 raise ConfigError(key, getattr(self, key), f"an integer >= {low}")
+        check_list("lrs", self.lrs, lambda x: is_number(x) and 0 < x <= 10, "a list of learning rates in (0, 10]",
+                   nonempty=False)
         check_list("lambdas", self.lambdas, lambda x: is_number(x) and x > 0, "a non-empty list of numbers > 0")
         check_list("gma_rhos", self.gma_rhos, lambda x: is_number(x) and 0 <= x <= 1, "a list of numbers in [0, 1]")
         check_list("ties_densities", self.ties_densities, lambda x: is_number(x) and 0 < x <= 1,
@@ -117,10 +128,16 @@ class TaskArithmeticSettings(Settings):
         check_list("methods", self.methods, lambda m: m in MERGE_METHODS, f"a subset of {list(MERGE_METHODS)}")
         check_list("hetero_methods", self.hetero_methods, lambda m: m in MERGE_METHODS,
                    f"a subset of {list(MERGE_METHODS)}", nonempty=False)
+        check_list("hetero_variants", self.hetero_variants, lambda v: v in VARIANTS, f"a non-empty subset of "
+                   f"{list(VARIANTS)}")
         check_list("hetero_steps", self.hetero_steps, lambda x: is_number(x) and x > 0,
                    f"one step multiplier > 0 per task ({T}), or [] for none", nonempty=False)
         if len(self.hetero_steps) not in (0, T):
             raise ConfigError("hetero_steps", self.hetero_steps, f"one step multiplier > 0 per task ({T}), or []")
+        check_list("hetero_lrs", self.hetero_lrs, lambda x: is_number(x) and x > 0,
+                   f"one learning-rate multiplier > 0 per task ({T}), or [] for none", nonempty=False)
+        if len(self.hetero_lrs) not in (0, T):
+            raise ConfigError("hetero_lrs", self.hetero_lrs, f"one learning-rate multiplier > 0 per task ({T}), or []")
         check_list("rounds", self.rounds, lambda r: is_int(r) and r >= 1, "a list of integers >= 1 (or empty)",
                    nonempty=False)
         for key in ("pairs", "pair_search"):
@@ -167,30 +184,35 @@ class TaskData:
     task_of_train: np.ndarray     # task id of every joint training example
     task_of_test: np.ndarray
     val: list                     # per task: joint training indices of its validation carve
+    probe: list                   # per task: joint training indices of its probe carve (the frozen head's data)
     offsets: list
     num_classes: list
 
 
-def build_data(cfg: ExperimentConfig, tasks, val_samples: int) -> TaskData:
-    """Each task's train split subsampled to ``data.max_train_samples`` (seeded), of which `val_samples`
-    are the validation carve; its test split subsampled to ``data.max_test_samples``; all tokenized into one
-    joint split whose class mask gives each example its own task's rows of the head."""
+def build_data(cfg: ExperimentConfig, tasks, val_samples: int, probe_samples: int) -> TaskData:
+    """Each task's train split subsampled to ``data.max_train_samples`` (seeded), cut (seeded) into three
+    disjoint parts: `val_samples` validation examples, `probe_samples` for the frozen head's probe, the rest
+    the fine-tuning data (the task-client's); its test split subsampled to ``data.max_test_samples``; all
+    tokenized into one joint split whose class mask gives each example its own task's rows of the head."""
     from fedbench.data import load_task
     from fedbench.fl.server import FederatedData, _subsample
     from fedbench.models import load_tokenizer
     from fedbench.models.inputs import TokenizedSplit, tokenize_split
     tok = load_tokenizer(cfg.model.backbone)
-    trains, tests, names, vals_local = [], [], [], []
+    trains, tests, names, vals_local, probes_local = [], [], [], [], []
     for t, name in enumerate(tasks):
         ds = load_task(name)
         tr = _subsample(len(ds["train"]), cfg.data.max_train_samples, rng_for(cfg.seed, "subsample", t, 0))
         te = _subsample(len(ds["test"]), cfg.data.max_test_samples, rng_for(cfg.seed, "subsample", t, 1))
-        if len(tr) <= val_samples:
-            raise ConfigError("val_samples", val_samples, f"fewer than the {len(tr)} training samples of {name}")
+        if len(tr) <= val_samples + probe_samples:
+            raise ConfigError("val_samples", val_samples, f"val_samples + probe_samples ({probe_samples}) fewer than "
+                                                          f"the {len(tr)} training samples of {name}")
         trains.append(tokenize_split(ds["train"].select(tr), tok, cfg.data.max_length))
         tests.append(tokenize_split(ds["test"].select(te), tok, cfg.data.max_length))
         names.append([f"{name}:{c}" for c in ds["train"].features["label"].names])
-        vals_local.append(np.sort(rng_for(cfg.seed, "subsample", t, 2).permutation(len(tr))[:val_samples]))
+        perm = rng_for(cfg.seed, "subsample", t, 2).permutation(len(tr))
+        vals_local.append(np.sort(perm[:val_samples]))
+        probes_local.append(np.sort(perm[val_samples:val_samples + probe_samples]))
     num_classes = [len(n) for n in names]
     offsets = np.concatenate([[0], np.cumsum(num_classes)[:-1]]).astype(int).tolist()
 
@@ -210,10 +232,12 @@ def build_data(cfg: ExperimentConfig, tasks, val_samples: int) -> TaskData:
     train, task_of_train, tr_starts = joint(trains)
     test, task_of_test, _ = joint(tests)
     val = [tr_starts[t] + v for t, v in enumerate(vals_local)]
-    clients = [np.setdiff1d(tr_starts[t] + np.arange(len(x)), val[t]) for t, x in enumerate(trains)]
+    probe = [tr_starts[t] + v for t, v in enumerate(probes_local)]
+    clients = [np.setdiff1d(tr_starts[t] + np.arange(len(x)), np.concatenate([val[t], probe[t]]))
+               for t, x in enumerate(trains)]
     data = FederatedData(train=train, test=test, client_indices=clients, test_indices=np.arange(len(test)),
                          class_names=[c for n in names for c in n], pad_id=tok.pad_token_id or 0)
-    return TaskData(data, task_of_train, task_of_test, val, offsets, num_classes)
+    return TaskData(data, task_of_train, task_of_test, val, probe, offsets, num_classes)
 
 
 def run_config(base: ExperimentConfig, s: TaskArithmeticSettings, tuning: str, seed: int, rounds: int = 1,
@@ -247,13 +271,15 @@ def _features(model, split, idx, pad_id) -> np.ndarray:
 
 
 def fit_probe_heads(run, td: TaskData) -> None:
-    """Each task's rows of the head: logistic regression on theta_0's features of its training part (not
-    the validation carve), written into the model's classifier (frozen from then on)."""
+    """Each task's rows of the head: logistic regression on theta_0's features of its probe carve (disjoint
+    from the validation carve and from the fine-tuning data: a head fitted on the fine-tuning data fits it
+    almost perfectly, 0.93-1.00 training accuracy measured, and leaves the encoder nothing to learn), written
+    into the model's classifier (frozen from then on)."""
     from sklearn.linear_model import LogisticRegression
     data, model = td.data, run.model
     W = torch.zeros_like(model.classifier.weight)
     b = torch.zeros_like(model.classifier.bias)
-    for t, idx in enumerate(data.client_indices):
+    for t, idx in enumerate(td.probe):
         x = _features(model, data.train, idx, data.pad_id)
         y = data.train.labels[torch.as_tensor(idx)].numpy() - td.offsets[t]
         clf = LogisticRegression(max_iter=2000, C=1.0).fit(x, y)
@@ -279,7 +305,7 @@ class Unit:
         self.r, self.s, self.tuning, self.seed, self.log = r, r.settings, tuning, seed, log
         self.T = len(self.s.tasks)
         self.cfg = run_config(r.base, self.s, tuning, seed)
-        self.td = build_data(self.cfg, self.s.tasks, self.s.val_samples)
+        self.td = build_data(self.cfg, self.s.tasks, self.s.val_samples, self.s.probe_samples)
         self.run = FederatedRun(self.cfg, self.td.data)
         fit_probe_heads(self.run, self.td)
         self.modules = lora_modules(self.run.model) if tuning == "lora" else []
@@ -339,27 +365,45 @@ class Unit:
         self._memo[(_fingerprint(gm), "test", ids)] = ({t: float(c[self.td.task_of_test == t].mean()) for t in ids}, c)
 
     # the loop's first round: the fine-tunes ------------------------------------------------------------
-    def first_round(self, steps: dict | None = None, reuse: dict | None = None):
-        """Round 1 of the loop from theta_0: every task-client's update (its fine-tune) and the aggregated
-        global model (one-shot FedAvg). `steps` = {client: local steps} (training heterogeneity); updates
-        whose steps equal those in `reuse` ({client: (steps, update)}) are taken from it: same start, seed
-        and data, so the same update."""
+    def set_lr(self, lr: float) -> None:
+        """The (validation-chosen) learning rate of every later fine-tune and round of this unit."""
+        self.cfg = self.cfg.replace(**{"train.lr": float(lr)})
+        self.run.cfg = self.cfg
+
+    def fine_tunes(self, steps: dict | None = None, lrs: dict | None = None, reuse: dict | None = None):
+        """Every task-client's round-1 update from theta_0 (its fine-tune), on the loop's client side.
+        `steps` / `lrs` = {client: local steps / learning rate} (training heterogeneity, the lr search);
+        an update whose (steps, lr) equal those in `reuse` ({client: ((steps, lr), update)}) is taken from it:
+        same start, seed and data, so the same update. Returns (plan, instructions, updates)."""
         run = self.run
         run.global_model, run.records, run.cumulative_bytes = self.g0, [], 0
-        run.strategy.client_steps = steps
-        plan = run.select_clients(1)
-        ins = run.configure(plan)
-        updates = []
-        for c in plan.reporting:
-            n = ins[c].local_steps or self.cfg.train.local_steps
-            if reuse and reuse.get(c, (None,))[0] == n:
-                updates.append(reuse[c][1])
-            else:
-                updates.append(run.client_update(c, 1, ins[c]))
+        run.strategy.client_steps, run.strategy.client_lrs = steps, lrs
+        try:
+            plan = run.select_clients(1)
+            ins = run.configure(plan)
+            updates = []
+            for c in plan.reporting:
+                key = (ins[c].local_steps or self.cfg.train.local_steps, ins[c].options.get("lr", self.cfg.train.lr))
+                if reuse and reuse.get(c, (None,))[0] == key:
+                    updates.append(reuse[c][1])
+                else:
+                    updates.append(run.client_update(c, 1, ins[c]))
+        finally:
+            run.strategy.client_steps, run.strategy.client_lrs = None, None
+        return plan, ins, updates
+
+    def first_round(self, steps: dict | None = None, lrs: dict | None = None, reuse: dict | None = None):
+        """Round 1 of the loop from theta_0: the fine-tunes (:meth:`fine_tunes`) and the aggregated global
+        model (one-shot FedAvg)."""
+        plan, ins, updates = self.fine_tunes(steps, lrs, reuse)
+        run = self.run
         run.finish_round(plan, updates, time.perf_counter(), instructions=ins)
-        run.strategy.client_steps = None
         self.remember(run.global_model, run.final_predictions)
         return updates, run.global_model
+
+    def reuse_of(self, updates) -> dict:
+        """{client: ((steps, lr), update)} of `updates` trained with this unit's lr."""
+        return {t: ((x.num_steps, self.cfg.train.lr), x) for t, x in enumerate(updates)}
 
 
 def _fingerprint(gm) -> str:
@@ -370,6 +414,12 @@ def _fingerprint(gm) -> str:
             h.update(k.encode())
             h.update(part[k].detach().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def lr_grid(s: TaskArithmeticSettings, tuning: str, cfg: ExperimentConfig) -> list[float]:
+    """The learning rates searched on validation: the settings' ``lrs`` for LoRA (in their order), else the
+    config's one lr (full fine-tuning always uses ``full_lr``)."""
+    return [float(x) for x in s.lrs] if s.lrs and tuning == "lora" else [float(cfg.train.lr)]
 
 
 def per_task_grid(s: TaskArithmeticSettings, T: int) -> list[float]:
@@ -409,8 +459,8 @@ def merge(method: str, tvs, w: float, rho: float, steps, seed: int, fedit_tv: di
     return fn(tvs, lam)
 
 
-def compute_unit(r: Resolved, tuning: str, seed: int, log) -> dict:
-    """Every table of one (tuning, seed)."""
+def compute_unit(r: Resolved, tuning: str, seed: int, log, lr: float | None = None) -> dict:
+    """Every table of one (tuning, seed); `lr` given: fine-tune with it (no search; the first seed's choice)."""
     from fedbench.fl import GlobalModel
     from fedbench.fl.strategy import FedAvg
     from fedbench.models import lora_delta
@@ -431,8 +481,35 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log) -> dict:
                              "bits": "".join(map(str, c.tolist()))})
         return acc
 
+    # the learning rate: one shared lr, the grid point whose fine-tunes have the best mean validation
+    # accuracy (first best in grid order); its fine-tunes are the unit's (same seed and data: reused exactly).
+    # run() searches it in the first seed's unit and gives the choice to the others (`lr`)
+    probe_val = u.accuracies(u.g0, "val", ids)[0]
+    lr_rows, reuse = [], None
+    if lr is not None:
+        u.set_lr(lr)
+    grid = lr_grid(s, tuning, u.cfg) if lr is None else [float(lr)]
+    if len(grid) > 1:
+        found = {}
+        for lr in grid:
+            cand = u.fine_tunes(lrs={t: lr for t in ids})[2]
+            found[lr] = cand
+            for t, x in enumerate(cand):
+                lr_rows.append({"lr": lr, "task": tasks[t], "steps": x.num_steps, "train_loss": x.train_loss,
+                                "probe_val": probe_val[t],
+                                "individual_val": u.accuracies(u.merged_model(u.task_vector(x.state)), "val",
+                                                               [t])[0][t]})
+        lrs = pd.DataFrame(lr_rows)
+        score = lrs.groupby("lr", sort=False)["individual_val"].mean()
+        best = float(score.index[int(np.argmax(score.to_numpy()))])
+        lrs["chosen"] = lrs["lr"] == best
+        lr_rows = lrs.to_dict("records")
+        u.set_lr(best)
+        reuse = u.reuse_of(found[best])
+        log(f"  [{tuning} seed {seed}] lr {best:g} chosen on validation from {grid} "
+            f"({time.perf_counter() - start:.0f} s)")
     # the loop's round 1: fine-tunes + one-shot FedAvg (stack semantics for LoRA)
-    updates, g_fedavg = u.first_round()
+    updates, g_fedavg = u.first_round(reuse=reuse)
     log(f"  [{tuning} seed {seed}] fine-tuned {T} tasks x {u.cfg.train.local_steps} steps on the loop "
         f"({time.perf_counter() - start:.0f} s)")
     tvs = [u.task_vector(x.state) for x in updates]
@@ -444,14 +521,14 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log) -> dict:
         fedit_tv = OrderedDict((m.base_key, lora_delta(g_fit.state, m) - lora_delta(u.init, m)) for m in u.modules)
     # probe (theta_0 + frozen heads) and individual models
     probe_test = keep("homogeneous", "probe", "-", u.g0, 0.0, nan)
-    probe_val = u.accuracies(u.g0, "val", ids)[0]
     ind_test, ind_val = {}, {}
     for t in ids:
         ind_test[t] = u.accuracies(u.merged_model(tvs[t]), "test", [t])[0][t]
         ind_val[t] = u.accuracies(u.merged_model(tvs[t]), "val", [t])[0][t]
         rows.append({"setting": "homogeneous", "method": "individual", "variant": "-", "lambda": 1.0, "rho": nan,
                      "task": tasks[t], "accuracy": ind_test[t]})
-    finetune = pd.DataFrame([{"task": tasks[t], "steps": steps[t], "train_loss": updates[t].train_loss,
+    finetune = pd.DataFrame([{"task": tasks[t], "lr": u.cfg.train.lr, "steps": steps[t],
+                              "train_loss": updates[t].train_loss,
                               "probe_val": probe_val[t], "individual_val": ind_val[t], "probe_test": probe_test[t],
                               "individual_test": ind_test[t], "gain_test": ind_test[t] - probe_test[t],
                               "tv_norm": merging.norm(tvs[t])} for t in ids])
@@ -461,11 +538,16 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log) -> dict:
                          "bits": "".join(map(str, ind_bits.tolist()))})
     keep("homogeneous", "fedavg", "1/T", g_fedavg, 1.0 / T, nan)
 
-    def search(setting, method, tvs_, sub, steps_, ref_val):
-        """(w, rho) tuned and rho at w = 1/T, by the authors' criterion on validation."""
+    def search(setting, method, tvs_, sub, steps_, ref_val, variants=VARIANTS):
+        """(w, rho) tuned and rho at w = 1/T, by the authors' criterion on validation (only w = 1/T searched
+        when `variants` lacks "tuned"; a single candidate is not evaluated on validation at all)."""
         best = {"tuned": (-1.0, None), "1/T": (-1.0, None)}
-        for rho in rho_grid(method, s, tvs_):
-            for w in per_task_grid(s, len(sub)):
+        ws = per_task_grid(s, len(sub)) if "tuned" in variants else [1.0 / len(sub)]
+        rhos = rho_grid(method, s, tvs_)
+        if len(ws) * len(rhos) == 1:
+            return {v: (ws[0], rhos[0]) for v in variants}
+        for rho in rhos:
+            for w in ws:
                 tv = merge(method, tvs_, w, rho, steps_, seed, fedit_tv)
                 acc = u.accuracies(u.merged_model(tv), "val", sub)[0]
                 score = float(np.mean([acc[t] / max(ref_val[t], 1e-12) for t in sub]))
@@ -476,15 +558,15 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log) -> dict:
                     best["tuned"] = (score, (w, rho))
                 if w == 1.0 / len(sub) and score > best["1/T"][0]:
                     best["1/T"] = (score, (w, rho))
-        return {v: b[1] for v, b in best.items()}
+        return {v: best[v][1] for v in variants}
 
-    def merges(setting, methods, tvs_, steps_, ref_val, sub=None):
+    def merges(setting, methods, tvs_, steps_, ref_val, sub=None, variants=VARIANTS):
         sub = ids if sub is None else sub
         for method in methods:
             if method == "fedit" and fedit_tv is None:
                 continue
-            chosen = search(setting, method, tvs_, sub, steps_, ref_val)
-            for variant in VARIANTS:
+            chosen = search(setting, method, tvs_, sub, steps_, ref_val, variants)
+            for variant in variants:
                 w, rho = chosen[variant]
                 keep(setting, method, variant, u.merged_model(merge(method, tvs_, w, rho, steps_, seed, fedit_tv)),
                      w, rho, sub)
@@ -496,13 +578,20 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log) -> dict:
     ta = merging.task_arithmetic(tvs, 1.0 / T)
     eq = equivalence_rows(u, ta, g_fedavg, fedit_tv, tasks)
 
-    # training heterogeneity: the same loop, tasks fine-tuned for steps x multiplier
+    # training heterogeneity: the same loop, tasks fine-tuned for steps x multiplier (hetero_training) or
+    # with lr x multiplier (hetero_lr); normalised by the homogeneous individual models (fixed denominators)
+    n0, lr0 = u.cfg.train.local_steps, u.cfg.train.lr
+    hetero = []
     if s.hetero_steps:
-        n0 = u.cfg.train.local_steps
-        het_steps = {t: max(1, int(round(n0 * m))) for t, m in enumerate(s.hetero_steps)}
-        h_updates, g_het = u.first_round(het_steps, reuse={t: (x.num_steps, x) for t, x in enumerate(updates)})
+        hetero.append(("hetero_training", {t: max(1, int(round(n0 * m))) for t, m in enumerate(s.hetero_steps)},
+                       None))
+    if s.hetero_lrs:
+        hetero.append(("hetero_lr", None, {t: lr0 * float(m) for t, m in enumerate(s.hetero_lrs)}))
+    for setting, het_steps, het_lrs in hetero:
+        h_updates, g_het = u.first_round(het_steps, het_lrs, reuse=u.reuse_of(updates))
         h_tvs = [u.task_vector(x.state) for x in h_updates]
         h_steps = [x.num_steps for x in h_updates]
+        h_fedit = None
         if u.modules:
             g_hfit = FedAvg(u.cfg.replace(**{"fl.lora_aggregation": "factors", "fl.strategy": "fedavg"}),
                             u.run.model).aggregate(u.g0, h_updates, 1)
@@ -510,15 +599,18 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log) -> dict:
                                   for m in u.modules)
         for t in ids:
             acc = u.accuracies(u.merged_model(h_tvs[t]), "test", [t])[0][t]
-            rows.append({"setting": "hetero_training", "method": "individual", "variant": "-", "lambda": 1.0,
+            rows.append({"setting": setting, "method": "individual", "variant": "-", "lambda": 1.0,
                          "rho": nan, "task": tasks[t], "accuracy": acc})
-        keep("hetero_training", "fedavg", "1/T", g_het, 1.0 / T, nan)
+        keep(setting, "fedavg", "1/T", g_het, 1.0 / T, nan)
         saved = fedit_tv
-        fedit_tv = h_fedit if u.modules else None
+        fedit_tv = h_fedit
         # the authors' criterion against the homogeneous individual models (fixed denominators)
-        merges("hetero_training", s.hetero_methods, h_tvs, h_steps, ind_val)
+        # FedNova normalises by steps only: with equal steps (hetero_lr) it is task arithmetic, not re-searched
+        merges(setting, [m for m in s.hetero_methods if not (het_steps is None and m == "fednova")], h_tvs,
+               h_steps, ind_val, variants=[v for v in VARIANTS if v in s.hetero_variants])
         fedit_tv = saved
-        log(f"  [{tuning} seed {seed}] heterogeneous steps {h_steps} ({time.perf_counter() - start:.0f} s)")
+        log(f"  [{tuning} seed {seed}] {setting}: steps {h_steps}, lr x {list(s.hetero_lrs) if het_lrs else 1} "
+            f"({time.perf_counter() - start:.0f} s)")
 
     # geometry and pairs (data heterogeneity)
     cm = merging.cosine_matrix(tvs)
@@ -567,6 +659,7 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log) -> dict:
     log(f"  [{tuning} seed {seed}] done ({time.perf_counter() - start:.0f} s)")
     return {"accuracy": summary, "validation": pd.DataFrame(val_rows), "equivalence": eq, "cosine": cos,
             "pairs": pd.DataFrame(pair_rows), "rounds": pd.DataFrame(round_rows), "finetune": finetune,
+            "lr_search": pd.DataFrame(lr_rows),
             "correct": pd.DataFrame(correct_rows), "summary_json": {"wall_s": time.perf_counter() - start}}
 
 
@@ -611,7 +704,8 @@ def rounds_run(u: Unit, R: int):
     from fedbench.fl.server import FederatedRun
     from fedbench.fl import GlobalModel
     steps = u.cfg.train.local_steps // R
-    cfg = run_config(u.r.base, u.s, u.tuning, u.seed, rounds=R, local_steps=steps).replace(**{"fl.eval_every": R})
+    cfg = run_config(u.r.base, u.s, u.tuning, u.seed, rounds=R, local_steps=steps).replace(
+        **{"fl.eval_every": R, "train.lr": u.cfg.train.lr})
     run = FederatedRun(cfg, u.td.data, caches=(u.run.train_cache, u.run.test_cache))
     with torch.no_grad():
         run.model.classifier.weight.copy_(u.run.model.classifier.weight)
@@ -630,18 +724,22 @@ def rounds_run(u: Unit, R: int):
 STORE = TableRunStore(EXPERIMENT, TABLES, read_csv_kwargs={"keep_default_na": True, "dtype": {"bits": str}})
 
 
-def unit_key(r: Resolved, tuning: str, seed: int) -> dict:
-    """The whole resolved profile with this unit's seed and tuning, and the core's results schema."""
+def unit_key(r: Resolved, tuning: str, seed: int, lr: float | None = None) -> dict:
+    """The whole resolved profile with this unit's seed and tuning (and the lr it was given), and the core's
+    results schema."""
     from fedbench.results import RESULTS_SCHEMA
     settings = dataclasses.replace(r.settings, seeds=(int(seed),), tunings=(tuning,)).to_dict()
-    return {"experiment": EXPERIMENT, "base": r.base.to_dict(), "settings": settings, "schema": RESULTS_SCHEMA}
+    key = {"experiment": EXPERIMENT, "base": r.base.to_dict(), "settings": settings, "schema": RESULTS_SCHEMA}
+    if lr is not None:
+        key["lr"] = float(lr)
+    return key
 
 
-def load_or_compute(r: Resolved, tuning: str, seed: int, log) -> dict:
-    key = unit_key(r, tuning, seed)
+def load_or_compute(r: Resolved, tuning: str, seed: int, log, lr: float | None = None) -> dict:
+    key = unit_key(r, tuning, seed, lr)
     res = STORE.load(key)
     if res is None:
-        out = compute_unit(r, tuning, seed, log)
+        out = compute_unit(r, tuning, seed, log, lr)
         STORE.save(key, {**{k: out[k] for k in TABLES}, "summary": out["summary_json"]})
         res = STORE.load(key)
     return res
@@ -660,6 +758,7 @@ class TaskArithmeticResult:
     rounds: pd.DataFrame
     validation: pd.DataFrame
     finetune: pd.DataFrame
+    lr_search: pd.DataFrame
     claims: pd.DataFrame
     protocol: pd.DataFrame
     figures: dict
@@ -676,8 +775,12 @@ def run(profile: str = "quick", path=None, verbose: bool = True, **overrides) ->
     start = time.perf_counter()
     parts = {k: [] for k in TABLES}
     for tuning in s.tunings:
+        lr = None            # the learning rate is searched on the first seed's validation, then used for all
         for seed in s.seeds:
-            res = load_or_compute(r, tuning, seed, log)
+            res = load_or_compute(r, tuning, seed, log, lr)
+            if lr is None and len(res["lr_search"]):
+                ls = res["lr_search"]
+                lr = float(ls[ls["chosen"].astype(bool)]["lr"].iloc[0])
             for k in TABLES:
                 df = res[k]
                 if len(df):
@@ -693,17 +796,19 @@ def run(profile: str = "quick", path=None, verbose: bool = True, **overrides) ->
     for df, name in [(summary, "summary.csv"), (table, "table.csv"), (tabs["equivalence"], "equivalence.csv"),
                      (tabs["cosine"], "cosine.csv"), (tabs["pairs"], "pairs.csv"), (tabs["rounds"], "rounds.csv"),
                      (tabs["validation"], "validation.csv"), (tabs["finetune"], "finetune.csv"),
+                     (tabs["lr_search"], "lr_search.csv"),
                      (claims, "claims.csv"), (protocol, "protocol.csv")]:
         save_table(df, out, name)
     from fedbench.results import atomic_write_text
-    atomic_write_text(out / "PROTOCOL.md", protocol_markdown(protocol))
+    atomic_write_text(out / "PROTOCOL.md", protocol_markdown(protocol, claims, tabs["finetune"]))
     figures = make_figures(summary, tabs, r)
     for name, fig in figures.items():
         save_figure(fig, out, name)
     wall = time.perf_counter() - start
     log(f"task_arithmetic [{profile}]: {wall:.0f} s -> {out}")
     return TaskArithmeticResult(r, summary, table, tabs["equivalence"], tabs["cosine"], tabs["pairs"],
-                                tabs["rounds"], tabs["validation"], tabs["finetune"], claims, protocol, figures,
+                                tabs["rounds"], tabs["validation"], tabs["finetune"], tabs["lr_search"], claims,
+                                protocol, figures,
                                 out, wall)
 
 
@@ -734,6 +839,14 @@ def _bits(correct: pd.DataFrame, tuning, setting, method, variant, seeds) -> np.
     if len({len(x) for x in rows}) != 1:
         return None
     return np.stack(rows).astype(int)
+
+
+def pair_metric(pairs: pd.DataFrame) -> tuple[str, str]:
+    """The pairs' y: normalised accuracy when every value is finite, else raw accuracy (a task whose
+    fine-tune equals its probe in some seed has no normalised value)."""
+    if len(pairs) and np.isfinite(pairs["normalized_1/T"].to_numpy(dtype=float)).all():
+        return "normalized_1/T", "normalised accuracy"
+    return "accuracy_1/T", "accuracy"
 
 
 def make_claims(tabs: dict, r: Resolved) -> pd.DataFrame:
@@ -770,13 +883,15 @@ def make_claims(tabs: dict, r: Resolved) -> pd.DataFrame:
             diff(("homogeneous", "task_arithmetic", variant), ("homogeneous", "individual", "-"),
                  f"The merge loses to the individual models (lambda {variant})",
                  "one model for all tasks is below each task's own fine-tune", -1, "task arithmetic - individual")
-        if s.hetero_steps:
-            for variant in VARIANTS:
-                diff(("hetero_training", "task_arithmetic", variant), ("homogeneous", "task_arithmetic", variant),
-                     f"Training heterogeneity hurts task arithmetic (lambda {variant})",
-                     "tasks trained for different numbers of steps merge worse (raw accuracy, same tasks)", -1,
-                     "heterogeneous - homogeneous", f"step multipliers {list(s.hetero_steps)}")
-                if "fednova" in s.hetero_methods:
+        for setting, mult, what, how, unit in (
+                ("hetero_training", s.hetero_steps, "Training", "different numbers of steps", "step multipliers"),
+                ("hetero_lr", s.hetero_lrs, "Learning-rate", "different learning rates", "lr multipliers")):
+            for variant in VARIANTS if mult else ():
+                diff((setting, "task_arithmetic", variant), ("homogeneous", "task_arithmetic", variant),
+                     f"{what} heterogeneity hurts task arithmetic (lambda {variant})",
+                     f"tasks trained with {how} merge worse (raw accuracy, same tasks)", -1,
+                     f"{setting} - homogeneous", f"{unit} {list(mult)}")
+                if setting == "hetero_training" and "fednova" in s.hetero_methods:
                     diff(("hetero_training", "fednova", variant), ("hetero_training", "task_arithmetic", variant),
                          f"FedNova recovers from training heterogeneity (lambda {variant})",
                          "reweighting tau_t by (mean steps / steps_t) / T beats task arithmetic there", +1,
@@ -803,15 +918,18 @@ def make_claims(tabs: dict, r: Resolved) -> pd.DataFrame:
         p = tabs["pairs"]
         p = p[p["tuning"] == tuning] if len(p) else p
         if len(p) >= 3:
-            pm = p.groupby(["task_a", "task_b"], sort=False)[["cosine", "normalized_1/T"]].mean()
-            if pm["cosine"].nunique() > 1 and np.isfinite(pm["normalized_1/T"]).all():
+            col, what = pair_metric(p)
+            pm = p.groupby(["task_a", "task_b"], sort=False)[["cosine", col]].mean()
+            if pm["cosine"].nunique() > 1:
                 out.append(C.rank_correlation(
-                    pm["cosine"].to_numpy(), pm["normalized_1/T"].to_numpy(),
+                    pm["cosine"].to_numpy(), pm[col].to_numpy(),
                     "Data heterogeneity hurts the merge: similar task vectors merge better" + tag,
                     "tasks whose updates point in different directions merge worse", direction=+1,
-                    comparison="Spearman(cosine of the task vectors, pair normalised accuracy at lambda = 1/2)",
+                    comparison=f"Spearman(cosine of the task vectors, pair {what} at lambda = 1/2)",
                     detail=f"{len(pm)} pairs, each averaged over {p['seed'].nunique()} seeds; cosine "
-                           f"{pm['cosine'].min():.3f} .. {pm['cosine'].max():.3f}"))
+                           f"{pm['cosine'].min():.3f} .. {pm['cosine'].max():.3f}"
+                           + ("" if col == "normalized_1/T" else "; raw accuracy: a normalised value was "
+                              "undefined (a task whose fine-tune equals its probe)")))
     return C.claims_table(out)
 
 
@@ -828,17 +946,25 @@ def protocol_table(r: Resolved) -> pd.DataFrame:
         ("tasks", "8 image tasks (Cars, DTD, EuroSAT, GTSRB, MNIST, RESISC45, SUN397, SVHN)", "same",
          f"{T} offline text tasks: {', '.join(s.tasks)}", "offline data shipped in PyPI packages"),
         ("heads", "frozen zero-shot text heads, outside tau", "frozen zero-shot heads (ClassificationHead)",
-         "frozen linear probes fitted on theta_0 (logistic regression), outside tau",
-         "a text encoder has no zero-shot head; a probe on theta_0 is the closest frozen head"),
+         f"frozen linear probes fitted on theta_0 (logistic regression) on a carve of {s.probe_samples} training "
+         "examples per task that is neither validation nor fine-tuning data, outside tau",
+         "a text encoder has no zero-shot head; a probe on theta_0 is the closest frozen head. Fitted on the "
+         "fine-tuning data it fits it almost perfectly (0.93-1.00 training accuracy measured) and the fine-tune "
+         "has nothing left to learn (individual - probe was -0.004 [-0.021, 0.013] that way)"),
         ("task vector", "full fine-tuning of the image encoder", "full fine-tuning",
          f"LoRA r={b.peft.rank} on {list(b.peft.target_modules)} of "
          f"{'all layers' if b.peft.depth is None else f'the top {b.peft.depth} layers'} (dense s B A)"
          + ("; full fine-tuning too" if "full" in s.tunings else "; full fine-tuning as the `full` option"),
          "CPU budget; full fine-tuning is the `tunings: [full]` option"),
         ("fine-tuning", "thousands of steps per task", "AdamW, cosine schedule, label smoothing",
-         f"AdamW, lr {b.train.lr:g} (full {s.full_lr:g}), {b.train.local_steps} steps x batch {b.train.batch_size}, "
-         f"max {b.data.max_length} tokens, {b.data.max_train_samples} train examples/task",
-         "CPU budget; each task's fine-tune is its client's round-1 update on the shared loop"),
+         f"AdamW, constant lr " + (f"chosen on the first seed's validation from {list(s.lrs)} and used for every "
+                                   "seed (one lr shared by the tasks: best mean individual validation accuracy; "
+                                   "lr_search.csv)" if s.lrs else f"{b.train.lr:g}")
+         + f" (full {s.full_lr:g}), {b.train.local_steps} steps x batch {b.train.batch_size}, max "
+         f"{b.data.max_length} tokens, {b.data.max_train_samples} train examples/task of which "
+         f"{b.data.max_train_samples - s.val_samples - s.probe_samples} are fine-tuned on",
+         "CPU budget; each task's fine-tune is its client's round-1 update on the shared loop; the lr search's "
+         "fine-tunes at the chosen lr are the unit's (same seed and data)"),
         ("lambda grid", "scaling coefficient searched over [0.05, 2.0]", "scaling_coef_search_range passed in; the "
          "same range for sum-scale (task arithmetic) and mean-scale (FedNova, median) merges",
          f"per-task units w over {[round(x, 4) for x in grid]} (1/T = {1 / T:.4f} always included); sum-scale merges "
@@ -863,14 +989,19 @@ def protocol_table(r: Resolved) -> pd.DataFrame:
          "beside merged / individual; lambda = 1/T (plain one-shot FedAvg) beside the tuned value",
          "with frozen heads the probe is the floor the encoder change has to lift"),
         ("heterogeneity", "steps / lr differ per task", "FedNova weights (mean / steps_t) / T",
-         f"steps x {list(s.hetero_steps)}; normalised by the homogeneous individual models" if s.hetero_steps
-         else "not run in this profile", "denominators that do not move between settings"),
+         (f"hetero_training: steps x {list(s.hetero_steps)}" if s.hetero_steps else "no step heterogeneity")
+         + (f"; hetero_lr: lr x {list(s.hetero_lrs)} (FedNova, which normalises steps only, equals task "
+            "arithmetic there and is not re-searched)" if s.hetero_lrs else "; no lr heterogeneity")
+         + ("" if "tuned" in s.hetero_variants else "; lambda = 1/T only (plain FedAvg, no search: CPU budget)")
+         + "; normalised by the homogeneous individual models, claims on raw accuracy",
+         "denominators that do not move between settings"),
         ("rounds", "more rounds close the gap", "not in the code",
          f"FedAvg on the loop, one client per task, R in {list(s.rounds)} at equal total steps",
          "the paper's point, measured"),
         ("pairs", "similar tasks merge better", "not in the code",
-         f"every pair of the {T} tasks at lambda = 1/2 ({T * (T - 1) // 2} pairs); Spearman with cosine, bootstrap "
-         "interval", "data heterogeneity measured directly"),
+         f"every pair of the {T} tasks at lambda = 1/2 ({T * (T - 1) // 2} pairs); Spearman of the pair's "
+         "normalised accuracy (raw accuracy when a normalised value is undefined) with cosine, bootstrap interval",
+         "data heterogeneity measured directly"),
         ("seeds / statistics", "not stated", "-", f"{len(s.seeds)} seeds; claims with 95% intervals "
          "(fedbench.claims: paired bootstrap over seeds x test examples; bootstrap over pairs for the correlation)",
          "verdicts from intervals, never from point estimates"),
@@ -878,13 +1009,31 @@ def protocol_table(r: Resolved) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["aspect", "paper", "official code", "ours", "why"])
 
 
-def protocol_markdown(p: pd.DataFrame) -> str:
+def protocol_markdown(p: pd.DataFrame, claims: pd.DataFrame | None = None,
+                      finetune: pd.DataFrame | None = None) -> str:
+    """The protocol table and, when given, what this profile measured: each task's fine-tune against its
+    probe and every claim with its 95% interval (so PROTOCOL.md always matches the CSVs beside it)."""
     esc = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+
+    def table(df):
+        return (["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+                + ["| " + " | ".join(esc(v) for v in row) + " |" for row in df.itertuples(index=False)])
+
     lines = ["# Task arithmetic as one-shot FedAvg: protocol", "",
              "Paper: Tao et al. 2024, arXiv 2411.18607; official code: SilviaTao/one_shot_fl_task_arithmetic "
-             "(src/ta_algorithms.py). Generated by `fedbench.experiments.task_arithmetic.protocol_table`.", "",
-             "| " + " | ".join(p.columns) + " |", "|" + "---|" * len(p.columns)]
-    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in p.itertuples(index=False)]
+             "(src/ta_algorithms.py). Generated by `fedbench.experiments.task_arithmetic.protocol_table`.", ""]
+    lines += table(p)
+    if finetune is not None and len(finetune):
+        ft = (finetune.groupby(["tuning", "task"], sort=False)[["probe_test", "individual_test", "gain_test"]]
+              .mean().reset_index().round(4))
+        lines += ["", "## Measured: each task's fine-tune against its frozen-head probe (test, mean over seeds)", ""]
+        lines += table(ft)
+    if claims is not None and len(claims):
+        c = claims[["claim", "comparison", "estimate", "ci_low", "ci_high", "verdict"]].copy()
+        for k in ("estimate", "ci_low", "ci_high"):
+            c[k] = [f"{x:.4g}" for x in c[k]]
+        lines += ["", "## Measured: claims (95% intervals, fedbench.claims)", ""]
+        lines += table(c)
     return "\n".join(lines) + "\n"
 
 
@@ -897,7 +1046,8 @@ def make_figures(summary: pd.DataFrame, tabs: dict, r: Resolved) -> dict:
     order = ["fedavg", *MERGE_METHODS]
     for tuning in s.tunings:
         sfx = "" if tuning == s.tunings[0] else f"_{tuning}"
-        d = summary[(summary["tuning"] == tuning) & summary["setting"].isin(["homogeneous", "hetero_training"])
+        d = summary[(summary["tuning"] == tuning) & summary["setting"].isin(["homogeneous", "hetero_training",
+                                                                              "hetero_lr"])
                     & summary["method"].isin(order)]
         per_seed = (d.groupby(["setting", "method", "variant", "seed"], sort=False)["normalized_accuracy"].mean()
                     .reset_index())
@@ -915,12 +1065,13 @@ def make_figures(summary: pd.DataFrame, tabs: dict, r: Resolved) -> dict:
         p = tabs["pairs"]
         if len(p):
             p = p[p["tuning"] == tuning]
-            pm = p.groupby(["task_a", "task_b"], sort=False)[["cosine", "normalized_1/T"]].mean().reset_index()
+            col, what = pair_metric(p)
+            pm = p.groupby(["task_a", "task_b"], sort=False)[["cosine", col]].mean().reset_index()
             pm["pair"] = pm["task_a"] + "+" + pm["task_b"]
             pm["merge"] = "task arithmetic, lambda = 1/2"
             figs[f"similarity_vs_accuracy{sfx}.png"] = plots.scatter(
-                pm, "cosine", "normalized_1/T", hue="merge", annotate="pair",
-                xlabel="cosine of the two task vectors", ylabel="pair normalised accuracy",
+                pm, "cosine", col, hue="merge", annotate="pair",
+                xlabel="cosine of the two task vectors", ylabel=f"pair {what}",
                 title=f"pairs ({tuning}, mean over seeds)")
         ro = tabs["rounds"]
         if len(ro) and ro["rounds"].nunique() > 1:

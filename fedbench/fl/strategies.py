@@ -13,6 +13,7 @@ The other paper strategies (FL-TAC, LoRM, AutoFedNLP's configurator) join here i
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 
 from fedbench.errors import ConfigError
@@ -61,10 +62,13 @@ class TaskClients(FedAvg):
     """One client per task, heads frozen: only the shared encoder's trainable tensors train and travel.
 
     ``client_steps`` ({client id: local steps}, default none) overrides ``train.local_steps`` per client: the
-    training-heterogeneity setting of task arithmetic (tasks fine-tuned for different numbers of steps).
+    training-heterogeneity setting of task arithmetic (tasks fine-tuned for different numbers of steps);
+    ``client_lrs`` ({client id: learning rate}) overrides ``train.lr`` per client (the learning-rate search
+    and the heterogeneous-learning-rate setting). The lr travels in the instruction's ``options``.
     """
 
     client_steps: dict | None = None
+    client_lrs: dict | None = None
 
     def encoder_keys(self, global_model) -> tuple[str, ...]:
         return tuple(k for k in global_model.state if not k.startswith(HEAD_PREFIX))
@@ -72,9 +76,15 @@ class TaskClients(FedAvg):
     def configure_round(self, round_idx, clients, global_model):
         keys = self.encoder_keys(global_model)
         down = GlobalModel(OrderedDict((k, global_model.state[k]) for k in keys), global_model.base_delta)
-        steps = self.client_steps or {}
+        steps, lrs = self.client_steps or {}, self.client_lrs or {}
         return [self.instruction(int(c), round_idx, down, train_keys=keys, send_keys=keys,
-                                 local_steps=steps.get(int(c))) for c in clients]
+                                 local_steps=steps.get(int(c)),
+                                 options={"lr": float(lrs[int(c)])} if int(c) in lrs else {}) for c in clients]
+
+    def train_config(self, run, ins):
+        cfg = super().train_config(run, ins)
+        lr = ins.options.get("lr")
+        return cfg if lr is None else dataclasses.replace(cfg, lr=float(lr))
 
 
 # the continual protocol (fresh factors per task, running mean of the tasks' products) and LoRM

@@ -210,11 +210,15 @@ class FedAvg:
         return run.evaluate_model(global_model, predictions=predictions)
 
     # -- client side ----------------------------------------------------------------------------------
+    def train_config(self, run, ins: ClientInstruction):
+        """The TrainConfig this client trains with: the run's, with the instruction's local steps if set."""
+        return run.cfg.train if ins.local_steps is None else run.cfg.train.with_steps(ins.local_steps)
+
     def client_update(self, run, ins: ClientInstruction, store: dict):
         """Train the received state on the client's data; send back what ``ins.send_keys`` names."""
         from fedbench.fl.client import train_client
         run.load(GlobalModel(ins.state, ins.base_delta))
-        train_cfg = run.cfg.train if ins.local_steps is None else run.cfg.train.with_steps(ins.local_steps)
+        train_cfg = self.train_config(run, ins)
         with train_only(run.model, ins.train_keys):
             start = {k: v for k, v in ins.state.items() if ins.train_keys is None or k in ins.train_keys}
             update = train_client(
