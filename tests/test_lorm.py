@@ -121,6 +121,35 @@ def test_factored_response_error_is_the_dense_one():
         L.response_error(U @ V, dW, G), rel=1e-10)
 
 
+@pytest.mark.parametrize("ridge", [0.0, 1e-4, 10.0])
+def test_regmean_of_low_rank_updates_as_factors_is_the_dense_regmean(ridge):
+    X, _, _, As, Bs = _problem(d_in=6, rows=(2, 3, 2, 4))          # every G_i rank-deficient, their sum too
+    G = [L.gram(_t(x)) for x in X]
+    w = [3, 1, 2, 5]
+    U, V = L.regmean_factored([_t(b) for b in Bs], [_t(a) for a in As], G, w, ridge)
+    assert U.shape[1] == sum(b.shape[1] for b in Bs)
+    dense = L.regmean([_t(b) @ _t(a) for b, a in zip(Bs, As)], G, w, ridge)
+    torch.testing.assert_close(U @ V, dense, rtol=1e-9, atol=1e-9)
+    # no input at all: the (weighted) product average
+    zero = [torch.zeros_like(g) for g in G]
+    U, V = L.regmean_factored([_t(b) for b in Bs], [_t(a) for a in As], zero, w, 1e-4)
+    torch.testing.assert_close(U @ V, L.regmean([_t(b) @ _t(a) for b, a in zip(Bs, As)], zero, w, 1e-4))
+
+
+def test_truncated_svd_of_factors_is_the_dense_truncated_svd():
+    from fedbench.fl.aggregators import svd_of_product
+    rng = np.random.default_rng(3)
+    U, V = _t(rng.normal(size=(40, 12))), _t(rng.normal(size=(12, 25)))
+    for rank in (3, 12):
+        b, a = svd_of_product(U, V, rank)
+        assert b.shape == (40, rank) and a.shape == (rank, 25)
+        u, sv, vh = torch.linalg.svd(U @ V, full_matrices=False)
+        torch.testing.assert_close(b @ a, (u[:, :rank] * sv[:rank]) @ vh[:rank], rtol=1e-9, atol=1e-9)
+        # balanced like lora_svd: B^T B = A A^T = S_r
+        torch.testing.assert_close(b.T @ b, torch.diag(sv[:rank]), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(a @ a.T, torch.diag(sv[:rank]), rtol=1e-9, atol=1e-9)
+
+
 def test_bad_ridge_weights_and_grams_are_config_errors():
     X, A, _, As, Bs = _problem()
     G = [L.gram(_t(x)) for x in X]
@@ -239,6 +268,82 @@ def test_the_gram_matrix_is_that_of_the_layer_inputs(tiny):
     hidden = torch.cat([pool.caches[0].hidden[int(i)] for i in idx]).double()
     g = unpack_upper(u.extras[next(k for k in u.extras if k.endswith(".qkv"))]).double()
     torch.testing.assert_close(g, hidden.T @ hidden, rtol=1e-4, atol=1e-3)
+
+
+def test_gram_forward_stops_after_the_last_input_and_gives_the_same_grams(tiny):
+    s, base, pool, data = tiny
+    run, _ = _run(tiny, "lorm", rounds=1)
+    model, idx = run.model, data.task_clients[0][0]
+    mods = [m.name for m in run.strategy.lora.modules]
+    low, top = mods[0], [n for n in mods if n.endswith("intermediate.dense")][-1]
+    above = top.replace("intermediate.dense", "output.dense")            # runs after the last hooked input
+    calls = []
+    h = model.get_submodule(above).register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        kw = dict(cache=pool.caches[0], pad_id=data.pad_id, dtype=torch.float32)
+        only_low = L.layer_input_grams(model, [low], data.train, idx, **kw)
+        both = L.layer_input_grams(model, [low, top], data.train, idx, **kw)
+        assert calls == []                       # the forward stopped at the last hooked input
+        torch.testing.assert_close(only_low[low], both[low], rtol=0, atol=0)     # bit for bit
+        from fedbench.fl.client import forward_batch
+        forward_batch(model, data.train, idx, pool.caches[0], data.pad_id)
+        assert calls                             # (the hook does see a full forward)
+    finally:
+        h.remove()
+
+
+def test_task_accuracies_from_one_pass_are_the_per_task_evaluations(tiny):
+    from fedbench.experiments import lorm
+    from fedbench.fl.client import evaluate
+    s, base, pool, data = tiny
+    run, _ = _run(tiny, "fedit")                   # both tasks: test rows after each task, val rows at the end
+    st = run.strategy
+    run.load(st.served_model(run.global_model))
+    acc = pd.DataFrame(st.acc_rows)
+    last = s.num_tasks - 1
+    for split, sp, rows, cache in (("test", data.test, data.task_test, pool.caches[1]),
+                                   ("val", data.train, data.task_val, pool.caches[0])):
+        got = acc[(acc.split == split) & (acc.after_task == last)].sort_values("task")["accuracy"].tolist()
+        want = [evaluate(run.model, data.seen_view(sp, last), rows[j], cache=cache, pad_id=data.pad_id)["accuracy"]
+                for j in range(last + 1)]
+        assert got == want
+        # the joint run's path: logits once, argmax over the seen classes
+        logits = lorm.all_logits(run.model, sp, np.concatenate(rows), cache, data.pad_id)
+        for t in range(last + 1):
+            ref = evaluate(run.model, data.seen_view(sp, t), np.concatenate(rows[:t + 1]), cache=cache,
+                           pad_id=data.pad_id, return_predictions=True)["predictions"]
+            pred = lorm.masked_argmax(torch.stack([logits[int(i)] for i in ref["test_index"]]), data.seen_mask(t))
+            assert np.array_equal(pred.numpy(), ref["prediction"])
+    assert len(acc[(acc.split == "test")]) == sum(t + 1 for t in range(s.num_tasks))
+
+
+def test_one_pass_fill_of_several_depths_is_one_fill_per_depth(tiny):
+    from fedbench.config import PeftConfig
+    from fedbench.models import build_model
+    from fedbench.models.inputs import ActivationCache
+    s, base, pool, data = tiny
+    model = build_model(base.model, PeftConfig(method="head"), len(pool.class_names), seed=0)
+    idx = np.arange(len(pool.train))
+    depths = [model.num_layers - 2, model.num_layers - 1]
+    calls = []
+    h = model.layers[0].register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        one = ActivationCache(pool.train, pool.pad_id)
+        one.fill_depths(model, idx, depths, batch_size=8)
+        chunks = len(calls)
+        per_depth = ActivationCache(pool.train, pool.pad_id)
+        for d in depths:
+            per_depth.fill(model, idx, d, batch_size=8)
+    finally:
+        h.remove()
+    # the bottom layer ran once per chunk for both depths (and once per chunk and depth with one fill per depth)
+    assert chunks == -(-len(idx) // 8) and len(calls) == 3 * chunks
+    for d in depths:
+        one.ensure(d)
+        per_depth.ensure(d)
+        assert sorted(one.hidden) == sorted(per_depth.hidden) == idx.tolist()
+        assert all(torch.equal(one.hidden[i], per_depth.hidden[i]) for i in idx.tolist())     # bit for bit
+    assert one.fill_log() == per_depth.fill_log()
 
 
 def test_every_task_starts_fresh_factors_and_the_served_model_is_the_mean(tiny):

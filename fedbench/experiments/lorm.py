@@ -44,7 +44,7 @@ from fedbench.experiments.common import (Settings, TableRunStore, check_list, is
 from fedbench.fl.seeding import derive_seed, rng_for
 
 EXPERIMENT = "lorm"
-SCHEMA = 2        # version of what a stored run holds and how it is computed: part of every run's key
+SCHEMA = 3        # version of what a stored run holds and how it is computed: part of every run's key
 METHODS = ("lorm", "fedit", "product_svd", "regmean_svd", "product_stack", "regmean_dense", "full_top", "joint")
 LABELS = {"lorm": "LoRM (closed-form factor, rank r)", "fedit": "FedIT (factor average, rank r)",
           "product_svd": "exact product average, SVD to rank r", "regmean_svd": "RegMean, SVD to rank r",
@@ -168,17 +168,15 @@ def prepare_pool(s: LormSettings, base: ExperimentConfig) -> Pool:
 
 def fill_caches(pool: Pool, model_cfg, top_depths) -> tuple:
     """Frozen-prefix activations of every example at each depth, computed up front in one fixed order, so a
-    cached value never depends on which run touched it first (reruns are bit-identical)."""
+    cached value never depends on which run touched it first (reruns are bit-identical); every depth in one
+    pass (:meth:`~fedbench.models.inputs.ActivationCache.fill_depths`)."""
     from fedbench.models import build_model
-    from fedbench.models.inputs import ActivationCache, batch_order
+    from fedbench.models.inputs import ActivationCache
     from fedbench.config import PeftConfig
     caches = (ActivationCache(pool.train, pool.pad_id), ActivationCache(pool.test, pool.pad_id))
     model = build_model(model_cfg, PeftConfig(method="head"), len(pool.class_names), seed=0)
-    for depth in sorted({model.num_layers - d for d in top_depths}):
-        for cache in caches:
-            cache.ensure(depth)
-            for batch in batch_order(np.arange(len(cache.split)), cache.split.lengths, 64, None, shuffle=False):
-                cache.get(model, batch)
+    for cache in caches:
+        cache.fill_depths(model, np.arange(len(cache.split)), [model.num_layers - d for d in top_depths])
     pool.caches = caches
     return caches
 
@@ -257,7 +255,7 @@ def run_joint(s, cfg, data, caches, t0) -> dict:
     """Centralised LoRA on every task's pooled training rows at once (all classes), as many optimizer steps as
     all clients of a federated run take together; a[t, j] is the final model scored over the classes seen
     after task t."""
-    from fedbench.fl.client import evaluate, train_client
+    from fedbench.fl.client import train_client
     from fedbench.models import build_model, load_trainable_state, trainable_state
     from fedbench.models.inputs import TokenizedSplit
     model = build_model(cfg.model, cfg.peft, data.num_labels, seed=derive_seed(cfg.seed, "init"))
@@ -267,23 +265,51 @@ def run_joint(s, cfg, data, caches, t0) -> dict:
                      cfg.train.with_steps(steps), seed=derive_seed(cfg.seed, "client", 0, 10**6), cache=caches[0],
                      pad_id=data.pad_id)
     load_trainable_state(model, u.state)
+    # one model for every a[t, j]: its logits on every test and validation row are computed once, and a[t, j]
+    # is their argmax over the classes seen after task t
+    test_rows, val_rows = np.concatenate(data.task_test), np.concatenate(data.task_val)
+    logits = {"test": all_logits(model, data.test, test_rows, caches[1], data.pad_id),
+              "val": all_logits(model, data.train, val_rows, caches[0], data.pad_id)}
+    labels = {"test": data.test.labels, "val": data.train.labels}
     rows = []
     for t in range(s.num_tasks):
-        for split, sp, idx, cache in (("test", data.test, data.task_test, caches[1]),
-                                      ("val", data.train, data.task_val, caches[0])):
+        mask = data.seen_mask(t)
+        for split, idx in (("test", data.task_test), ("val", data.task_val)):
             if split == "val" and t < s.num_tasks - 1:
                 continue
-            view = data.seen_view(sp, t)
             for j in range(t + 1):
-                rows.append({"split": split, "after_task": t, "task": j,
-                             "accuracy": evaluate(model, view, idx[j], cache=cache, pad_id=data.pad_id)["accuracy"]})
-    final = evaluate(model, data.seen_view(data.test, s.num_tasks - 1), np.concatenate(data.task_test), cache=caches[1],
-                     pad_id=data.pad_id, return_predictions=True)
+                pred = masked_argmax(torch.stack([logits[split][int(i)] for i in idx[j]]), mask)
+                acc = float(np.mean((pred == labels[split][torch.as_tensor(idx[j])]).numpy())) if len(idx[j]) \
+                    else float("nan")
+                rows.append({"split": split, "after_task": t, "task": j, "accuracy": acc})
+    last = masked_argmax(torch.stack([logits["test"][int(i)] for i in test_rows]), data.seen_mask(s.num_tasks - 1))
+    final = {"predictions": {"test_index": test_rows.astype(np.int64),
+                             "label": data.test.labels[torch.as_tensor(test_rows)].numpy().astype(np.int64),
+                             "prediction": last.numpy().astype(np.int64)}}
     return {"accuracy": pd.DataFrame(rows, columns=["split", "after_task", "task", "accuracy"]),
             "merge_error": pd.DataFrame(columns=MERGE_COLS),
             "rounds": pd.DataFrame([{"round": 0, "train_loss": u.train_loss, "local_steps": u.num_steps}]),
             "predictions": pd.DataFrame(final["predictions"]),
             "summary": {"bytes_up": 0, "bytes_down": 0, "wall_s": time.perf_counter() - t0}}
+
+
+@torch.no_grad()
+def all_logits(model, split, indices, cache, pad_id: int, batch_size: int = 256) -> dict:
+    """{row: logits over every class} of `model` on `indices` of `split` (no class mask), in the batches
+    :func:`fedbench.fl.client.evaluate` uses."""
+    from fedbench.fl.client import forward_batch
+    from fedbench.models.inputs import TokenizedSplit, batch_order
+    plain = TokenizedSplit(split.input_ids, split.labels)
+    model.eval()
+    out = {}
+    for batch in batch_order(np.asarray(indices), split.lengths, batch_size, rng=None, shuffle=False, bucketing=True):
+        out.update(zip(np.asarray(batch).tolist(), forward_batch(model, plain, batch, cache, pad_id)))
+    return out
+
+
+def masked_argmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Argmax over the classes `mask` allows (as :func:`fedbench.fl.client.restrict_logits` then argmax)."""
+    return logits.masked_fill(~mask, float("-inf")).argmax(-1)
 
 
 STORE = TableRunStore(EXPERIMENT, ("accuracy", "merge_error", "rounds", "predictions"),
@@ -498,8 +524,8 @@ PROTOCOL = """\
 | solve | closed form | float64, `torch.pinverse` | float64, relative ridge 1e-4 (towards the factor average) | numerical stability on rank-deficient Grams at CPU scale; its error never exceeds averaging's |
 | head | - | RegMean on the head weight (`regmean_all`, alpha 0.5), bias FedAvg'd | FedAvg'd by sample count, for every method | the same head rule for every method isolates the LoRA merge |
 | logits | train on the current task's classes | `outputs[:, cur_offset:cur_offset + cpt]` | logits outside the task masked; evaluated by argmax over every seen class (no task id) | - |
-| optimizer, lr | AdamW, lr 3e-4 | AdamW, lr 3e-4, weight decay 0.1 | AdamW, no weight decay; lr per method from a grid, chosen on a validation split carved from the training data (first seed); quick: one value, 3e-3, for every method (in the earlier two-value quick grid [1e-3, 3e-3] it won on validation for lorm and fedit; 1e-3 stayed near chance) | an lr tuned for ViT/CIFAR does not carry over; never chosen on test |
-| baselines | FedAvg-style LoRA, merging methods, ... | `lora.py`, `regmean.py`, ... | FedIT (factor average), exact product average SVD'd to rank r, RegMean SVD'd to rank r, and separately labelled the rank-growing variants (stacked product average; dense RegMean), full FT of the top layer, joint training | equal capacity: every rank-r method ends each round at rank r |
-| merge check (diagnostic, lorm only) | - | - | each round, per layer: response error of LoRM's solve, factor average, product average and RegMean on the same client updates, on the inputs of the Gram matrices (fit) and on held-out inputs of each client, relative to keeping the previous factors; the rank-r rules scored from their factors, tr(P Q G Q^T P^T) = sum((P^T P) * (Q G Q^T)) (exact, float64), RegMean densely | the factored form is exact at a fraction of the dense cost (quick <= 12 min) |
+| optimizer, lr | AdamW, lr 3e-4 | AdamW, lr 3e-4, weight decay 0.1 | AdamW, no weight decay; lr per method from a grid, chosen on a validation split carved from the training data (first seed); full: [3e-4, 1e-3, 3e-3]; quick: one value, 3e-3, for every method (a second value adds 8 seed-0 runs, about a third of the profile's cost, and takes it over the 12-minute bar: `configs/lorm/quick.yaml`) | an lr tuned for ViT/CIFAR does not carry over; never chosen on test; quick: CPU budget |
+| baselines | FedAvg-style LoRA, merging methods, ... | `lora.py`, `regmean.py`, ... | FedIT (factor average), exact product average SVD'd to rank r, RegMean SVD'd to rank r (both SVDs of the product of the stacked factors, via QR: no dense d_out x d_in SVD), and separately labelled the rank-growing variants (stacked product average; dense RegMean), full FT of the top layer, joint training | equal capacity: every rank-r method ends each round at rank r |
+| merge check (diagnostic, lorm only) | - | - | each round, per layer: response error of LoRM's solve, factor average, product average and RegMean on the same client updates, on the inputs of the Gram matrices (fit) and on held-out inputs of each client, relative to keeping the previous factors; every rule scored from its factors, tr(P Q G Q^T P^T) = sum((P^T P) * (Q G Q^T)) (exact, float64; RegMean of rank-r updates is itself a product of factors with clients x r columns) | the factored form is exact at a fraction of the dense cost (quick <= 12 min) |
 | statistics | mean of runs | - | 3 seeds with the task order drawn per seed; claims via `fedbench.claims` (paired bootstrap over seeds x test examples; t interval for forgetting) | - |
 """

@@ -89,17 +89,30 @@ def lora_svd(states, weights, modules, rank: int) -> State:
 
     Dense D = sum_i p_i B_i A_i = U S V^T; returns B = U_r S_r^(1/2), A = S_r^(1/2) V_r^T, so that
     B A is the best rank-r approximation of D (Eckart-Young), and equals D when rank(D) <= r.
-    Only the factor keys are returned.
+    D is kept as its stacked factors (as :func:`lora_stack`, in float64) and decomposed by
+    :func:`svd_of_product`, never formed densely. Only the factor keys are returned.
     """
     p = _normalised(weights, len(states))
     out = OrderedDict()
     for a_key, b_key in modules:
-        dense = sum(pi * (s[b_key].double() @ s[a_key].double()) for pi, s in zip(p, states))
-        u, sv, vh = torch.linalg.svd(dense, full_matrices=False)
-        root = sv[:rank].sqrt()
-        out[b_key] = (u[:, :rank] * root).to(states[0][b_key].dtype)
-        out[a_key] = (root[:, None] * vh[:rank]).to(states[0][a_key].dtype)
+        b_stack = torch.cat([pi * s[b_key].double() for pi, s in zip(p, states)], dim=1)
+        a_stack = torch.cat([s[a_key].double() for s in states], dim=0)
+        b, a = svd_of_product(b_stack, a_stack, rank)
+        out[b_key] = b.to(states[0][b_key].dtype)
+        out[a_key] = a.to(states[0][a_key].dtype)
     return out
+
+
+def svd_of_product(U: torch.Tensor, V: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) = (U_r S_r^(1/2), S_r^(1/2) V_r^T) of the truncated SVD of D = U V (d_out x k times k x d_in,
+    k small) from QR factors U = Q1 R1, V^T = Q2 R2 and the SVD of the small core R1 R2^T: D's singular
+    values and vectors without forming or decomposing the dense d_out x d_in matrix (the same
+    decomposition up to rounding and the sign of each singular pair, which B A does not see)."""
+    q1, r1 = torch.linalg.qr(U)
+    q2, r2 = torch.linalg.qr(V.T)
+    u, sv, vh = torch.linalg.svd(r1 @ r2.T, full_matrices=False)
+    root = sv[:rank].sqrt()
+    return (q1 @ u[:, :rank]) * root, root[:, None] * (vh[:rank] @ q2.T)
 
 
 # -- server optimizers (Reddi et al., 2021): treat Delta = aggregate - global as a pseudo-gradient ---

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from fedbench.errors import ConfigError
+from fedbench.fl.aggregators import svd_of_product
 from fedbench.fl.server import FederatedData
 from fedbench.fl.strategy import FedAvg, GlobalModel, check_lora_semantics, has_lora_factors, train_only
 from fedbench.merging import lorm as L
@@ -103,6 +104,14 @@ def unpack_upper(v: torch.Tensor) -> torch.Tensor:
     g[i, j] = v
     g[j, i] = v
     return g
+
+
+def per_task_accuracy(predictions: dict, task_rows: list) -> list[float]:
+    """Accuracy on each task's rows, read off `predictions` (:func:`fedbench.fl.client.evaluate`'s
+    ``{"test_index", "label", "prediction"}`` over a set holding every row of `task_rows`); nan for no rows."""
+    correct = dict(zip(np.asarray(predictions["test_index"]).tolist(),
+                       (np.asarray(predictions["label"]) == np.asarray(predictions["prediction"])).tolist()))
+    return [float(np.mean([correct[int(i)] for i in rows])) if len(rows) else float("nan") for rows in task_rows]
 
 
 def _check_continual(cfg) -> None:
@@ -219,18 +228,22 @@ class Continual(FedAvg):
         view = data.seen_view(data.test, t)
         kw = dict(cache=run.test_cache, pad_id=data.pad_id)
         end_of_task = self.schedule.round_in_task(max(self.last_round, 1)) == self.schedule.rounds_per_task - 1
+        seen = np.concatenate(data.task_test[:t + 1])
+        # one pass over the seen test rows: a[t, j] is read off its per-example predictions (the seen rows are
+        # exactly the union of the tasks' rows), not computed by a second forward pass per task
+        out = evaluate(run.model, view, seen, return_predictions=predictions or end_of_task, **kw)
         if end_of_task:
-            for j in range(t + 1):
-                acc = evaluate(run.model, view, data.task_test[j], **kw)["accuracy"]
+            for j, acc in enumerate(per_task_accuracy(out["predictions"], data.task_test[:t + 1])):
                 self.acc_rows.append({"split": "test", "after_task": t, "task": j, "accuracy": acc})
             if t == self.schedule.num_tasks - 1 and data.task_val:
                 vview = data.seen_view(data.train, t)
-                for j in range(t + 1):
-                    acc = evaluate(run.model, vview, data.task_val[j], cache=run.train_cache,
-                                   pad_id=data.pad_id)["accuracy"]
+                val = evaluate(run.model, vview, np.concatenate(data.task_val[:t + 1]), cache=run.train_cache,
+                               pad_id=data.pad_id, return_predictions=True)
+                for j, acc in enumerate(per_task_accuracy(val["predictions"], data.task_val[:t + 1])):
                     self.acc_rows.append({"split": "val", "after_task": t, "task": j, "accuracy": acc})
-        seen = np.concatenate(data.task_test[:t + 1])
-        return evaluate(run.model, view, seen, return_predictions=predictions, **kw)
+            if not predictions:
+                out.pop("predictions")
+        return out
 
     # -- client side --------------------------------------------------------------------------------
     def local_indices(self, run, ins):
@@ -327,10 +340,10 @@ class LoRM(Continual):
         inputs the Gram matrices came from (fit) and on held-out inputs of each client (heldout); rel_error
         divides by the error of keeping the previous global factors.
 
-        Cost: every rule but RegMean is a sum of rank-r products, so dW - dW_i = U V with few columns in U and
+        Cost: every rule is a sum of rank-r products (RegMean of the low-rank updates too:
+        :func:`fedbench.merging.lorm.regmean_factored`), so dW - dW_i = U V with few columns in U and
         tr(U V G V^T U^T) = sum((U^T U) * (V G V^T)) is exact (float64) at O(rank d_in^2) instead of
-        O(d_out d_in^2) (:func:`fedbench.merging.lorm.factored_response_error`); RegMean's dense merge is
-        scored densely."""
+        O(d_out d_in^2) (:func:`fedbench.merging.lorm.factored_response_error`)."""
         s = m.scaling
         full = [OrderedDict(g.state, **u.state) for u in updates]
         Bs = [s * st[m.b_key].double() for st in full]
@@ -338,20 +351,19 @@ class LoRM(Continual):
         p = L.normalized_weights(weights, len(full))
         b_avg = L.factor_average([st[m.b_key] for st in full], weights)
         a_avg = L.factor_average([st[m.a_key] for st in full], weights)
-        deltas = [b @ a for b, a in zip(Bs, As)]
         factored = {"lorm": (s * new_state[m.b_key].double(), new_state[m.a_key].double()),
                     "factor_average": (s * b_avg, a_avg),
-                    "product_average": (torch.cat([pi * b for pi, b in zip(p, Bs)], 1), torch.cat(As, 0))}
+                    "product_average": (torch.cat([pi * b for pi, b in zip(p, Bs)], 1), torch.cat(As, 0)),
+                    "regmean": L.regmean_factored(Bs, As, G, weights, self.ridge)}
         prev = (s * g.state[m.b_key].double(), g.state[m.a_key].double())
-        dense = {"regmean": L.regmean(deltas, G, weights, self.ridge)}
         held = [self._heldout.get((round_idx, u.client_id)) for u in updates]
         rows = []
         splits = [("fit", G)] + ([("heldout", [h[gname].double() for h in held])] if all(h is not None for h in held)
                                  else [])
+        clients = list(zip(Bs, As))
         for split, grams in splits:
-            errs = {rule: L.factored_response_error(uv, list(zip(Bs, As)), grams) for rule, uv in factored.items()}
-            errs.update({rule: L.response_error(dw, deltas, grams) for rule, dw in dense.items()})
-            keep = L.factored_response_error(prev, list(zip(Bs, As)), grams)
+            errs = {rule: L.factored_response_error(uv, clients, grams) for rule, uv in factored.items()}
+            keep = L.factored_response_error(prev, clients, grams)
             for rule in ("lorm", "factor_average", "product_average", "regmean"):
                 e = errs[rule]
                 rows.append({"task": self.schedule.task_of(round_idx), "round": int(round_idx), "layer": short(m.name),
@@ -380,17 +392,17 @@ class RegMeanLoRA(Continual):
         for gname, ms in input_groups(self.lora.modules).items():
             G = [g[gname] for g in grams]
             for m in ms:
-                # the clients' products B_i A_i (unscaled, as lora_svd) merged by RegMean
-                merged = L.regmean([u.state[m.b_key].double() @ u.state[m.a_key].double() for u in updates], G,
-                                   weights, self.ridge)
+                # the clients' products B_i A_i (unscaled, as lora_svd) merged by RegMean, kept as factors
+                # U V (rank <= clients x r): the same merge as the dense one, at a fraction of the cost
+                U, V = L.regmean_factored([u.state[m.b_key] for u in updates], [u.state[m.a_key] for u in updates],
+                                          G, weights, self.ridge)
                 i = self.lora.modules.index(m)
                 if self.fl.lora_aggregation == "svd":
-                    u_, sv, vh = torch.linalg.svd(merged, full_matrices=False)
-                    root = sv[:self.rank].sqrt()
-                    state[m.b_key] = (u_[:, :self.rank] * root).to(global_model.state[m.b_key].dtype)
-                    state[m.a_key] = (root[:, None] * vh[:self.rank]).to(global_model.state[m.a_key].dtype)
+                    b, a = svd_of_product(U, V, self.rank)
+                    state[m.b_key] = b.to(global_model.state[m.b_key].dtype)
+                    state[m.a_key] = a.to(global_model.state[m.a_key].dtype)
                 else:     # unbounded: the dense merge goes into the base, the factors restart
-                    base[m.base_key] = (base[m.base_key] + m.scaling * merged).to(base[m.base_key].dtype)
+                    base[m.base_key] = (base[m.base_key] + m.scaling * (U @ V)).to(base[m.base_key].dtype)
                     state[m.a_key], state[m.b_key] = self.fresh_factors(global_model.state, m, i, round_idx)
                     down += base[m.base_key].numel() * base[m.base_key].element_size()
         if self.fl.lora_aggregation == "svd":

@@ -101,6 +101,29 @@ def regmean(W_list: Sequence, G_list: Sequence, weights=None, ridge: float = 0.0
     return _solve_right(rhs, g_total, average, ridge)
 
 
+def regmean_factored(B_list: Sequence, A_list: Sequence, G_list: Sequence, weights=None,
+                     ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`regmean` of low-rank updates W_i = B_i A_i, as factors (U, V) with U V = the dense RegMean merge:
+    (sum_i B_i A_i G_i + lam' sum_i p_i B_i A_i) (G + lam' I)^-1 = [B_1 .. B_n] Z with the rows of Z the
+    solves of A_i G_i + lam' p_i A_i (ridge 0: pinv(G)). U: d_out x (sum of ranks). Equal to the dense merge
+    up to float64 rounding, at O(rank d_in^2) instead of O(d_out d_in^2). float64."""
+    ridge = _check_ridge(ridge)
+    if not (len(B_list) == len(A_list) == len(G_list)) or len(B_list) == 0:
+        raise ConfigError("G_list", len(G_list), f"one Gram matrix per client ({len(B_list)})")
+    p = _weights(weights, len(B_list))
+    Gs, As = [_f64(g) for g in G_list], [_f64(a) for a in A_list]
+    g_total = sum(Gs)
+    U = torch.cat([_f64(b) for b in B_list], 1)
+    if ridge == 0:
+        return U, torch.cat([a @ g for a, g in zip(As, Gs)], 0) @ torch.linalg.pinv(g_total, hermitian=True)
+    lam = ridge * float(torch.trace(g_total)) / g_total.shape[0]
+    if lam == 0:          # no client input at all: the average
+        return torch.cat([pi * _f64(b) for pi, b in zip(p, B_list)], 1), torch.cat(As, 0)
+    rhs = torch.cat([a @ g + lam * pi * a for a, g, pi in zip(As, Gs, p)], 0)
+    eye = torch.eye(g_total.shape[0], dtype=g_total.dtype)
+    return U, torch.linalg.solve(g_total + lam * eye, rhs.T).T
+
+
 def factor_average(factors: Sequence, weights=None) -> torch.Tensor:
     """Plain (FedAvg) average of one factor, float64: the merge LoRM replaces."""
     p = _weights(weights, len(factors))
@@ -153,13 +176,18 @@ def gram_nbytes(d_in: int) -> int:
 
 # -- client side: Gram matrices of the inputs of named linear layers ---------------------------------
 
+class _EveryInputSeen(Exception):
+    """Raised by the last forward pre-hook of a batch: nothing above it is needed for the Gram matrices."""
+
+
 @torch.no_grad()
 def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=None, pad_id: int = 0,
                       batch_size: int = 64, dtype=torch.float64) -> dict[str, torch.Tensor]:
     """{module name: X^T X} over the non-padding token rows of the inputs each module sees on the examples
-    `indices` of `split`, in `dtype` (float64 by default; the official code accumulates in float32) (forward pre-hooks; eval mode; a fixed batch order, so the sums are
-    deterministic). With an :class:`~fedbench.models.inputs.ActivationCache` the forward starts above the
-    frozen prefix, as training does."""
+    `indices` of `split`, in `dtype` (float64 by default; the official code accumulates in float32) (forward
+    pre-hooks; eval mode; a fixed batch order, so the sums are deterministic). With an :class:`~fedbench.models.inputs.ActivationCache` the forward starts above the
+    frozen prefix, as training does. The forward stops once every named module has seen its input (the
+    layers above the last one, and the head, are not run: the Gram matrices are the same, bit for bit)."""
     from fedbench.fl.client import forward_batch
     from fedbench.models.inputs import batch_order, pad_batch
     modules = {name: model.get_submodule(name) for name in module_names}
@@ -175,6 +203,9 @@ def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=
             rows = x[mask].to(dtype)                # padding rows never enter the Gram matrix
             g = rows.T @ rows
             out[name] = g if out[name] is None else out[name] + g
+            current["todo"].discard(name)
+            if not current["todo"]:
+                raise _EveryInputSeen
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
@@ -187,7 +218,11 @@ def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=
                 current["mask"] = cache.get(model, batch)[1]
             else:
                 current["mask"] = pad_batch([split.input_ids[i] for i in batch], pad_id)[1]
-            forward_batch(model, split, batch, cache, pad_id)
+            current["todo"] = set(modules)
+            try:
+                forward_batch(model, split, batch, cache, pad_id)
+            except _EveryInputSeen:
+                pass
     finally:
         for h in handles:
             h.remove()

@@ -235,5 +235,44 @@ class ActivationCache:
         for start in range(0, len(order), batch_size):
             self.get(model, order[start:start + batch_size], batch_size)
 
+    @torch.no_grad()
+    def fill_depths(self, model, indices, depths, batch_size: int = 128) -> None:
+        """:meth:`fill` at every depth of `depths` in one pass per chunk: the prefix runs once up to the deepest
+        and the shallower outputs are read on the way (the same operations on the same chunks as one
+        :meth:`fill` per depth, so the same values; the shallow layers are not run again)."""
+        depths = sorted({int(d) for d in depths})
+        idx = np.asarray(indices)
+        order = idx[np.lexsort((idx, self.split.lengths[idx]))]
+        layers = model.layers
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                chunk = [int(i) for i in order[start:start + batch_size]]
+                todo = [d for d in depths if any(i not in self._stores.setdefault(d, {}) for i in chunk)]
+                if not todo:
+                    continue
+                seen = {}
+                handles = [layers[d - 1].register_forward_hook(
+                    lambda mod, args, out, d=d: seen.__setitem__(d, out[0] if isinstance(out, tuple) else out))
+                    for d in todo[:-1]]
+                try:
+                    x, mask = self.split.inputs(chunk, self.pad_id)
+                    seen[todo[-1]] = model.prefix_hidden(x, mask, todo[-1])
+                finally:
+                    for h in handles:
+                        h.remove()
+                lengths = mask.sum(1).tolist() if mask is not None else [seen[todo[-1]].shape[1]] * len(chunk)
+                for d in todo:
+                    store = self._stores[d]
+                    for row, i in enumerate(chunk):
+                        if i not in store:
+                            store[i] = seen[d][row, : int(lengths[row])].clone()
+                    self._log.setdefault(d, []).append(list(chunk))
+        finally:
+            model.train(was_training)
+        if self.depth is not None:
+            self.hidden = self._stores.setdefault(self.depth, {})
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in self._stores.values() for t in store.values())
