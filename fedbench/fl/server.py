@@ -98,6 +98,25 @@ def prepare_data(cfg) -> FederatedData:
     )
 
 
+def prepare_validation(cfg, size: int, data: FederatedData | None = None) -> FederatedData:
+    """`cfg`'s clients (as :func:`prepare_data` cuts them) evaluated on a validation set instead of the test
+    split: `size` examples of the task's *training* split outside the clients' subsample
+    (``data.max_train_samples``), drawn seeded by ``cfg.seed``. The test split is never read: this is what
+    hyper-parameters are chosen on. Raises ConfigError if the training split has fewer than `size` spare."""
+    from fedbench.config import ConfigError
+    from fedbench.data import load_task
+    data = data or prepare_data(cfg)
+    ds = load_task(cfg.data.task)["train"]
+    used = _subsample(len(ds), cfg.data.max_train_samples, rng_for(cfg.seed, "subsample", 0))
+    spare = np.setdiff1d(np.arange(len(ds)), used)
+    if not (isinstance(size, int) and 2 <= size <= len(spare)):
+        raise ConfigError("validation_samples", size, f"an integer in [2, {len(spare)}] (the training examples of "
+                          f"{cfg.data.task!r} outside the clients' {len(used)})")
+    val_idx = np.sort(rng_for(cfg.seed, "subsample", 2).choice(spare, size=size, replace=False))
+    encoded, _ = _image_encoder(cfg) if "image" in ds.column_names else _text_encoder(cfg)
+    return dataclasses.replace(data, test=encoded(ds.select(val_idx)), test_indices=np.arange(size))
+
+
 def _backbone_config(cfg):
     from fedbench.models.backbone import _pretrained_state
     return _pretrained_state(cfg.model.backbone)[1]
