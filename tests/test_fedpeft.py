@@ -77,10 +77,13 @@ def test_grid_headline_plus_one_axis_at_a_time():
 
 
 def test_quick_meets_the_issue_floor():
-    """10 clients, >= 3 headline seeds, >= 1000 test examples, every quick method under DP, delta 1e-5."""
+    """10 clients, >= 3 headline seeds, >= 1000 test examples, full / head / LoRA under DP, delta 1e-5; the full
+    profile runs every method under DP."""
     s = settings()
     assert s["clients"] >= 10 and len(s["seeds"]) >= 3 and s["max_test_samples"] >= 1000
-    assert set(s["dp_methods"]) == set(s["methods"]) and s["clip_only"] and s["dp_delta"] == 1e-5
+    assert {"full", "head", "lora"} <= set(s["dp_methods"]) and s["clip_only"] and s["dp_delta"] == 1e-5
+    f = settings("full")
+    assert set(f["dp_methods"]) == set(f["methods"]) == set(fp.METHODS) and len(f["dp_seeds"]) >= 3
     assert "ia3" in s["methods"] and len(s["task_seeds"]) >= 3
     b = s["base"]
     assert b.train.dp.delta * (b.data.max_train_samples / b.data.num_clients) < 1
