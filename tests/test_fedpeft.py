@@ -8,7 +8,7 @@ from fedbench.experiments import fedpeft as fp
 
 REQUIRED = ["task", "method", "partition", "alpha", "participation", "dropout", "dp_epsilon_target",
             "dp_epsilon_spent", "seed", "trainable_params", "bytes_up_per_round", "bytes_down_per_round",
-            "total_bytes", "final_accuracy", "best_accuracy", "rounds", "wall_s"]
+            "total_bytes", "final_accuracy", "best_accuracy", "rounds", "wall_s", "dp_delta", "lr", "lr_selected_on"]
 
 
 def settings(profile="quick", **overrides):
@@ -28,7 +28,10 @@ def test_heterogeneity_levels_parse_and_bad_ones_are_named():
     ("tasks", ["cifar10"], "tasks"), ("tasks", [], "tasks"), ("methods", ["lorax"], "methods"),
     ("axis_methods", ["full", "nope"], "axis_methods"), ("seeds", [-1], "seeds"),
     ("stability", [[1.0, 0.0], [0.0, 0.1]], "stability"), ("stability", [[1.0, 1.0]], "stability"),
-    ("dp_epsilons", [0.0], "dp_epsilons"), ("lr", {"full": 1e-4}, "lr"), ("depth", 7, "peft.depth"),
+    ("dp_epsilons", [0.0], "dp_epsilons"), ("lr_grid", {"full": [1e-4]}, "lr_grid"),
+    ("dp_lr_grid", {m: [] for m in fp.METHODS}, "dp_lr_grid"), ("clip_only", "yes", "clip_only"),
+    ("validation_samples", 1, "validation_samples"), ("dp_methods", ["nope"], "dp_methods"),
+    ("dp_seeds", [], "dp_seeds"), ("depth", 7, "peft.depth"),
     ("heterogeneity", ["iid", "dirichlet--1"], "heterogeneity"),
 ])
 def test_bad_parameters_raise_config_errors_naming_them(key, value, match):
@@ -46,42 +49,133 @@ def test_grid_headline_plus_one_axis_at_a_time():
     s = settings()
     cells = fp.build_cells(s)
     assert len(cells) == len(set(cells))
-    base = dict(partition="dirichlet", alpha=1.0, participation=1.0, dropout=0.0, dp_epsilon=None)
+    (part, alpha), (p, d) = s["heterogeneity"][0], s["stability"][0]
+    base = dict(partition=part, alpha=alpha, participation=p, dropout=d, dp_epsilon=None)
     main = [c for c in cells if c.task == s["tasks"][0]]
 
     def differs(c):
         return [k for k, v in base.items() if getattr(c, k) != v]
-    # headline: every method x every seed at the base condition
     for m in s["methods"]:
         for seed in s["seeds"]:
             assert any(c.method == m and c.seed == seed and not differs(c) for c in main)
-    # axes: exactly one factor away from the base (alpha+partition move together), axis methods only
     for c in main:
-        d = differs(c)
-        if d:
+        diff = differs(c)
+        if diff == ["dp_epsilon"]:
+            assert c.method in s["dp_methods"] and c.seed in s["dp_seeds"]
+        elif diff:
             assert c.method in s["axis_methods"] and c.seed in s["axis_seeds"]
-            assert set(d) in ({"partition", "alpha"}, {"alpha"}, {"participation"}, {"participation", "dropout"},
-                              {"dp_epsilon"})
-    n_axis = len(s["axis_methods"]) * len(s["axis_seeds"]) * (
-        len(s["heterogeneity"]) - 1 + len(s["stability"]) - 1 + len(s["dp_epsilons"]))
+            assert set(diff) in ({"partition", "alpha"}, {"alpha"}, {"participation"}, {"dropout"},
+                                 {"participation", "dropout"})
+    levels = fp.dp_levels(s)
+    assert levels == [float("inf"), 8.0, 2.0]           # quick: the clipping-only control + two epsilons
+    n_axis = len(s["axis_methods"]) * len(s["axis_seeds"]) * (len(s["heterogeneity"]) - 1 + len(s["stability"]) - 1)
+    n_dp = len(s["dp_methods"]) * len(s["dp_seeds"]) * len(levels)
     n_head = len(s["methods"]) * len(s["seeds"])
-    n_other = (len(s["tasks"]) - 1) * len(s["task_methods"])
-    assert len(cells) == n_head + n_other + n_axis
+    n_other = (len(s["tasks"]) - 1) * len(s["task_methods"]) * len(s["task_seeds"])
+    assert len(cells) == n_head + n_other + n_axis + n_dp
     assert {c.task for c in cells} == set(s["tasks"])
+
+
+def test_quick_meets_the_issue_floor():
+    """10 clients, >= 3 headline seeds, >= 1000 test examples, full / head / LoRA under DP, delta 1e-5; the full
+    profile runs every method under DP."""
+    s = settings()
+    assert s["clients"] >= 10 and len(s["seeds"]) >= 3 and s["max_test_samples"] >= 1000
+    assert {"full", "head", "lora"} <= set(s["dp_methods"]) and s["clip_only"] and s["dp_delta"] == 1e-5
+    f = settings("full")
+    assert set(f["dp_methods"]) == set(f["methods"]) == set(fp.METHODS) and len(f["dp_seeds"]) >= 3
+    assert "ia3" in s["methods"] and len(s["task_seeds"]) >= 3
+    b = s["base"]
+    assert b.train.dp.delta * (b.data.max_train_samples / b.data.num_clients) < 1
 
 
 def test_configs_follow_the_cell():
     s = settings()
     c = fp.Cell("tweet_sentiment", "lora", "dirichlet", 0.1, 0.3, 0.3, 2.0, 1)
-    cfg = fp.make_config(c, s)
+    cfg = fp.make_config(c, s, lr=0.01)
     assert cfg.peft.method == "lora" and cfg.peft.depth == s["depth"]
     assert cfg.data.partition == "dirichlet" and cfg.data.alpha == 0.1 and cfg.seed == 1
     assert cfg.fl.clients_per_round == 0.3 and cfg.fl.dropout == 0.3
-    assert cfg.train.dp.enabled and cfg.train.dp.target_epsilon == 2.0 and cfg.train.dp.delta is None
-    assert cfg.train.lr == s["lr"]["lora"]
-    full = fp.make_config(fp.Cell("tweet_sentiment", "full", "iid", None, 1.0, 0.0, None, 0), s)
-    assert full.peft.depth is None and not full.train.dp.enabled and full.data.partition == "iid"
+    assert cfg.train.dp.enabled and cfg.train.dp.target_epsilon == 2.0 and cfg.train.dp.delta == 1e-5
+    assert cfg.train.dp.noise_multiplier is None and cfg.train.lr == 0.01
+    clip = fp.make_config(fp.Cell("tweet_sentiment", "lora", "dirichlet", 1.0, 0.3, 0.0, float("inf"), 0), s, lr=0.01)
+    assert clip.train.dp.enabled and clip.train.dp.noise_multiplier == 0.0 and clip.train.dp.target_epsilon is None
+    full = fp.make_config(fp.Cell("tweet_sentiment", "full", "iid", None, 1.0, 0.0, None, 0), s, lr=1e-4)
+    assert full.peft.depth == s["depth"] and not full.train.dp.enabled and full.data.partition == "iid"
     assert cfg.hash() != full.hash()
+    with pytest.raises(KeyError):            # without an lr search there is no lr: never a silent default
+        fp.make_config(c, s)
+    s["chosen_lr"] = {fp.lr_key(c): 0.003}
+    assert fp.make_config(c, s).train.lr == 0.003
+
+
+def test_lr_is_the_validation_argmax_per_task_method_and_privacy_level():
+    c = fp.Cell("tweet_sentiment", "lora", "dirichlet", 1.0, 0.3, 0.0, None, 0)
+    d = fp.Cell("tweet_sentiment", "lora", "dirichlet", 1.0, 0.3, 0.0, 8.0, 0)
+    chosen, table = fp.select_lrs([(c, 0.01, 0.5), (c, 0.03, 0.6), (c, 0.1, 0.6), (d, 0.003, 0.45), (d, 0.01, 0.4)])
+    assert chosen == {fp.lr_key(c): 0.03, fp.lr_key(d): 0.003}      # ties: the first in grid order
+    assert table["chosen"].tolist() == [False, True, False, True, False]
+    assert table["chosen_at_grid_edge"].tolist() == [False, False, False, True, True]
+    assert (table["selected_on"] == "validation").all()
+
+
+def test_tuning_covers_every_reported_task_method_and_level_on_one_seed():
+    s = settings()
+    tune = fp.tuning_cells(s)
+    keys = {fp.lr_key(c) for c, _ in tune}
+    assert keys == {fp.lr_key(c) for c in fp.build_cells(s)}
+    for c, lr in tune:
+        grid = s["lr_grid"][c.method] if c.dp_epsilon is None else s["dp_lr_grid"][c.method]
+        assert lr in grid and c.seed == s["seeds"][0]
+        assert (c.partition, c.alpha) == s["heterogeneity"][0] and (c.participation, c.dropout) == s["stability"][0]
+
+
+def test_validation_slice_is_training_data_outside_the_clients_and_never_test():
+    from fedbench.fl import prepare_data, prepare_validation
+    from fedbench.fl.server import validation_indices
+    s = settings("smoke")
+    cfg = fp.make_config(fp.base_cell(s, "tweet_sentiment", "head", 0), s, lr=0.01)
+    used, val = validation_indices(cfg, 24, 30289)
+    assert len(val) == 24 and not set(val) & set(used) and len(used) == cfg.data.max_train_samples
+    assert np.array_equal(val, validation_indices(cfg, 24, 30289)[1])        # seeded
+    with pytest.raises(ConfigError, match="validation_samples"):
+        validation_indices(cfg, 30289, 30289)
+    data = prepare_data(cfg)
+    v = prepare_validation(cfg, 24, data)
+    assert v.train is data.train and all(np.array_equal(a, b) for a, b in zip(v.client_indices, data.client_indices))
+    assert v.test is not data.test and len(v.test_indices) == 24
+
+
+def test_the_lr_search_never_evaluates_on_the_test_split(tmp_results, monkeypatch):
+    import fedbench.fl.server as server
+    s = settings("smoke", tasks=["tweet_sentiment"], methods=["head", "lora"], task_methods=[], axis_methods=[],
+                 dp_methods=["head"], dp_epsilons=[8.0])
+    runner = fp.Runner(s)
+    seen = []
+    real = server.evaluate
+
+    def spy(model, split, *a, **k):
+        seen.append(split)
+        return real(model, split, *a, **k)
+    monkeypatch.setattr(server, "evaluate", spy)
+    table = fp.tune(s, runner, progress=False)
+    assert len(table) == len(fp.tuning_cells(s)) and seen
+    tests = [d.test for (key, kind), d in runner.data.items() if kind == "test"]
+    vals = [d.test for (key, kind), d in runner.data.items() if kind != "test"]
+    assert tests and vals
+    assert all(any(x is v for v in vals) for x in seen) and not any(any(x is t for t in tests) for x in seen)
+    assert set(s["chosen_lr"]) == {fp.lr_key(c) for c in fp.build_cells(s)}
+
+
+def test_full_and_bitfit_take_depth_as_the_top_layers():
+    from fedbench.models import build_model, count_parameters
+    full_top = build_model(ModelConfig(), PeftConfig(method="full", depth=1), 3, seed=0)
+    layer = sum(p.numel() for p in full_top.layers[-1].parameters())
+    assert count_parameters(full_top)[0] == layer + 384 * 3 + 3 and full_top.frozen_prefix == 5
+    bit = build_model(ModelConfig(), PeftConfig(method="bitfit", depth=1), 3, seed=0)
+    biases = sum(p.numel() for n, p in bit.layers[-1].named_parameters() if n.endswith("bias"))
+    assert count_parameters(bit)[0] == biases + 384 * 3 + 3 and bit.frozen_prefix == 5
+    assert count_parameters(build_model(ModelConfig(), PeftConfig(method="full"), 3, seed=0))[0] == 22_566_531
 
 
 def test_lora_bytes_per_round_below_two_percent_of_full_exactly():
@@ -101,7 +195,8 @@ def synthetic_summary(full_acc=0.70, lora_acc=0.69, head_acc=0.60, dp_drop=None,
     """A summary as run_cells writes it, with chosen accuracies, and per-example results to match: example e
     is correct iff e < accuracy * n_test, so better runs get every example a worse run gets (paired noise-free)."""
     s = settings(seeds=[0, 1], axis_seeds=[0], tasks=["tweet_sentiment"], task_methods=[],
-                 methods=["full", "lora", "head"], axis_methods=["full", "lora", "head"])
+                 methods=["full", "lora", "head"], axis_methods=["full", "lora", "head"],
+                 dp_methods=["full", "lora", "head"], dp_seeds=[0])
     acc = {"full": full_acc, "lora": lora_acc, "head": head_acc}
     nbytes = {"full": 4 * 22_566_531, "lora": 4 * 25_731, "head": 4 * 1_155}
     dp_drop = dp_drop or {"full": 0.2, "lora": 0.05, "head": 0.02}
@@ -111,7 +206,7 @@ def synthetic_summary(full_acc=0.70, lora_acc=0.69, head_acc=0.60, dp_drop=None,
         a = acc[c.method] + (0.01 if c.seed == 1 else 0.0)
         if c.dp_epsilon is not None:
             a -= dp_drop[c.method] * (8.0 / c.dp_epsilon) ** 0.5
-        if c.participation < 1:
+        if c.dropout > 0:
             a -= unstable[c.method]
         if c.partition == "iid":
             a += 0.02
@@ -127,7 +222,8 @@ def synthetic_summary(full_acc=0.70, lora_acc=0.69, head_acc=0.60, dp_drop=None,
                      "total_params": 22_566_531, "bytes_up_per_round": 6 * nbytes[c.method],
                      "bytes_down_per_round": 6 * nbytes[c.method], "state_bytes": nbytes[c.method],
                      "total_bytes": 48 * nbytes[c.method], "final_accuracy": a, "best_accuracy": a,
-                     "final_loss": 1.0, "rounds": 4, "wall_s": 1.0})
+                     "final_loss": 1.0, "rounds": 4, "wall_s": 1.0, "lr": 0.01, "lr_selected_on": "validation",
+                     "dp_delta": 1e-5 if c.dp_epsilon else np.nan})
     return pd.DataFrame(rows).astype({"alpha": float, "dp_epsilon_target": float}), correct, s
 
 
@@ -143,6 +239,13 @@ def test_claims_are_decided_with_intervals_from_per_example_results():
     lora = [c for c in claims.index if "sends < 2%" in c][0]
     assert claims.loc[lora, "verdict"] == "agrees"
     assert claims.loc[lora, "estimate"] == pytest.approx(100 * 25_731 / 22_566_531)
+    clip = [c for c in claims.index if "[lora] per-sample clipping alone" in c][0]
+    assert claims.loc[clip, "estimate"] == pytest.approx(0.0)      # synthetic: clipping costs nothing
+    noise = [c for c in claims.index if "[full] DP noise at eps=2" in c][0]
+    assert claims.loc[noise, "verdict"] == "agrees" and claims.loc[noise, "estimate"] == pytest.approx(0.4, abs=2e-3)
+    trained = [c for c in claims.index if "beats head-only" in c][0]
+    assert claims.loc[trained, "verdict"] == "agrees"
+    assert not any("any" in c for c in claims.index)          # one comparison per row
     dp = [c for c in claims.index if "[eps=8] lora loses less" in c][0]
     assert claims.loc[dp, "verdict"] == "agrees" and claims.loc[dp, "estimate"] == pytest.approx(0.15, abs=2e-3)
     het = [c for c in claims.index if "[lora] strong label skew" in c][0]
@@ -152,7 +255,7 @@ def test_claims_are_decided_with_intervals_from_per_example_results():
                                        unstable={"full": 0.0, "lora": 0.2, "head": 0.2})
     claims = fp.make_claims(df, correct, s).set_index("claim")
     assert claims.loc[near, "verdict"] == "disagrees" and claims.loc[dp, "verdict"] == "disagrees"
-    stab = [c for c in claims.index if "lora keeps its standing" in c and "drop" not in c][0]
+    stab = [c for c in claims.index if "lora keeps its standing" in c][0]
     assert claims.loc[stab, "verdict"] == "disagrees"
 
 
@@ -185,7 +288,7 @@ def test_tables_average_over_seeds_and_measure_drops():
 def test_end_to_end_tiny_grid_is_reproducible(tmp_results, tmp_path, monkeypatch):
     over = dict(tasks=["tweet_sentiment"], methods=["head", "lora"], seeds=[0, 1], task_methods=[],
                 axis_methods=["head"], heterogeneity=["dirichlet-1.0", "iid"], stability=[[1.0, 0.0], [0.5, 0.5]],
-                dp_epsilons=[8.0], progress=False)
+                dp_epsilons=[8.0], dp_methods=["head"], clip_only=False, progress=False)
     res = fp.run(profile="smoke", **over)
     out = tmp_results / "fedpeft" / "smoke"
     for name in ("summary.csv", "metrics.csv", "claims.csv", "headline.csv", "accuracy_vs_rounds.png",
@@ -193,9 +296,14 @@ def test_end_to_end_tiny_grid_is_reproducible(tmp_results, tmp_path, monkeypatch
         assert (out / name).exists(), name
     summary = pd.read_csv(out / "summary.csv")
     assert set(REQUIRED) <= set(summary.columns)
+    assert (summary["lr_selected_on"] == "validation").all()
+    chosen = pd.read_csv(out / "lr_selection.csv")
+    for _, r in summary.iterrows():
+        pick = chosen[(chosen["method"] == r["method"]) & (chosen["privacy"] == r["dp"]) & chosen["chosen"]]
+        assert len(pick) == 1 and pick["lr"].iloc[0] == r["lr"]
     assert len(summary) == 2 * 2 + 3                                   # headline + iid, unstable, dp for head
     dp = summary[summary["dp_epsilon_target"].notna()]
-    assert len(dp) == 1 and 0 < dp["dp_epsilon_spent"].iloc[0] <= 8.0
+    assert len(dp) == 1 and 0 < dp["dp_epsilon_spent"].iloc[0] <= 8.0 and dp["dp_delta"].iloc[0] == 1e-5
     assert summary["dp_epsilon_spent"].isna().sum() == len(summary) - 1
     lora = summary[summary["method"] == "lora"].iloc[0]
     assert lora["bytes_up_per_round"] == 3 * lora["state_bytes"] and lora["rounds"] == 2
@@ -221,4 +329,4 @@ def test_a_base_field_the_grid_sets_is_refused_not_silently_replaced():
         settings(**{"fl.dropout": 0.3})
     assert e.value.field_name == "fl.dropout"
     s = settings(**{"fl.aggregator": "median"})            # a field no cell sets reaches every run
-    assert all(fp.make_config(c, s).fl.aggregator == "median" for c in fp.build_cells(s))
+    assert all(fp.make_config(c, s, lr=0.01).fl.aggregator == "median" for c in fp.build_cells(s))

@@ -276,3 +276,38 @@ def test_bad_inputs_are_config_errors(data):
         privacy.train_client_dp(m, trainable_state(m), data.train, np.arange(0), dp_cfg(), seed=0)
     with pytest.raises(ConfigError, match="train.dp.target_epsilon"):
         DPConfig(enabled=True, target_epsilon=8.0, noise_multiplier=1.0).validate()
+
+
+def test_clipping_only_control_adds_no_noise_and_spends_infinite_epsilon(data):
+    """noise_multiplier = 0: the clipping-only control. With q = 1 every example is in the batch whatever the
+    seed, so two seeds give the same update exactly iff no noise was added; epsilon is infinite."""
+    DPConfig(enabled=True, noise_multiplier=0.0).validate()
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        DPConfig(enabled=True, noise_multiplier=-0.1).validate()
+    m = model_for("head", data)
+    state = trainable_state(m)
+    cfg = dp_cfg(noise_multiplier=0.0, max_grad_norm=0.05)
+    cache = ActivationCache(data.train, data.pad_id)
+    examples = np.arange(6)
+    a = privacy.train_client_dp(m, state, data.train, examples, cfg, seed=1, cache=cache)
+    load_trainable_state(m, state)
+    b = privacy.train_client_dp(m, state, data.train, examples, cfg, seed=2, cache=cache)
+    assert a.metrics["dp_noise_multiplier"] == 0.0 and math.isinf(a.metrics["dp_epsilon"])
+    assert all(torch.equal(a.state[k], b.state[k]) for k in state)
+    assert any(not torch.equal(a.state[k], state[k]) for k in state)          # it did train
+    load_trainable_state(m, state)
+    c = privacy.train_client_dp(m, state, data.train, examples, dp_cfg(noise_multiplier=0.5, max_grad_norm=0.05),
+                                seed=2, cache=cache)
+    assert any(not torch.equal(a.state[k], c.state[k]) for k in state)        # and noise would show
+    assert privacy.epsilon_of("rdp", [(0.0, 0.5, 3)], 1e-5) == math.inf
+
+
+def test_delta_at_or_above_one_over_n_warns():
+    with pytest.warns(privacy.WeakDeltaWarning, match="1/n"):
+        assert privacy.client_delta(DPConfig(enabled=True, noise_multiplier=1.0), 100) == 0.01   # the None default
+    with pytest.warns(privacy.WeakDeltaWarning):
+        privacy.client_delta(DPConfig(enabled=True, noise_multiplier=1.0, delta=0.02), 100)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", privacy.WeakDeltaWarning)
+        assert privacy.client_delta(DPConfig(enabled=True, noise_multiplier=1.0, delta=1e-5), 100) == 1e-5

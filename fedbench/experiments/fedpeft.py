@@ -31,25 +31,29 @@ from fedbench.registry import TUNERS
 
 EXPERIMENT = "fedpeft"
 # display order: the reference first, then roughly from fewest to most trainable parameters
-METHODS = ("full", "head", "prompt", "lora", "bitfit", "adapter")
+METHODS = ("full", "head", "prompt", "lora", "ia3", "bitfit", "adapter")
 
-# AdamW learning rates per method. Full fine-tuning: 3e-4 from a {1e-4, 3e-4, 1e-3} sweep on the quick
-# headline setting (final accuracy, seeds 0-1: 0.54 / 0.62 / 0.53; 1e-3 diverges on one seed): with only
-# rounds x local_steps = 8 updates, 1e-4 left full FT undertrained and flattered PEFT.
-_LR = {"full": 3e-4, "head": 2e-2, "bitfit": 1e-2, "adapter": 1e-2, "prompt": 3e-2, "lora": 1e-2}
+# AdamW (DP: DP-Adam) learning-rate grids per method, searched on the validation split (see select_lrs);
+# the profiles set their own. Under DP the search uses `dp_lr_grid` at every privacy level.
+_LR_GRID = {"full": [1e-4, 3e-4, 1e-3], "head": [1e-2, 3e-2, 1e-1], "prompt": [1e-2, 3e-2, 1e-1],
+            "lora": [3e-3, 1e-2, 3e-2], "ia3": [1e-2, 3e-2, 1e-1], "bitfit": [3e-3, 1e-2, 3e-2],
+            "adapter": [3e-3, 1e-2, 3e-2]}
+_DP_LR_GRID = {m: list(v[:2]) for m, v in _LR_GRID.items()}
+LR_SELECTED_ON = "validation"
 
 # The profiles live in configs/fedpeft/{smoke,quick,full}.yaml: `base` (what every run of the grid starts from)
 # and `settings` (FedPEFTSettings, the grid). The short names below are the notebook's parameters for base fields.
 ALIASES = {"clients": "data.num_clients", "rounds": "fl.rounds", "local_steps": "train.local_steps",
            "batch_size": "train.batch_size", "depth": "peft.depth", "max_train_samples": "data.max_train_samples",
            "max_test_samples": "data.max_test_samples", "max_length": "data.max_length",
-           "dp_max_grad_norm": "train.dp.max_grad_norm", "dp_delta": "train.dp.delta"}
+           "dp_max_grad_norm": "train.dp.max_grad_norm", "dp_delta": "train.dp.delta",
+           "optimizer": "train.optimizer"}
 
 
 # base fields every cell sets itself (make_config), and the setting that controls each
 GRID_FIELDS = {"seed": "seeds", "data.task": "tasks", "data.partition": "heterogeneity", "data.alpha": "heterogeneity",
-               "peft.method": "methods", "train.lr": "lr", "train.dp.enabled": "dp_epsilons",
-               "train.dp.target_epsilon": "dp_epsilons", "fl.clients_per_round": "stability",
+               "peft.method": "methods", "train.lr": "lr_grid", "train.dp.enabled": "dp_epsilons",
+               "train.dp.target_epsilon": "dp_epsilons", "train.dp.noise_multiplier": "clip_only", "fl.clients_per_round": "stability",
                "fl.dropout": "stability", "fl.eval_every": "axis_eval_every"}
 
 
@@ -59,18 +63,25 @@ class FedPEFTSettings(Settings):
     tasks: tuple[str, ...] = ("tweet_sentiment", "ng20")
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
-    task_methods: tuple[str, ...] = ()          # methods run on the other tasks (first seed, base condition)
-    axis_methods: tuple[str, ...] = ()          # methods run under every axis level (axis_seeds)
+    task_methods: tuple[str, ...] = ()          # methods run on the other tasks (base condition)
+    task_seeds: tuple[int, ...] = (0,)          # seeds of the other tasks' runs
+    axis_methods: tuple[str, ...] = ()          # methods run under every heterogeneity / stability level
     axis_seeds: tuple[int, ...] = (0,)
     heterogeneity: tuple = ("dirichlet-1.0", "iid")     # the first is the base condition
     stability: tuple = ((1.0, 0.0),)                    # (participation, dropout) pairs, the first the base
     dp_epsilons: tuple[float, ...] = ()                 # target epsilons (no DP is always run)
-    lr: dict = field(default_factory=lambda: dict(_LR))  # AdamW learning rate per method
+    clip_only: bool = False                             # also the clipping-only control (noise 0, eps = inf)
+    dp_methods: tuple[str, ...] = ()                    # methods run at every privacy level (dp_seeds)
+    dp_seeds: tuple[int, ...] = (0,)
+    lr_grid: dict = field(default_factory=lambda: {k: list(v) for k, v in _LR_GRID.items()})
+    dp_lr_grid: dict = field(default_factory=lambda: {k: list(v) for k, v in _DP_LR_GRID.items()})
+    validation_samples: int = 300                       # train-split examples outside the clients' (lr search)
     axis_eval_every: int = 2
     near_tolerance: float = 0.03
 
     def validate(self) -> None:
         d = dataclasses.asdict(self)
+        d["heterogeneity"], d["stability"] = list(d["heterogeneity"]), list(d["stability"])
         d["depth"] = None                # checked on the base config (against the backbone)
         validate_settings(d)
 
@@ -92,7 +103,7 @@ class Cell:
     alpha: float | None       # Dirichlet alpha (None for iid)
     participation: float
     dropout: float
-    dp_epsilon: float | None  # None = no DP
+    dp_epsilon: float | None  # None = no DP; inf = clipping only (noise 0)
     seed: int
 
     @property
@@ -105,7 +116,19 @@ class Cell:
 
     @property
     def dp(self) -> str:
-        return "none" if self.dp_epsilon is None else f"eps={self.dp_epsilon:g}"
+        return dp_label(self.dp_epsilon)
+
+
+def dp_label(eps: float | None) -> str:
+    """'none', 'clip only' (noise 0: epsilon infinite) or 'eps=8'."""
+    if eps is None or (isinstance(eps, float) and math.isnan(eps)):
+        return "none"
+    return "clip only" if math.isinf(eps) else f"eps={eps:g}"
+
+
+def dp_levels(s: dict) -> list:
+    """The privacy levels run besides no DP: the clipping-only control (inf) and each target epsilon."""
+    return ([math.inf] if s["clip_only"] else []) + [float(e) for e in s["dp_epsilons"]]
 
 
 def heterogeneity_label(partition: str, alpha: float | None) -> str:
@@ -156,12 +179,18 @@ def validate_settings(s: dict) -> dict:
     from fedbench.data import OFFLINE_TASKS
     tasks = tuple(OFFLINE_TASKS)
     check_list("tasks", s["tasks"], lambda t: t in tasks, f"a non-empty list of offline text tasks from {list(tasks)}")
-    for key in ("methods", "task_methods", "axis_methods"):
+    for key in ("methods", "task_methods", "axis_methods", "dp_methods"):
         check_list(key, s[key], lambda m: m in TUNERS, f"a list of methods from {TUNERS.names()}",
                     nonempty=key == "methods")
     is_seed = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
     check_list("seeds", s["seeds"], is_seed, "a non-empty list of integers >= 0")
-    check_list("axis_seeds", s["axis_seeds"], is_seed, "a non-empty list of integers >= 0")
+    for key in ("axis_seeds", "task_seeds", "dp_seeds"):
+        check_list(key, s[key], is_seed, "a non-empty list of integers >= 0")
+    if not isinstance(s["clip_only"], bool):
+        raise ConfigError("clip_only", s["clip_only"], "true or false")
+    v = s["validation_samples"]
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 2):
+        raise ConfigError("validation_samples", v, "an integer >= 2 (training examples held out for the lr search)")
     check_list("heterogeneity", s["heterogeneity"], lambda v: True, "a non-empty list like ['dirichlet-1.0', 'iid']")
     s["heterogeneity"] = [parse_heterogeneity(v) for v in s["heterogeneity"]]
     check_list("stability", s["stability"],
@@ -172,10 +201,16 @@ def validate_settings(s: dict) -> dict:
     check_list("dp_epsilons", s["dp_epsilons"],
                 lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v),
                 "a list of target epsilons > 0 (no DP is always run)", nonempty=False)
-    lr = s["lr"]
-    if not isinstance(lr, dict) or not all(m in lr for m in set(s["methods"]) | set(s["task_methods"])
-                                           | set(s["axis_methods"])):
-        raise ConfigError("lr", lr, f"a dict with a learning rate for every method run, e.g. {_LR}")
+    run = set(s["methods"]) | set(s["task_methods"]) | set(s["axis_methods"]) | set(s["dp_methods"])
+    for key, need in (("lr_grid", run), ("dp_lr_grid", set(s["dp_methods"]))):
+        grid = s[key]
+        ok = isinstance(grid, dict) and all(
+            m in grid and isinstance(grid[m], (list, tuple)) and len(grid[m]) > 0
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 10 for x in grid[m])
+            for m in need)
+        if not ok:
+            raise ConfigError(key, grid, f"a dict with a non-empty list of learning rates in (0, 10] for every method "
+                              f"run, e.g. {_LR_GRID}")
     if s["depth"] is not None and not (isinstance(s["depth"], int) and 1 <= s["depth"] <= 6):
         raise ConfigError("depth", s["depth"], "None (every layer) or an integer in [1, 6] (top layers, LoRA/adapter)")
     if not (isinstance(s["axis_eval_every"], int) and not isinstance(s["axis_eval_every"], bool)
@@ -198,13 +233,16 @@ def build_cells(s: dict) -> list[Cell]:
         return Cell(task, method, part, alpha, p, d, eps, seed)
 
     cells = [cell(main, m, seed) for m in s["methods"] for seed in s["seeds"]]
-    cells += [cell(t, m, s["seeds"][0]) for t in s["tasks"][1:] for m in s["task_methods"]]
+    cells += [cell(t, m, seed) for t in s["tasks"][1:] for m in s["task_methods"] for seed in s["task_seeds"]]
     for m in s["axis_methods"]:
         for seed in s["axis_seeds"]:
             cells.append(cell(main, m, seed))
             cells += [cell(main, m, seed, part=part, alpha=alpha) for part, alpha in s["heterogeneity"][1:]]
             cells += [cell(main, m, seed, p=p, d=d) for p, d in s["stability"][1:]]
-            cells += [cell(main, m, seed, eps=float(e)) for e in s["dp_epsilons"]]
+    for m in s["dp_methods"]:
+        for seed in s["dp_seeds"]:
+            cells.append(cell(main, m, seed))
+            cells += [cell(main, m, seed, eps=e) for e in dp_levels(s)]
     seen, out = set(), []
     for c in cells:
         if c not in seen:
@@ -213,16 +251,68 @@ def build_cells(s: dict) -> list[Cell]:
     return out
 
 
-def make_config(c: Cell, s: dict) -> ExperimentConfig:
-    """The profile's base config with this cell's task, method, partition, participation, dropout and DP."""
+def make_config(c: Cell, s: dict, lr: float | None = None, eval_every: int | None = None) -> ExperimentConfig:
+    """The profile's base config with this cell's task, method, partition, participation, dropout and DP, at
+    learning rate `lr` (default: the one chosen on validation for the cell's task, method and privacy level)."""
+    eps = c.dp_epsilon
+    if lr is None:
+        lr = s["chosen_lr"][lr_key(c)]
+    if eval_every is None:
+        eval_every = s["base"].fl.eval_every if is_headline(c, s) else s["axis_eval_every"]
     return s["base"].replace(**{
         "seed": int(c.seed), "data.task": c.task, "data.partition": c.partition,
         "data.alpha": float(c.alpha) if c.alpha is not None else 1.0, "peft.method": c.method,
-        "peft.depth": s["depth"] if takes_depth(c.method) else None, "train.lr": float(s["lr"][c.method]),
-        "train.dp.enabled": c.dp_epsilon is not None,
-        "train.dp.target_epsilon": float(c.dp_epsilon) if c.dp_epsilon is not None else None,
+        "peft.depth": s["depth"] if takes_depth(c.method) else None, "train.lr": float(lr),
+        "train.dp.enabled": eps is not None,
+        "train.dp.target_epsilon": float(eps) if eps is not None and math.isfinite(eps) else None,
+        "train.dp.noise_multiplier": 0.0 if eps is not None and math.isinf(eps) else None,
         "fl.clients_per_round": float(c.participation), "fl.dropout": float(c.dropout),
-        "fl.eval_every": 1 if is_headline(c, s) else s["axis_eval_every"]})
+        "fl.eval_every": int(eval_every)})
+
+
+def lr_key(c: Cell) -> tuple:
+    """What a learning rate is chosen for: (task, method, privacy level)."""
+    return (c.task, c.method, c.dp)
+
+
+# -- learning rates, chosen on validation --------------------------------------------------------------
+def tuning_cells(s: dict) -> list[tuple[Cell, float]]:
+    """(cell, lr) of the learning-rate search: for every (task, method, privacy level) the profile runs, each lr
+    of the method's grid (`dp_lr_grid` under DP) at the base condition on the first seed."""
+    main, seed = s["tasks"][0], s["seeds"][0]
+    keys = []
+    for c in build_cells(s):
+        k = (c.task, c.method, c.dp_epsilon)
+        if k not in keys:
+            keys.append(k)
+    out = []
+    for task, method, eps in keys:
+        grid = s["lr_grid"][method] if eps is None else s["dp_lr_grid"][method]
+        c = base_cell(s, task, method, seed if task == main else s["task_seeds"][0], dp_epsilon=eps)
+        out += [(c, float(lr)) for lr in grid]
+    return out
+
+
+def select_lrs(results: list[tuple[Cell, float, float]]) -> tuple[dict, pd.DataFrame]:
+    """{lr_key: lr with the highest final *validation* accuracy} (ties: the first in grid order) and the table
+    of every (task, method, privacy level, lr, validation accuracy, chosen, at the grid's edge)."""
+    rows = [{"task": c.task, "method": c.method, "privacy": c.dp, "seed": c.seed, "lr": lr,
+             "validation_accuracy": acc} for c, lr, acc in results]
+    df = pd.DataFrame(rows)
+    chosen, flags, edge = {}, [], []
+    for (c, lr, acc) in results:
+        k = lr_key(c)
+        if k not in chosen or acc > chosen[k][1]:
+            chosen[k] = (lr, acc)
+    for c, lr, _ in results:
+        grid = [l for cc, l, _ in results if lr_key(cc) == lr_key(c)]
+        flags.append(chosen[lr_key(c)][0] == lr)
+        edge.append(len(grid) > 1 and chosen[lr_key(c)][0] in (min(grid), max(grid)))
+    if len(df):
+        df["chosen"] = flags
+        df["chosen_at_grid_edge"] = edge
+        df["selected_on"] = LR_SELECTED_ON
+    return {k: v[0] for k, v in chosen.items()}, df
 
 
 def is_headline(c: Cell, s: dict) -> bool:
@@ -247,6 +337,68 @@ def dp_mechanism(trainable: int, batch_size: int) -> str:
     return "Opacus ghost clipping" if ghost else "Opacus per-sample grads (hooks)"
 
 
+# -- protocol -----------------------------------------------------------------------------------------
+def protocol_table(profile: str = "quick") -> pd.DataFrame:
+    """Paper / ours (quick) / ours (full) / why, one row per protocol choice; read from the two profiles."""
+    q, f = settings_for("quick"), settings_for("full")
+
+    def grid(x):
+        return f"{len(x['methods'])} methods ({', '.join(x['methods'])})"
+
+    def run_shape(x):
+        b = x["base"]
+        return (f"{b.data.num_clients} clients, {b.fl.rounds} rounds x {b.train.local_steps} local steps of "
+                f"{b.train.batch_size}, same for every method")
+
+    def layers(x):
+        return ("every layer" if x["depth"] is None else
+                f"top {x['depth']} layer(s) + head for every method but head / prompt ('full' = full FT of them)")
+
+    def dp(x):
+        return (f"DP-Adam (Opacus: Poisson sampling, per-sample clip {x['dp_max_grad_norm']:g}, Gaussian noise), "
+                f"eps {', '.join(f'{e:g}' for e in x['dp_epsilons'])} + clipping only, delta {x['dp_delta']:g}, "
+                f"{len(x['dp_methods'])} methods x {len(x['dp_seeds'])} seed(s)")
+
+    def axes(x):
+        het = ", ".join(heterogeneity_label(*h) for h in x["heterogeneity"])
+        st = "; ".join(stability_label(*p) for p in x["stability"])
+        return f"{het} | {st}: {', '.join(x['axis_methods'])} x {len(x['axis_seeds'])} seed(s)"
+
+    def stats(x):
+        b = x["base"]
+        return (f"headline {len(x['seeds'])} seeds x {b.data.max_test_samples} test examples; claims by "
+                f"fedbench.claims (paired bootstrap, 95%)")
+
+    def lrs(x):
+        return (f"grid per method and privacy level on {x['validation_samples']} held-out training examples "
+                f"(seed {x['seeds'][0]}, base condition), reused for every seed and axis")
+
+    rows = [
+        ("backbone", "ViT-B: ~328 MB per round for full FT vs ~0.68 MB for PEFT", "all-MiniLM-L6-v2 (22.7M)",
+         "all-MiniLM-L6-v2 (22.7M)", "bundled offline; 2 CPU cores. Text, not images"),
+        ("data", "CIFAR-100 and the other image sets the paper reports", f"{', '.join(q['tasks'])}; "
+         f"{q['base'].data.max_train_samples} train examples", f"{', '.join(f['tasks'])}; "
+         f"{f['base'].data.max_train_samples} train examples", "offline text tasks (no image backbone ships offline)"),
+        ("methods", "full, head, bias, adapter, prompt, LoRA", grid(q), grid(f),
+         "quick cuts prompt tuning: its soft tokens enter at the input, so it cannot use the cached prefix (~6x)"),
+        ("trained layers", "every layer", layers(q), layers(f),
+         "quick: the frozen prefix is computed once per task and seed and shared by all runs"),
+        ("federation", "the paper's FedAvg setting", run_shape(q), run_shape(f), "equal client updates per method"),
+        ("learning rates", "not documented", lrs(q), lrs(f), "chosen on validation only; test is never read for it"),
+        ("privacy", "DP-SGD on every client", dp(q), dp(f),
+         "one optimizer at every level, re-tuned under DP, so the clip-only control isolates clipping"),
+        ("axes", "IID vs Dirichlet; sampling; dropout", axes(q), axes(f), "quick: subset of methods and seeds"),
+        ("statistics", "not stated in our notes (papers.md)", stats(q), stats(f), ">= 3 seeds, >= 1000 test examples"),
+    ]
+    return pd.DataFrame(rows, columns=["aspect", "paper", "ours (quick)", "ours (full)", "why"])
+
+
+def protocol_markdown(table: pd.DataFrame) -> str:
+    head = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
+    body = "".join("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |\n" for row in table.values)
+    return ("# FedPEFT protocol (generated by fedbench.experiments.fedpeft.protocol_table)\n\n" + head + body)
+
+
 # -- running -----------------------------------------------------------------------------------------
 @dataclass
 class FedPEFTResult:
@@ -269,7 +421,7 @@ class SharedCaches:
     """
 
     def __init__(self):
-        self.pool: dict[str, tuple] = {}
+        self.pool: dict[tuple, tuple] = {}
         self.filled: set[tuple[str, int]] = set()
         self._model = None
 
@@ -287,48 +439,95 @@ class SharedCaches:
             return num_layers - cfg.peft.depth
         return 0
 
-    def get(self, cfg, data):
+    def get(self, cfg, data, evaluation: str = "test"):
+        """(train, evaluation) caches for `cfg` on `data`; `evaluation` names the evaluated split ("test" or
+        the validation slice): the training cache is shared by both."""
         import torch
 
         from fedbench.models import build_model
         from fedbench.models.inputs import ActivationCache
-        key = self.sample_key(cfg)
+        key = (self.sample_key(cfg), evaluation)
         if key not in self.pool:
-            self.pool[key] = (ActivationCache(data.train, data.pad_id), ActivationCache(data.test, data.pad_id))
+            train = next((v[0] for k, v in self.pool.items() if k[0] == key[0]), None)
+            self.pool[key] = (train or ActivationCache(data.train, data.pad_id), ActivationCache(data.test, data.pad_id))
         if self._model is None:      # the plain pretrained layers compute every prefix
             self._model = build_model(cfg.model, PeftConfig(method="head"), data.num_labels, seed=0)
         depth = self.frozen_prefix(cfg, self._model.num_layers)
         if depth > 0 and (key, depth) not in self.filled:
             with torch.no_grad():
                 for cache, idx in zip(self.pool[key], (np.arange(len(data.train)), np.asarray(data.test_indices))):
-                    cache.fill(self._model, idx, depth)
+                    if not all(int(i) in cache._stores.get(depth, {}) for i in idx):
+                        cache.fill(self._model, idx, depth)
             self.filled.add((key, depth))
         return self.pool[key]
 
 
-def run_cells(cells: list[Cell], s: dict, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Run (or load) every cell; returns (summary rows, long per-round metrics, {cell: per-example 0/1 of the
-    final evaluation, by test index})."""
-    import time
+class Runner:
+    """Runs (or loads from the run store) one config on the test split or on the validation slice, sharing the
+    prepared data and the frozen-prefix caches between runs."""
 
-    from fedbench.config import config_hash
-    from fedbench.fl import prepare_data, run_cached
-    from fedbench.results import load_run, run_key
-    data_cache: dict[str, object] = {}
-    caches = SharedCaches()
+    def __init__(self, s: dict):
+        self.s, self.data, self.caches = s, {}, SharedCaches()
+
+    def engine(self, evaluation: str) -> str:
+        return "inprocess" if evaluation == "test" else f"inprocess/validation-{self.s['validation_samples']}"
+
+    def _data(self, cfg, evaluation: str):
+        from fedbench.config import config_hash
+        from fedbench.fl import prepare_data, prepare_validation
+        key = config_hash({"data": cfg.to_dict()["data"], "backbone": cfg.model.backbone, "seed": cfg.seed})
+        if (key, "test") not in self.data:       # shared by every method run on the same clients
+            self.data[(key, "test")] = prepare_data(cfg)
+        if evaluation != "test" and (key, evaluation) not in self.data:
+            self.data[(key, evaluation)] = prepare_validation(cfg, int(self.s["validation_samples"]),
+                                                              self.data[(key, "test")])
+        return self.data[(key, evaluation)]
+
+    def run(self, cfg, evaluation: str = "test"):
+        """(result, whether it was on disk). `evaluation`: "test" (reported runs) or "validation" (lr search:
+        the test split is not loaded into the run)."""
+        from fedbench.fl.server import run_federated
+        from fedbench.results import cached_run, load_run, run_key
+        engine = self.engine(evaluation)
+        done = load_run(run_key(cfg, engine), runs_root())
+        if done is not None:
+            return done, True
+        data = self._data(cfg, evaluation)
+        caches = self.caches.get(cfg, data, evaluation)
+        return cached_run(cfg, lambda ckpt: run_federated(cfg, data, caches=caches, checkpoint_dir=ckpt),
+                          root=runs_root(), engine=engine), False
+
+
+def tune(s: dict, runner: Runner, progress: bool = True) -> pd.DataFrame:
+    """The learning-rate search on validation; sets ``s["chosen_lr"]`` and returns the table (lr_selection.csv)."""
+    import time
+    t0 = time.perf_counter()
+    results = []
+    todo = tuning_cells(s)
+    for i, (c, lr) in enumerate(todo, 1):
+        cfg = make_config(c, s, lr=lr, eval_every=s["base"].fl.rounds)
+        result, cached = runner.run(cfg, "validation")
+        results.append((c, lr, float(result.summary["final_accuracy"])))
+        if progress:
+            status = "cached" if cached else f"{result.summary['wall_s']:.0f}s"
+            print(f"[lr {i}/{len(todo)}] {c.task} {c.method:7s} {c.dp:9s} lr={lr:g}: validation acc="
+                  f"{results[-1][2]:.3f} ({status}, {time.perf_counter() - t0:.0f}s total)", flush=True)
+    s["chosen_lr"], table = select_lrs(results)
+    return table
+
+
+def run_cells(cells: list[Cell], s: dict, progress: bool = True, runner: Runner | None = None
+              ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Run (or load) every cell at its validation-chosen lr (``s["chosen_lr"]``, from :func:`tune`); returns
+    (summary rows, long per-round metrics, {cell: per-example 0/1 of the final evaluation, by test index})."""
+    import time
+    runner = runner or Runner(s)
     summary_rows, metric_frames, correct = [], [], {}
     t0 = time.perf_counter()
     for i, c in enumerate(cells, 1):
         cfg = make_config(c, s)
-        done = load_run(run_key(cfg), runs_root())
-        if done is None:
-            key = config_hash({"data": cfg.to_dict()["data"], "backbone": cfg.model.backbone, "seed": cfg.seed})
-            if key not in data_cache:       # shared by every method run on the same clients
-                data_cache[key] = prepare_data(cfg)
-            data = data_cache[key]
-            result = run_cached(cfg, data, root=runs_root(), caches=caches.get(cfg, data))
-        else:
-            result = done
+        result, cached = runner.run(cfg, "test")
+        done = result if cached else None
         sm = result.summary
         correct[c] = result.correct
         keys = {"task": c.task, "method": c.method, "partition": c.partition, "alpha": c.alpha,
@@ -338,6 +537,9 @@ def run_cells(cells: list[Cell], s: dict, progress: bool = True) -> tuple[pd.Dat
             **keys, "variant": variant(c.method, cfg.peft.depth), "heterogeneity": c.heterogeneity,
             "stability": c.stability, "dp": c.dp,
             "dp_epsilon_spent": sm.get("dp_epsilon_spent", float("nan")),
+            "dp_delta": float(cfg.train.dp.delta) if c.dp_epsilon is not None and cfg.train.dp.delta is not None
+            else float("nan"),
+            "lr": float(cfg.train.lr), "lr_selected_on": LR_SELECTED_ON,
             "dp_mechanism": dp_mechanism(sm["trainable_params"], s["batch_size"]) if c.dp_epsilon else "",
             "trainable_params": sm["trainable_params"], "total_params": sm["total_params"],
             "bytes_up_per_round": sm["bytes_up_per_round"], "bytes_down_per_round": sm["bytes_down_per_round"],
@@ -365,14 +567,19 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
     s = settings_for(profile, path, **overrides)
     cells = build_cells(s)
     out = output_dir(EXPERIMENT, profile)
-    summary, metrics, correct = run_cells(cells, s, progress=progress)
+    runner = Runner(s)
+    lr_table = tune(s, runner, progress=progress)
+    summary, metrics, correct = run_cells(cells, s, progress=progress, runner=runner)
     save_table(summary, out, "summary.csv")
     save_table(metrics, out, "metrics.csv")
-    tables = make_tables(summary, s)
+    tables = {**make_tables(summary, s), "lr_selection": lr_table}
     for name, df in tables.items():
         save_table(df, out, f"{name}.csv")
     claims = make_claims(summary, correct, s)
     save_table(claims, out, "claims.csv")
+    from fedbench.results import atomic_write_text
+    tables["protocol"] = protocol_table()
+    atomic_write_text(out / "PROTOCOL.md", protocol_markdown(tables["protocol"]))
     figures = make_figures(summary, metrics, s)
     for name, fig in figures.items():
         save_figure(fig, out, name)
@@ -419,8 +626,9 @@ def headline_table(summary: pd.DataFrame, s: dict) -> pd.DataFrame:
 def axis_table(summary: pd.DataFrame, s: dict, axis: str) -> pd.DataFrame:
     """Accuracy (mean ± std over axis seeds) of each axis method at every level of one axis, others at base."""
     (part, alpha), (p, d) = s["heterogeneity"][0], s["stability"][0]
-    df = summary[(summary["task"] == s["tasks"][0]) & summary["method"].isin(s["axis_methods"])
-                 & summary["seed"].isin(s["axis_seeds"])]
+    methods, seeds = (s["dp_methods"], s["dp_seeds"]) if axis == "dp" else (s["axis_methods"], s["axis_seeds"])
+    df = summary[(summary["task"] == s["tasks"][0]) & summary["method"].isin(methods)
+                 & summary["seed"].isin(seeds)]
     het_base = (df["partition"] == part) & (df["alpha"].isna() if alpha is None else (df["alpha"] == alpha))
     stab_base = (df["participation"] == p) & (df["dropout"] == d)
     dp_base = df["dp_epsilon_target"].isna()
@@ -428,9 +636,9 @@ def axis_table(summary: pd.DataFrame, s: dict, axis: str) -> pd.DataFrame:
     df = df[keep]
     levels = {"heterogeneity": [heterogeneity_label(pa, al) for pa, al in s["heterogeneity"]],
               "stability": [stability_label(pp, dd) for pp, dd in s["stability"]],
-              "dp": ["none"] + [f"eps={e:g}" for e in s["dp_epsilons"]]}[axis]
+              "dp": ["none"] + [dp_label(e) for e in dp_levels(s)]}[axis]
     rows = []
-    for method in [m for m in METHODS if m in s["axis_methods"]]:
+    for method in [m for m in METHODS if m in methods]:
         ref = df[(df["method"] == method) & (df[axis] == levels[0])]["final_accuracy"].mean()
         for level in levels:
             g = df[(df["method"] == method) & (df[axis] == level)]
@@ -440,7 +648,7 @@ def axis_table(summary: pd.DataFrame, s: dict, axis: str) -> pd.DataFrame:
             row = {"method": method, "variant": g["variant"].iloc[0], axis: level, "seeds": len(g),
                    "final_accuracy_mean": float(acc.mean()), "final_accuracy_std": float(acc.std()),
                    "final_accuracy": _fmt(acc.mean(), acc.std()), "drop_vs_base": float(ref - acc.mean()),
-                   "total_MB": float(g["total_bytes"].mean()) / 1e6}
+                   "total_MB": float(g["total_bytes"].mean()) / 1e6, "lr": float(g["lr"].iloc[0])}
             if axis == "dp":
                 row["dp_epsilon_spent_max"] = float(g["dp_epsilon_spent"].max()) if level != "none" else float("nan")
                 row["dp_mechanism"] = g["dp_mechanism"].iloc[0] if level != "none" else ""
@@ -460,6 +668,7 @@ def dp_support_table(summary: pd.DataFrame, s: dict) -> pd.DataFrame:
         "adapter": "adapter Linear layers + head",
         "prompt": "soft prompt looked up per example so Opacus sees a batch dimension",
         "lora": "peft LoRA A/B Linear layers + head (Opacus issue #820: update checked exact in tests)",
+        "ia3": "(IA)^3 scaling vectors as modules of their own, with an exact grad sampler + head",
     }
     rows = []
     for m in METHODS:
@@ -468,7 +677,7 @@ def dp_support_table(summary: pd.DataFrame, s: dict) -> pd.DataFrame:
         ran = g[g["dp_epsilon_target"].notna()]
         rows.append({"method": m, "dp_supported": "yes",
                      "mechanism": dp_mechanism(trainable, s["batch_size"]) if trainable is not None else "",
-                     "run_under_dp_here": "yes" if len(ran) else "no (not in this profile's axis_methods)",
+                     "run_under_dp_here": "yes" if len(ran) else "no (not in this profile's dp_methods)",
                      "note": how[m]})
     return pd.DataFrame(rows)
 
@@ -503,9 +712,15 @@ def make_claims(summary: pd.DataFrame, correct: dict, s: dict) -> pd.DataFrame:
 
     # 1. each PEFT method within `tol` of full FT (non-inferiority: the interval's lower end above -tol)
     for task in s["tasks"]:
-        seeds = s["seeds"] if task == s["tasks"][0] else s["seeds"][:1]
+        seeds = s["seeds"] if task == s["tasks"][0] else s["task_seeds"]
         methods = s["methods"] if task == s["tasks"][0] else s["task_methods"]
         full = matrix([base_cell(s, task, "full", sd) for sd in seeds])
+        head = matrix([base_cell(s, task, "head", sd) for sd in seeds])
+        if full is not None and head is not None:   # the reference is trained enough to be one
+            rows.append(C.paired_mean(
+                full - head, f"[{task}] {variant('full', s['depth'])} beats head-only (the reference is trained)",
+                "full fine-tuning is the upper reference", direction=+1,
+                comparison="full - head", seed=int(seeds[0])))
         for m in [m for m in methods if m != "full"]:
             mine = matrix([base_cell(s, task, m, sd) for sd in seeds])
             if full is None or mine is None:
@@ -524,19 +739,37 @@ def make_claims(summary: pd.DataFrame, correct: dict, s: dict) -> pd.DataFrame:
                             comparison="100 * bytes(lora) / bytes(full)", what="exact byte count"))
     peft = [m for m in s["axis_methods"] if m != "full"]
     main_task, axis_seeds = s["tasks"][0], s["axis_seeds"]
-    # 3. DP: PEFT loses less accuracy than full FT (difference of the two drops, per seed and example)
+    dp_seeds = s["dp_seeds"]
+
+    def at(m, e):
+        return matrix([base_cell(s, main_task, m, sd, dp_epsilon=e) for sd in dp_seeds])
+    # 3a. per method: what clipping alone costs (no DP - clip only) and what the noise adds (clip only - eps)
+    for m in [m for m in METHODS if m in s["dp_methods"]]:
+        no, clip = at(m, None), (at(m, math.inf) if s["clip_only"] else None)
+        if no is not None and clip is not None:
+            rows.append(C.paired_mean(
+                no - clip, f"[{m}] per-sample clipping alone (noise 0) costs accuracy", "(control, not in the paper)",
+                direction=+1, comparison=f"{m}: no DP - clip only", seed=int(dp_seeds[0])))
+        for eps in s["dp_epsilons"]:
+            dp = at(m, float(eps))
+            ref, what = (clip, "clip only") if clip is not None else (no, "no DP")
+            if ref is None or dp is None:
+                continue
+            rows.append(C.paired_mean(
+                ref - dp, f"[{m}] DP noise at eps={eps:g} costs accuracy beyond {what}",
+                "DP-SGD costs accuracy, more at smaller epsilon", direction=+1,
+                comparison=f"{m}: {what} - eps={eps:g}", seed=int(dp_seeds[0])))
+    # 3b. DP: PEFT loses less accuracy than full FT (difference of the two drops, per seed and example)
     for eps in s["dp_epsilons"]:
-        f_no, f_dp = (matrix([base_cell(s, main_task, "full", sd, dp_epsilon=e) for sd in axis_seeds])
-                      for e in (None, float(eps)))
-        for m in peft:
-            m_no, m_dp = (matrix([base_cell(s, main_task, m, sd, dp_epsilon=e) for sd in axis_seeds])
-                          for e in (None, float(eps)))
+        f_no, f_dp = at("full", None), at("full", float(eps))
+        for m in [m for m in s["dp_methods"] if m != "full"]:
+            m_no, m_dp = at(m, None), at(m, float(eps))
             if any(x is None for x in (f_no, f_dp, m_no, m_dp)):
                 continue
             rows.append(C.paired_mean(
                 (f_no - f_dp) - (m_no - m_dp), f"[eps={eps:g}] {m} loses less accuracy than full FT under DP-SGD",
                 "under DP the gap to full FT narrows or reverses: noise grows with the trained dimension",
-                direction=+1, comparison=f"drop(full) - drop({m})", seed=int(axis_seeds[0])))
+                direction=+1, comparison=f"drop(full) - drop({m})", seed=int(dp_seeds[0])))
     # 4. stability: PEFT's gap to full FT does not fall by more than `tol` when clients are sampled / drop out
     (bp, bd) = s["stability"][0]
     for p, d in s["stability"][1:]:
@@ -598,12 +831,16 @@ def make_figures(summary: pd.DataFrame, metrics: pd.DataFrame, s: dict) -> dict:
     (part, alpha), (p, d) = s["heterogeneity"][0], s["stability"][0]
     het_base = (main["partition"] == part) & ((main["alpha"].isna()) if alpha is None else (main["alpha"] == alpha))
     stab_base = (main["participation"] == p) & (main["dropout"] == d)
-    if s["dp_epsilons"]:
-        no_dp = main[het_base & stab_base & main["dp_epsilon_target"].isna()].set_index(["method", "seed"])
+    if dp_levels(s):
+        dpm = summary[(summary["task"] == s["tasks"][0]) & summary["method"].isin(s["dp_methods"])
+                      & summary["seed"].isin(s["dp_seeds"])
+                      & _base_mask(summary.assign(dp_epsilon_target=np.nan), s)].copy()
+        dpm["variant"] = [variant(m, s["depth"]) for m in dpm["method"]]
+        no_dp = dpm[dpm["dp_epsilon_target"].isna()].set_index(["method", "seed"])
         drops = []
-        for _, r in main[het_base & stab_base & main["dp_epsilon_target"].notna()].iterrows():
+        for _, r in dpm[dpm["dp_epsilon_target"].notna()].iterrows():
             if (r["method"], r["seed"]) in no_dp.index:
-                drops.append({"variant": r["variant"], "seed": r["seed"], "dp": f"target eps={r['dp_epsilon_target']:g}",
+                drops.append({"variant": r["variant"], "seed": r["seed"], "dp": r["dp"],
                               "drop": no_dp.loc[(r["method"], r["seed"]), "final_accuracy"] - r["final_accuracy"]})
         if drops:
             figs["dp_drop.png"] = plots.bars(pd.DataFrame(drops), "variant", "drop", hue="dp", order=order,

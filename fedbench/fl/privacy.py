@@ -22,7 +22,11 @@ One local step, as in Abadi et al. (2016) and Opacus' ``DPDataLoader`` + ``DPOpt
 
 The accountant (``dp.accountant``: rdp, prv or gdp) composes every step of every round the client trained
 in: its history lives in the ``dp_state`` dict that the round loop keeps per client, so
-``dp_state["epsilon"]`` is the epsilon the client has spent so far, for ``delta`` (default ``1 / n``).
+``dp_state["epsilon"]`` is the epsilon the client has spent so far, for ``delta`` (default ``1 / n``, which
+is weak: :func:`client_delta` warns when delta >= 1/n).
+
+``dp.noise_multiplier = 0`` is the clipping-only control: per-sample clipping and the same optimizer, no
+noise; its epsilon is infinite. It separates what clipping costs from what the noise costs.
 
 With ``dp.target_epsilon``, sigma is calibrated with :func:`opacus.accountants.utils.get_noise_multiplier`
 so that a client that takes part in all ``total_rounds`` rounds of the run spends at most the target (a
@@ -75,8 +79,20 @@ def sample_rate(cfg, n: int) -> float:
     return 1.0 / math.ceil(n / cfg.batch_size)
 
 
+class WeakDeltaWarning(UserWarning):
+    """delta >= 1/n for a client of n examples: a mechanism that publishes one record in the clear meets
+    (0, 1/n)-DP, so such a delta guarantees little whatever epsilon is."""
+
+
 def client_delta(dp_cfg, n: int) -> float:
-    return float(dp_cfg.delta) if dp_cfg.delta is not None else 1.0 / n
+    """The client's delta: ``dp.delta``, or 1/n when it is None; warns (:class:`WeakDeltaWarning`) when
+    delta >= 1/n (the None default included)."""
+    delta = float(dp_cfg.delta) if dp_cfg.delta is not None else 1.0 / n
+    if delta * n >= 1.0:
+        warnings.warn(f"train.dp.delta={delta:.3g} is >= 1/n for a client with n={n} examples: a mechanism that "
+                      "publishes one record in the clear meets (0, 1/n)-DP; set train.dp.delta well below 1/n "
+                      "(e.g. 1e-5)", WeakDeltaWarning, stacklevel=2)
+    return delta
 
 
 def calibrate_noise(dp_cfg, q: float, steps: int, delta: float) -> float:
@@ -109,6 +125,8 @@ def epsilon_of(accountant_name: str, history: list, delta: float) -> float:
     linear in steps), with the per-step RDP curve memoised; other accountants are asked directly."""
     if not history:
         return 0.0
+    if any(float(sigma) == 0 and steps > 0 for sigma, _, steps in history):
+        return math.inf              # a step without noise (clipping only) has no finite epsilon
     from opacus.accountants import RDPAccountant, create_accountant
     if accountant_name == "rdp":
         from opacus.accountants.analysis import rdp as analysis

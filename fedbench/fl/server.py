@@ -98,6 +98,31 @@ def prepare_data(cfg) -> FederatedData:
     )
 
 
+def validation_indices(cfg, size: int, n_train: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the clients' subsample, `size` validation indices) into a training split of `n_train` examples: the
+    validation examples lie outside the subsample :func:`prepare_data` draws, drawn seeded by ``cfg.seed``."""
+    from fedbench.config import ConfigError
+    used = _subsample(n_train, cfg.data.max_train_samples, rng_for(cfg.seed, "subsample", 0))
+    spare = np.setdiff1d(np.arange(n_train), used)
+    if not (isinstance(size, int) and not isinstance(size, bool) and 2 <= size <= len(spare)):
+        raise ConfigError("validation_samples", size, f"an integer in [2, {len(spare)}] (the training examples of "
+                          f"{cfg.data.task!r} outside the clients' {len(used)})")
+    return used, np.sort(rng_for(cfg.seed, "subsample", 2).choice(spare, size=size, replace=False))
+
+
+def prepare_validation(cfg, size: int, data: FederatedData | None = None) -> FederatedData:
+    """`cfg`'s clients (as :func:`prepare_data` cuts them) evaluated on a validation set instead of the test
+    split: `size` examples of the task's *training* split outside the clients' subsample
+    (:func:`validation_indices`). The returned data holds no test example: this is what hyper-parameters are
+    chosen on. Raises ConfigError if the training split has fewer than `size` spare examples."""
+    from fedbench.data import load_task
+    data = data or prepare_data(cfg)
+    ds = load_task(cfg.data.task)["train"]
+    _, val_idx = validation_indices(cfg, size, len(ds))
+    encoded, _ = _image_encoder(cfg) if "image" in ds.column_names else _text_encoder(cfg)
+    return dataclasses.replace(data, test=encoded(ds.select(val_idx)), test_indices=np.arange(size))
+
+
 def _backbone_config(cfg):
     from fedbench.models.backbone import _pretrained_state
     return _pretrained_state(cfg.model.backbone)[1]

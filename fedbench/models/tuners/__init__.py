@@ -15,13 +15,14 @@ import torch
 from fedbench.models.tuners import adapter, ia3, lora, prompt, selective
 from fedbench.registry import TUNERS
 
-TUNERS.register("full", selective.apply_full, doc="full fine-tuning: every parameter", takes_depth=False, fields=(),
+TUNERS.register("full", selective.apply_full, doc="full fine-tuning: every parameter (with `depth`: every parameter "
+                "of the top `depth` layers + the head)", takes_depth=True, fields=("depth",),
                 opacus="position/token-type ids given a batch dimension; ghost clipping (22.7M parameters)")
 TUNERS.register("head", selective.apply_head, doc="the classifier head only (a linear probe)", takes_depth=False,
                 fields=(),
                 opacus="classifier trained on cached frozen features")
-TUNERS.register("bitfit", selective.apply_bitfit, doc="BitFit: every bias + the head (Ben Zaken et al. 2022)",
-                takes_depth=False, fields=(),
+TUNERS.register("bitfit", selective.apply_bitfit, doc="BitFit: every bias + the head (Ben Zaken et al. 2022; "
+                "with `depth`: the biases of the top `depth` layers)", takes_depth=True, fields=("depth",),
                 opacus="every bias of the encoder + head (Opacus' own Linear/LayerNorm samplers)")
 TUNERS.register("lora", lora.apply, doc="LoRA through peft on the top `depth` layers (Hu et al. 2022)",
                 takes_depth=True, has_lora_factors=True,
