@@ -10,6 +10,7 @@ import pytest
 
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.models.checks import BackboneFacts, backbone_facts, check_against_backbone
+from fedbench.registry import TUNERS
 
 
 
@@ -238,7 +239,12 @@ def test_ia3_places_itself_on_bert_and_vit(vit_dir):
 
 
 def test_depth_is_ignored_by_methods_without_it():
-    check_against_backbone(_cfg(**{"peft.method": "bitfit", "peft.depth": 99}))
+    without = [n for n in TUNERS.names() if not TUNERS.entry(n).takes_depth]
+    assert without                          # head / prompt
+    for method in without:
+        check_against_backbone(_cfg(**{"peft.method": method, "peft.depth": 99}))
+    # full and bitfit take a depth (top-k layers), so theirs is checked like LoRA's
+    _raises(_cfg(**{"peft.method": "bitfit", "peft.depth": 99}), "peft.depth", "6 layers")
 
 
 def test_max_length_past_the_positions():
