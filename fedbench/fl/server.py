@@ -63,6 +63,12 @@ def _subsample(n: int, k: int | None, rng: np.random.Generator) -> np.ndarray:
     return np.arange(n) if k is None or k >= n else np.sort(rng.choice(n, size=k, replace=False))
 
 
+def _train_subsample(cfg, n_train: int) -> np.ndarray:
+    """The training examples the clients get (seeded by ``cfg.seed``): one draw for :func:`prepare_data` and
+    :func:`validation_indices`, so the validation examples always lie outside it."""
+    return _subsample(n_train, cfg.data.max_train_samples, rng_for(cfg.seed, "subsample", 0))
+
+
 def partition_clients(labels: np.ndarray, data_cfg, seed: int) -> list[np.ndarray]:
     from fedbench.data import partition_dirichlet, partition_iid, partition_quantity_skew
     s = derive_seed(seed, "partition")
@@ -80,7 +86,7 @@ def prepare_data(cfg) -> FederatedData:
     ds = load_task(cfg.data.task)
     image_task = "image" in ds["train"].column_names
     encode = _image_encoder(cfg) if image_task else _text_encoder(cfg)
-    train_idx = _subsample(len(ds["train"]), cfg.data.max_train_samples, rng_for(cfg.seed, "subsample", 0))
+    train_idx = _train_subsample(cfg, len(ds["train"]))
     test_idx = _subsample(len(ds["test"]), cfg.data.max_test_samples, rng_for(cfg.seed, "subsample", 1))
     train_ds = ds["train"].select(train_idx)
     labels = train_ds.with_format("numpy")["label"][:]
@@ -102,7 +108,7 @@ def validation_indices(cfg, size: int, n_train: int) -> tuple[np.ndarray, np.nda
     """(the clients' subsample, `size` validation indices) into a training split of `n_train` examples: the
     validation examples lie outside the subsample :func:`prepare_data` draws, drawn seeded by ``cfg.seed``."""
     from fedbench.config import ConfigError
-    used = _subsample(n_train, cfg.data.max_train_samples, rng_for(cfg.seed, "subsample", 0))
+    used = _train_subsample(cfg, n_train)
     spare = np.setdiff1d(np.arange(n_train), used)
     if not (isinstance(size, int) and not isinstance(size, bool) and 2 <= size <= len(spare)):
         raise ConfigError("validation_samples", size, f"an integer in [2, {len(spare)}] (the training examples of "

@@ -210,13 +210,22 @@ class ActivationCache:
         was_training = model.training
         model.eval()
         x, mask = self.split.inputs(chunk, self.pad_id)
-        h = model.prefix_hidden(x, mask, self.depth)
+        self._store(self.hidden, self.depth, chunk, model.prefix_hidden(x, mask, self.depth), mask)
+        model.train(was_training)
+
+    def _store(self, store: dict, depth: int, chunk: list[int], h: torch.Tensor, mask) -> None:
+        """Keep in `store` each example's unpadded rows of `h` (the prefix output of `chunk` at `depth`) not
+        stored yet, and log the chunk under `depth` (the order :meth:`replay` recomputes)."""
         lengths = mask.sum(1).tolist() if mask is not None else [h.shape[1]] * len(chunk)
         for row, i in enumerate(chunk):
-            if i not in self.hidden:
-                self.hidden[i] = h[row, : int(lengths[row])].clone()
-        self._log.setdefault(self.depth, []).append(list(chunk))
-        model.train(was_training)
+            if i not in store:
+                store[i] = h[row, : int(lengths[row])].clone()
+        self._log.setdefault(depth, []).append(list(chunk))
+
+    def _fill_order(self, indices) -> np.ndarray:
+        """`indices` by length, then index: the fixed order every fill computes in."""
+        idx = np.asarray(indices)
+        return idx[np.lexsort((idx, self.split.lengths[idx]))]
 
     @torch.no_grad()
     def get(self, model, indices: np.ndarray, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,8 +239,7 @@ class ActivationCache:
         """Compute the prefix of every example in `indices` at `depth`, in a fixed order (by length, then index):
         the cached values, and every number after them, then do not depend on which runs came first."""
         self.ensure(depth)
-        idx = np.asarray(indices)
-        order = idx[np.lexsort((idx, self.split.lengths[idx]))]
+        order = self._fill_order(indices)
         for start in range(0, len(order), batch_size):
             self.get(model, order[start:start + batch_size], batch_size)
 
@@ -241,8 +249,7 @@ class ActivationCache:
         and the shallower outputs are read on the way (the same operations on the same chunks as one
         :meth:`fill` per depth, so the same values; the shallow layers are not run again)."""
         depths = sorted({int(d) for d in depths})
-        idx = np.asarray(indices)
-        order = idx[np.lexsort((idx, self.split.lengths[idx]))]
+        order = self._fill_order(indices)
         layers = model.layers
         was_training = model.training
         model.eval()
@@ -262,13 +269,8 @@ class ActivationCache:
                 finally:
                     for h in handles:
                         h.remove()
-                lengths = mask.sum(1).tolist() if mask is not None else [seen[todo[-1]].shape[1]] * len(chunk)
                 for d in todo:
-                    store = self._stores[d]
-                    for row, i in enumerate(chunk):
-                        if i not in store:
-                            store[i] = seen[d][row, : int(lengths[row])].clone()
-                    self._log.setdefault(d, []).append(list(chunk))
+                    self._store(self._stores[d], d, chunk, seen[d], mask)
         finally:
             model.train(was_training)
         if self.depth is not None:
