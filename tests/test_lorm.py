@@ -159,7 +159,11 @@ def test_bad_ridge_weights_and_grams_are_config_errors():
         L.solve_A(As, G, weights=[1, 2])
     with pytest.raises(ConfigError, match="G_list"):
         L.regmean(As, G[:2])
-    assert L.gram_nbytes(384) == 384 * 385 // 2 * 8
+    from fedbench.fl.continual import pack_upper
+    from fedbench.models.state import state_nbytes
+    g = L.gram(_t(X[0])).float()
+    assert L.gram_nbytes(g.shape[0]) == state_nbytes({"g": pack_upper(g)})      # what a client's extras carry
+    assert L.gram_nbytes(384, torch.float64) == 384 * 385 // 2 * 8
 
 
 
@@ -398,6 +402,25 @@ def test_lorm_rejects_what_it_cannot_run():
         base.replace(**{"fl.strategy": "regmean"})
     with pytest.raises(ConfigError, match="fl.aggregator"):
         base.replace(**{"fl.strategy": "lorm", "fl.aggregator": "median"})
+
+
+def test_lr_is_the_best_on_validation_ties_to_the_smaller_and_edges_are_flagged():
+    from fedbench.experiments import lorm
+
+    def get(val_by_lr):
+        def one(lr):
+            acc = pd.DataFrame([{"split": "val", "after_task": 0, "task": 0, "accuracy": val_by_lr[lr]},
+                                {"split": "test", "after_task": 0, "task": 0, "accuracy": 1.0}])
+            return {"accuracy": acc}, f"h{lr}"
+        return one
+
+    best, rows = lorm.select_lr("fedit", (1e-3, 3e-3, 1e-2), get({1e-3: 0.2, 3e-3: 0.5, 1e-2: 0.4}))
+    assert best == 3e-3 and [r["chosen"] for r in rows] == [False, True, False]
+    assert not any(r["chosen_at_grid_edge"] for r in rows) and rows[1]["run"] == "h0.003"
+    best, rows = lorm.select_lr("fedit", (1e-3, 3e-3), get({1e-3: 0.5, 3e-3: 0.5}))
+    assert best == 1e-3 and all(r["chosen_at_grid_edge"] for r in rows)      # a tie goes to the smaller lr
+    best, rows = lorm.select_lr("fedit", (3e-3,), get({3e-3: 0.1}))
+    assert best == 3e-3 and rows[0]["chosen_at_grid_edge"]                    # one value is no choice
 
 
 def test_end_to_end_reproduces_exactly_and_resumes(tmp_path, monkeypatch):

@@ -387,6 +387,21 @@ class _Runner:
         return res, config_hash(key)
 
 
+def select_lr(method: str, grid, get) -> tuple[float, list[dict]]:
+    """The lr of `grid` whose run (``get(lr) -> (tables, run hash)``, the first seed's) has the best final average
+    accuracy on the validation split (ties: the smaller lr), and one lr_selection row per value."""
+    rows = []
+    for lr in grid:
+        res, h = get(lr)
+        rows.append({"method": method, "lr": lr, "val_final_avg_accuracy": val_accuracy(res["accuracy"]), "run": h})
+    best = grid[int(np.argmax([r["val_final_avg_accuracy"] for r in rows]))]
+    for row in rows:
+        row["chosen"] = row["lr"] == best
+        # a choice at the grid's end says the optimum may lie outside it (one value: no choice at all)
+        row["chosen_at_grid_edge"] = len(grid) == 1 or best in (grid[0], grid[-1])
+    return best, rows
+
+
 def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -> LormResult:
     """Every (method, seed) run (lr chosen on validation), then the CSVs, claims and figures."""
     s, base = settings_for(profile, path, **overrides)
@@ -394,14 +409,8 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
     runner = _Runner(s, base, progress)
     per_run, lr_rows = {}, []
     for method in s.methods:
-        vals = []
-        for lr in s.lr_grid:
-            res, h = runner.get(method, s.seeds[0], lr)
-            vals.append(val_accuracy(res["accuracy"]))
-            lr_rows.append({"method": method, "lr": lr, "val_final_avg_accuracy": vals[-1], "run": h})
-        best = s.lr_grid[int(np.argmax(vals))]
-        for row in lr_rows[-len(s.lr_grid):]:
-            row["chosen"] = row["lr"] == best
+        best, rows = select_lr(method, s.lr_grid, lambda lr: runner.get(method, s.seeds[0], lr))
+        lr_rows += rows
         for seed in s.seeds:
             per_run[(method, seed)] = (*runner.get(method, seed, best), best)
     result = tables(s, base, per_run, pd.DataFrame(lr_rows))
@@ -524,8 +533,8 @@ PROTOCOL = """\
 | solve | closed form | float64, `torch.pinverse` | float64, relative ridge 1e-4 (towards the factor average) | numerical stability on rank-deficient Grams at CPU scale; its error never exceeds averaging's |
 | head | - | RegMean on the head weight (`regmean_all`, alpha 0.5), bias FedAvg'd | FedAvg'd by sample count, for every method | the same head rule for every method isolates the LoRA merge |
 | logits | train on the current task's classes | `outputs[:, cur_offset:cur_offset + cpt]` | logits outside the task masked; evaluated by argmax over every seen class (no task id) | - |
-| optimizer, lr | AdamW, lr 3e-4 | AdamW, lr 3e-4, weight decay 0.1 | AdamW, no weight decay; lr per method from a grid, chosen on a validation split carved from the training data (first seed); full: [3e-4, 1e-3, 3e-3]; quick: one value, 3e-3, for every method (a second value adds 8 seed-0 runs, about a third of the profile's cost, and takes it over the 12-minute bar: `configs/lorm/quick.yaml`) | an lr tuned for ViT/CIFAR does not carry over; never chosen on test; quick: CPU budget |
-| baselines | FedAvg-style LoRA, merging methods, ... | `lora.py`, `regmean.py`, ... | FedIT (factor average), exact product average SVD'd to rank r, RegMean SVD'd to rank r (both SVDs of the product of the stacked factors, via QR: no dense d_out x d_in SVD), and separately labelled the rank-growing variants (stacked product average; dense RegMean), full FT of the top layer, joint training | equal capacity: every rank-r method ends each round at rank r |
+| optimizer, lr | AdamW, lr 3e-4 | AdamW, lr 3e-4, weight decay 0.1 | AdamW, no weight decay; lr per method from a grid, chosen by final average accuracy on a validation split carved from the training data (first seed; `lr_selection.csv`, with `chosen_at_grid_edge`); quick: [3e-3, 1e-2]; full: [1e-3, 3e-3, 1e-2] | an lr tuned for ViT/CIFAR does not carry over; never chosen on test; quick: two values at CPU cost (an earlier two-value run [1e-3, 3e-3] had 1e-3 near chance at 3 local steps for LoRM and FedIT) |
+| baselines | FedAvg-style LoRA, merging methods, ... | `lora.py`, `regmean.py`, ... | FedIT (factor average), exact product average SVD'd to rank r, RegMean SVD'd to rank r (both SVDs of the product of the stacked factors, via QR: no dense d_out x d_in SVD), and separately labelled the rank-growing variants (stacked product average; dense RegMean), full FT of the top layer, joint training; quick runs the equal-rank ones, the rank-growing variants run in full (and in the unit tests) | equal capacity: every rank-r method ends each round at rank r; quick: the 12-minute bar |
 | merge check (diagnostic, lorm only) | - | - | each round, per layer: response error of LoRM's solve, factor average, product average and RegMean on the same client updates, on the inputs of the Gram matrices (fit) and on held-out inputs of each client, relative to keeping the previous factors; every rule scored from its factors, tr(P Q G Q^T P^T) = sum((P^T P) * (Q G Q^T)) (exact, float64; RegMean of rank-r updates is itself a product of factors with clients x r columns) | the factored form is exact at a fraction of the dense cost (quick <= 12 min) |
 | statistics | mean of runs | - | 3 seeds with the task order drawn per seed; claims via `fedbench.claims` (paired bootstrap over seeds x test examples; t interval for forgetting) | - |
 """

@@ -169,9 +169,10 @@ def normalized_weights(weights, n: int) -> list[float]:
     return _weights(weights, n)
 
 
-def gram_nbytes(d_in: int) -> int:
-    """Bytes of one Gram matrix on the wire: its upper triangle (it is symmetric) in float64."""
-    return d_in * (d_in + 1) // 2 * 8
+def gram_nbytes(d_in: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one Gram matrix on the wire: its upper triangle (it is symmetric), in the dtype it travels in
+    (float32, as the official code's ``gram_dtype='32'``; the server solves in float64)."""
+    return d_in * (d_in + 1) // 2 * torch.empty((), dtype=dtype).element_size()
 
 
 # -- client side: Gram matrices of the inputs of named linear layers ---------------------------------
