@@ -411,7 +411,7 @@ def make_figures(res: FlTacResult) -> dict:
         for r in sorted({rounds[int(round(i))] for i in np.linspace(0, len(rounds) - 1, n)}):
             figs[f"adapter_evolution_round{r:02d}"] = plots.scatter(
                 e[e["round"] == r], x="pc1", y="pc2", hue="task", marker="cluster",
-                title=f"round {r}: every adapter the server saw (PCA; colour = true task, marker = cluster)")
+                title=f"round {r}: adapters the server saw (PCA)")
     return figs
 
 
@@ -421,16 +421,17 @@ PROTOCOL = """\
 | aspect | paper (arXiv 2404.15384) | official code (siqi2000/FL-TAC, `configs/glue_bert.yaml`) | ours (quick; full) | why ours differs |
 |---|---|---|---|---|
 | backbone | BERT-base (GLUE), ViT (CIFAR), LLaMA (Dolly) | `bert-base-uncased`, `num_labels=2` | MiniLM-L6 (bundled, offline) | CPU-only, offline benchmark |
-| tasks | GLUE: SST-2, QNLI, QQP, MRPC, RTE (all binary) | same, `max_len` 128 | 4 binary offline tasks: rt_sentiment, subjectivity, sms_spam, tweet_polarity (tweet_sentiment without neutral, made here); max_length from the profile | offline; GLUE needs the hub |
+| tasks | GLUE: SST-2, QNLI, QQP, MRPC, RTE (all binary) | same, `max_len` 128 | 4 binary offline tasks: rt_sentiment, subjectivity, sms_spam, tweet_polarity (tweet_sentiment without neutral, made here); quick: 600 train / 200 validation / 1,000 test rows per task, max_length 32 | offline; GLUE needs the hub; CPU cost |
 | head | one per model | one 2-class head (`num_labels=2`) for every task; no task id | one 2-class head, no task id, no class mask | - |
 | what an adapter is / what travels | LoRA adapters | `get_adapter_state`: every trainable parameter, i.e. LoRA A, B **and the 2-class head**, per task (FL-TAC) or one per client (FedIT) | the same: LoRA factors + head per (client, task); clustered and averaged together | - (the issue's "only lora_ keys" reading does not match the code, whose docstring says the head is federated too) |
 | clients, partition | 10 clients per task, Dirichlet(0.5) | `n_clients` 10, `dirichlet_alpha` 0.5, shares < 1% zeroed | 10 clients, Dirichlet(0.5) per task, shares < 1% zeroed (`data.num_clients`, `data.alpha`, `min_share`) | - |
 | participation | full | full (`sel = range(n_clients)`) | full (`fl.clients_per_round` 1.0; sampling/dropout by config) | - |
-| rounds x local steps | 20 rounds | 20 x 50 steps per task (FL-TAC); FedIT `local_steps // n_tasks` per task | see the profile (`configs/fl_tac/quick.yaml`): far fewer steps | CPU budget (quick <= 12 min on 2 cores): FL-TAC, oracle and local train n_tasks x FedIT's steps |
-| LoRA | r = 4 | r 4, alpha 16, dropout 0.05, query/value of every layer | r 4, alpha 16, no dropout, query/value of the top `peft.depth` layers (frozen prefix cached) | CPU cost |
-| optimizer, lr | lr 5e-4 (BERT) | AdamW (wd 0.01 default), lr 5e-4, batch 32; a fresh optimizer per (client, task, round) | AdamW (wd 0), fresh per (client, task, round); lr per method chosen on a validation split (first seed) from `lr_grid` | never chosen on test |
+| rounds x local steps | 20 rounds | 20 rounds x 50 steps per (client, task) adapter (FL-TAC); FedIT `max(1, local_steps // n_tasks)` per task, i.e. ~50 per client: FL-TAC gets n_tasks x FedIT's compute | the official split of steps, at quick 6 rounds x 4 steps (FedIT 1 step per task; 120-128 FL-TAC steps vs 32-37 FedIT steps per round over all clients, `runs.csv`); full 20 x 50 (`configs/fl_tac/full.yaml`, not run). Not compute-matched, as in the official code | CPU budget (quick <= 12 min on 2 cores); a compute-matched FedIT (local_steps per task) is a config change (`train.local_steps`), not run |
+| LoRA | r = 4 | r 4, alpha 16, dropout 0.05, query/value of every layer | r 4, alpha 16, no dropout, query/value of the top 2 layers (quick; every layer in full), the frozen prefix cached | CPU cost |
+| optimizer, lr | lr 5e-4 (BERT) | AdamW (wd 0.01 default), lr 5e-4, batch 32; a fresh optimizer per (client, task, round) | AdamW (wd 0), fresh per (client, task, round), batch 8 (quick); lr from {5e-4, 1e-3} on a validation split carved from the training data (first seed) for FL-TAC and FedIT; the oracle and local take FL-TAC's | never chosen on test; quick: two grid values for two methods only (CPU budget) |
 | server | k-means, k = tasks, FedAvg per cluster | sklearn KMeans(n_init=10, random_state=seed) on the flattened adapters; FedAvg by samples per cluster; each (client, task) gets its cluster's aggregate | the same (`fedbench.fl.task_clusters`); k-means seed derived per round; silhouette k recorded beside k = T; a diagnostic clusters the round's updates | - |
 | FedIT | one adapter, FedAvg | one shared adapter, tasks in turn, `max(1, local_steps // n_tasks)` steps each | the same (`fedit_tasks`) | - |
 | evaluation | per task | task t scored with the first client's copy of the adapter for t | each test row of task t scored by the adapter of one client holding t, drawn with probability proportional to its samples (the same owners for every method of a seed) | every client's adapter counts, at the cost of one pass over the test set |
-| statistics | one run | one seed (42) | 3 seeds (partition, init, batches), the same test rows; claims via `fedbench.claims` (paired bootstrap over seeds x test examples; t interval for ARI) | - |
+| task-head arm | - | - | not built yet (the earlier per-task-head setting, where FedIT beat FL-TAC, is in git history) | time |
+| statistics | one run | one seed (42) | 3 seeds (partition, init, batches, scoring owners), the same test rows; claims via `fedbench.claims` (paired bootstrap over seeds x test examples; t interval for ARI) | - |
 """
