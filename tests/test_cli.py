@@ -64,5 +64,5 @@ def test_run_a_paper_experiment_profile_with_overrides(tmp_results, capsys):
 
 
 def test_core_override_on_an_experiment_not_yet_on_the_core_is_a_clear_error(capsys):
-    assert main(["run", "configs/fl_tac/smoke.yaml", "--set", "fl.dropout=0.3"]) == 2
+    assert main(["run", "configs/autofednlp/smoke.yaml", "--set", "fl.dropout=0.3"]) == 2
     assert "fl.dropout" in capsys.readouterr().err

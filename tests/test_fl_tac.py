@@ -1,5 +1,6 @@
-"""FL-TAC: the server step (flatten, k-means, silhouette k, cluster-wise FedAvg, scores) against direct
-computations, the per-task head masking, parameter errors, and an end-to-end run that reproduces itself."""
+"""FL-TAC: the clustering math against direct computations; the strategies on the loop (what travels, per-cluster
+FedAvg, FedIT's local_steps // n_tasks, checkpoint/resume, Flower); parameter errors; an end-to-end run that
+reproduces itself."""
 import itertools
 from collections import OrderedDict
 
@@ -175,89 +176,187 @@ def test_class_mask_is_one_head_per_task():
     assert restrict_logits(logits, plain, np.arange(6)) is logits
 
 
+# -- the strategies on the loop ------------------------------------------------------------------------
+
+TINY = {"tasks": ["rt_sentiment", "sms_spam"], "max_train_per_task": 30, "val_per_task": 8, "max_test_per_task": 12,
+        "n_init": 2, "seeds": [0, 1], "data.num_clients": 3, "fl.rounds": 2, "train.local_steps": 4,
+        "data.max_length": 16}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from fedbench.experiments import fl_tac
+    s, base = fl_tac.settings_for("smoke", **TINY)
+    pool = fl_tac.prepare_pool(s, base)
+    fl_tac.fill_caches(pool, base)
+    return s, base, pool, fl_tac.task_data(s, base, pool, seed=0)
+
+
+def _cfg(tiny, method, **changes):
+    from fedbench.experiments import fl_tac
+    s, base, _, _ = tiny
+    cfg = fl_tac.run_config(s, base, method, 0, 1e-3)
+    return cfg.replace(**changes) if changes else cfg
+
+
+def test_fl_tac_sends_one_adapter_per_task_and_averages_per_cluster(tiny):
+    from fedbench.fl import FederatedRun
+    from fedbench.fl.aggregators import fedavg
+    _, _, pool, data = tiny
+    run = FederatedRun(_cfg(tiny, "fl_tac"), data, pool.caches)
+    st = run.strategy
+    plan = run.select_clients(1)
+    ins = run.configure(plan)
+    updates = []
+    for c in plan.reporting:
+        tasks = [t for t in range(2) if len(data.task_clients[t][c])]
+        assert ins[c].options["tasks"] == tasks
+        assert list(ins[c].state) == [f"init/{k}" for k in st.keys]        # one copy of what every task starts from
+        u = run.client_update(c, 1, ins[c])
+        assert list(u.state) == [f"task{t}/{k}" for t in tasks for k in st.keys] == list(ins[c].send_keys)
+        assert [int(u.extras[f"n/task{t}"]) for t in tasks] == [len(data.task_clients[t][c]) for t in tasks]
+        assert u.num_steps == 4 * len(tasks)                                  # local_steps per task
+        assert set(run.store[c]["adapters"]) == {f"t{t}" for t in tasks}      # kept in the client's store
+        updates.append(u)
+    run.finish_round(plan, updates, 0.0, instructions=ins)
+    row = st.cluster_rows[-1]
+    assert row["k"] == 2 and row["adapters"] == sum(len(st.tasks_of(c)) for c in plan.reporting)
+    # each (client, task) now points at its cluster's sample-weighted mean
+    subs = [(u.client_id, t, s, n) for u in updates for t, s, n in st._unpack(u)]
+    by_slot = {}
+    for c, t, s, n in subs:
+        by_slot.setdefault(st.slot_of(c, t), []).append((s, n))
+    assert len(by_slot) == 2
+    for slot, members in by_slot.items():
+        want = fedavg([m[0] for m in members], [m[1] for m in members])
+        for k in st.keys:
+            torch.testing.assert_close(run.global_model.state[f"{slot}/{k}"], want[k])
+
+
+def test_oracle_groups_by_task_local_keeps_every_adapter_and_fedit_splits_its_steps(tiny):
+    from fedbench.fl import FederatedRun
+    _, _, pool, data = tiny
+    oracle = FederatedRun(_cfg(tiny, "oracle"), data, pool.caches)
+    oracle.run_round(1)
+    assert set(oracle.strategy.assign.values()) == {"task0", "task1"}
+    local = FederatedRun(_cfg(tiny, "local"), data, pool.caches)
+    local.run_round(1)
+    for p, slot in local.strategy.assign.items():
+        c, t = map(int, p.split(":"))
+        sent = local.store[c]["adapters"][f"t{t}"]
+        assert all(torch.equal(local.global_model.state[f"{slot}/{k}"], v) for k, v in sent.items())
+    fedit = FederatedRun(_cfg(tiny, "fedit"), data, pool.caches)
+    plan = fedit.select_clients(1)
+    ins = fedit.configure(plan)
+    for c in plan.reporting:
+        u = fedit.client_update(c, 1, ins[c])
+        n = len(fedit.strategy.tasks_of(c))
+        assert u.num_steps == n * max(1, 4 // n) and list(u.state) == [f"shared/{k}" for k in fedit.strategy.keys]
+
+
+def test_resume_from_a_checkpoint_is_bit_identical(tiny, tmp_path):
+    from fedbench.fl.server import run_federated
+    _, _, pool, data = tiny
+    cfg = _cfg(tiny, "fl_tac", **{"fl.rounds": 3})
+    whole = run_federated(cfg, data, caches=pool.caches)
+    run_federated(cfg, data, caches=pool.caches, checkpoint_dir=tmp_path, stop_after=1)
+    resumed = run_federated(cfg, data, caches=pool.caches, checkpoint_dir=tmp_path)
+    pd.testing.assert_frame_equal(whole.rounds.drop(columns="wall_s"), resumed.rounds.drop(columns="wall_s"))
+    for name in ("clustering", "accuracy", "embedding"):
+        pd.testing.assert_frame_equal(pd.DataFrame(whole.summary["fl_tac"][name]),
+                                      pd.DataFrame(resumed.summary["fl_tac"][name]), check_like=True)
+    assert whole.summary["fl_tac"]["val_predictions"] == resumed.summary["fl_tac"]["val_predictions"]
+    np.testing.assert_array_equal(whole.correct, resumed.correct)
+
+
+def test_strategies_accept_dp_dropout_and_sampling_by_config(tiny):
+    from fedbench.fl.server import run_federated
+    _, _, pool, data = tiny
+    dp = {"enabled": True, "noise_multiplier": 0.7, "max_grad_norm": 1.0, "delta": 1e-5}
+    res = run_federated(_cfg(tiny, "fl_tac", **{"train.dp": dp, "fl.dropout": 0.3, "fl.clients_per_round": 2}),
+                        data, caches=pool.caches)
+    assert res.summary["dp_epsilon_spent"] > 0 and (res.rounds["clients_sampled"] == 2).all()
+
+
+def test_on_flower_message_api_equals_in_process(tiny):
+    pytest.importorskip("flwr")
+    from test_flower import LocalGrid
+
+    from fedbench.engines import flower as fl_engine
+    from fedbench.fl import FederatedRun
+    _, _, pool, data = tiny
+    cfg = _cfg(tiny, "fl_tac")
+    ref = FederatedRun(cfg, data)
+    for r in (1, 2):
+        ref.run_round(r)
+    fl_engine.client_runtime(cfg, data)
+    run = fl_engine.server_main(LocalGrid(cfg.data.num_clients), cfg, data=data)
+    cols = ["round", "clients_sampled", "bytes_up", "bytes_down", "local_steps"]
+    pd.testing.assert_frame_equal(pd.DataFrame(run.records)[cols], pd.DataFrame(ref.records)[cols])
+    assert run.strategy.assign == ref.strategy.assign
+    for k, v in ref.global_model.state.items():
+        torch.testing.assert_close(run.global_model.state[k], v, rtol=0, atol=1e-6)
+
+
+def test_changed_clusters_matches_clusters_across_renumbering():
+    from fedbench.fl.task_clusters import changed_count
+    assert changed_count([0, 0, 1, 1], [1, 1, 0, 0]) == 0
+    assert changed_count([0, 0, 1, 1], [1, 1, 0, 1]) == 1
+
+
 # -- the experiment -------------------------------------------------------------------------------------
 
 def test_bad_parameters_name_field_and_allowed_values():
     from fedbench.experiments import fl_tac
-    bad = [({"tasks": ["rt_sentiment"]}, "tasks"), ({"tasks": ["rt_sentiment", "digits"]}, "tasks"),
-           ({"methods": ["fl_tac", "fedprox"]}, "methods"), ({"k": 0}, "k"), ({"cluster_on": "heads"}, "cluster_on"),
-           ({"embedding": "mds"}, "embedding"), ({"seeds": [0, 0]}, "seeds"), ({"min_share": 0.5}, "min_share"),
-           ({"rounds": 0}, "rounds"), ({"depth": 0}, "depth"), ({"lr": -1.0}, "lr"), ({"colour": 1}, "colour")]
+    bad = [({"tasks": ["rt_sentiment"]}, "tasks"), ({"tasks": ["rt_sentiment", "ng20"]}, "tasks"),
+           ({"methods": ["fl_tac", "fedprox"]}, "methods"), ({"k": 0}, "k"), ({"seeds": [0, 0]}, "seeds"),
+           ({"min_share": 0.5}, "min_share"), ({"lr_grid": [-1.0]}, "lr_grid"), ({"colour": 1}, "colour"),
+           ({"peft.method": "head", "peft.depth": None}, "peft.method")]
     for overrides, name in bad:
         with pytest.raises(ConfigError) as e:
             fl_tac.settings_for("smoke", **overrides)
-        assert e.value.field_name == name and "expected" in str(e.value)
+        assert e.value.field_name == name, (overrides, e.value.field_name)
     with pytest.raises(ConfigError, match="profile"):
         fl_tac.settings_for("huge")
-    s = fl_tac.settings_for("smoke", methods=["local", "fl_tac"], seeds=3)
-    assert s["methods"] == ("fl_tac", "local") and s["seeds"] == (3,)
+    s, _ = fl_tac.settings_for("smoke", methods=["local", "fl_tac"], seeds=[3])
+    assert s.methods == ("fl_tac", "local") and s.seeds == (3,)
 
 
-TINY = dict(tasks=["rt_sentiment", "wordnet_verb"], clients=3, max_train_per_task=24, max_test_per_task=16,
-            rounds=2, local_steps=1, batch_size=8, k_max=4)
-
-
-def test_partition_and_joint_split():
+def test_tweet_polarity_is_tweet_sentiment_without_neutral():
+    from fedbench.data import load_task
     from fedbench.experiments import fl_tac
-    s = fl_tac.settings_for("smoke", **TINY)
-    data = fl_tac.prepare_data(s, seed=0)
-    assert data.num_classes == [2, 15] and data.offsets == [0, 2]
-    # every train example belongs to exactly one (client, task) pair, of its own task
-    allidx = np.concatenate(data.pair_indices)
-    assert sorted(allidx.tolist()) == list(range(len(data.train)))
-    for (c, t), idx in zip(data.pairs, data.pair_indices):
-        rows = data.train.class_mask[idx]
-        assert rows[:, data.rows(t)].all() and rows.sum(1).eq(data.num_classes[t]).all()
-        assert ((data.train.labels[idx] >= data.offsets[t]) &
-                (data.train.labels[idx] < data.offsets[t] + data.num_classes[t])).all()
-    run = fl_tac.MultiTaskRun(s, 0, data)
-    pair_state = OrderedDict(list(run.init_lora.items()) + list(run.head(1).items()))
-    full = run.full_state(pair_state, {1: pair_state})
-    back = run.split_state(full, 1)
-    assert list(back) == list(pair_state) and all(torch.equal(back[k], pair_state[k]) for k in back)
-    assert full["classifier.weight"].shape == (17, 384)
-    # a state object shared by pairs of two tasks (one cluster) is scored on each task separately
-    run.accuracy = lambda state, t: [0.25, 0.75][t]
-    run.full_state = lambda state, heads: state
-    shared = OrderedDict(list(run.init_lora.items()) + list(run.head(0).items()))
-    shared_rows = run._evaluate_pairs(1, [shared] * len(data.pairs), [1] * len(data.pairs))
-    assert [r["accuracy"] for r in shared_rows] == [0.25, 0.75]
+    ds, src = fl_tac.load_binary("tweet_polarity"), load_task("tweet_sentiment")
+    lab = src["test"].with_format("numpy")["label"][:]
+    assert len(ds["test"]) == int((lab != 1).sum()) >= 1000
+    assert set(ds["test"].with_format("numpy")["label"][:].tolist()) == {0, 1}
 
 
 def test_end_to_end_reproduces_exactly(tmp_path, monkeypatch):
     from fedbench.experiments import fl_tac
     monkeypatch.delenv("FEDBENCH_RESULTS", raising=False)
+    names = ("summary.csv", "clustering.csv", "accuracy_rounds.csv", "claims.csv", "adapter_embedding.csv")
     tables = []
     for root in ("a", "b"):       # two cold runs in two empty result roots
         monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path / root))
         res = fl_tac.run(profile="smoke", progress=False, **TINY)
         out = tmp_path / root / "fl_tac" / "smoke"
-        tables.append({n: (out / n).read_text() for n in ("summary.csv", "clustering.csv", "accuracy_rounds.csv",
-                                                          "claims.csv")})
+        tables.append({n: (out / n).read_text() for n in names})
     assert tables[0] == tables[1]
     again = fl_tac.run(profile="smoke", progress=False, **TINY)           # loaded from the run store
     pd.testing.assert_frame_equal(again.summary, res.summary)
-    # a method computed alone equals the same method computed after the others (same init, same caches)
-    monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path / "c"))
-    alone = fl_tac.run(profile="smoke", progress=False, **dict(TINY, methods=["local"]))
-    pd.testing.assert_frame_equal(alone.summary, res.summary[res.summary["method"] == "local"].reset_index(drop=True))
     summary = pd.read_csv(tmp_path / "b" / "fl_tac" / "smoke" / "summary.csv")
-    assert list(summary.columns) == ["method", "task", "accuracy", "trainable_params_per_client",
-                                     "bytes_up_per_round", "seed"]
+    assert list(summary.columns)[:5] == ["method", "arm", "task", "seed", "accuracy"]
     assert set(summary["method"]) == set(fl_tac.METHODS) and summary["accuracy"].between(0, 1).all()
-    by = summary.groupby("method")
-    assert (by["bytes_up_per_round"].first()["local"] == 0) and by["bytes_up_per_round"].first()["fl_tac"] > 0
-    # FL-TAC and the oracle train the same per-task adapters; FedIT one adapter per client: fewer parameters
-    p = by["trainable_params_per_client"].first()
-    assert p["fl_tac"] == p["oracle"] == p["local"] > p["fedit"]
-    clu = res.clustering
-    assert set(clu["k_mode"]) == {"fixed", "silhouette_probe", "silhouette"}
-    assert (clu.loc[clu["k_mode"] == "fixed", "k"] == 2).all()
-    assert clu["ari"].between(-1, 1).all() and clu["hungarian_accuracy"].between(0, 1).all()
-    assert list(res.claims.columns) == ["claim", "paper", "ours", "agrees"] and len(res.claims) == 2 + 1 + 1 + 2
-    emb = pd.read_csv(tmp_path / "b" / "fl_tac" / "smoke" / "adapter_embedding.csv")
-    pairs = int(res.runs.loc[res.runs["method"] == "fl_tac", "pairs"].iloc[0])
-    assert len(emb) == 2 * 2 * pairs      # (fl_tac, fl_tac_auto) x 2 rounds x every adapter
-    assert set(emb["round"]) == {1, 2} and emb[["pc1", "pc2"]].notna().all().all()
-    for name in ("accuracy_by_method.png", "ari_vs_round.png", "adapter_evolution.png", "accuracy_vs_rounds.png"):
-        assert (tmp_path / "b" / "fl_tac" / "smoke" / name).stat().st_size > 1000
+    assert set(summary["task"]) == {"rt_sentiment", "sms_spam", "mean"}
+    clu = pd.read_csv(tmp_path / "b" / "fl_tac" / "smoke" / "clustering.csv")
+    for col in ("round", "seed", "ari", "hungarian_accuracy", "k_silhouette", "changed_clusters"):
+        assert col in clu.columns
+    assert set(clu["method"]) == {"fl_tac", "fl_tac_update"} and (clu["k"] == 2).all()
+    assert clu.loc[clu["round"] == 1, "changed_clusters"].isna().all()
+    assert clu.loc[clu["round"] == 2, "changed_clusters"].notna().all()
+    assert {"estimate", "ci_low", "ci_high", "verdict"} <= set(res.claims.columns)
+    # FL-TAC, oracle and local train n_tasks x FedIT's steps; every method is scored on the same test rows
+    steps = res.runs.groupby("method")["local_steps_per_round"].mean()
+    assert steps["fl_tac"] == steps["oracle"] == steps["local"] > steps["fedit"]
+    assert {m: c.shape for m, c in res.correct.items()} == {m: (2, 24) for m in fl_tac.METHODS}
+    assert (tmp_path / "b" / "fl_tac" / "smoke" / "PROTOCOL.md").exists()

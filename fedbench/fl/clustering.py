@@ -5,8 +5,8 @@ server flattens every adapter into a vector, clusters the vectors with k-means (
 or chosen from the vectors alone by the silhouette score), averages the adapters inside each cluster
 weighted by sample count (FedAvg) and sends every adapter back the aggregate of its cluster.
 
-Nothing here knows about rounds, models or task labels: the round loop
-(:mod:`fedbench.experiments.fl_tac`) or a Flower strategy calls :func:`server_step`. Task labels enter
+Nothing here knows about rounds, models or task labels: the FL-TAC strategy on the shared loop
+(:mod:`fedbench.fl.task_clusters`) calls these functions. Task labels enter
 only through the scoring functions :func:`adjusted_rand` and :func:`hungarian_accuracy`, which say how
 well the clusters recover the tasks after the fact.
 """

@@ -474,6 +474,9 @@ class FederatedRun:
         if self.cfg.train.dp.enabled:
             eps = self.client_epsilons()
             summary["dp_epsilon_spent"] = float(max(eps.values())) if eps else 0.0
+        extras = getattr(self.strategy, "result_extras", None)    # a strategy's own tables (JSON-able)
+        if extras is not None:
+            summary.update(extras())
         return RunResult(config=self.cfg.to_dict(), rounds=rounds, summary=summary,
                          predictions=self.final_predictions)
 

@@ -9,7 +9,8 @@
   sent), so an update is the change of the shared encoder only: a task vector. Per-client local steps
   (training heterogeneity) come from ``client_steps``.
 
-The other paper strategies (FL-TAC, LoRM, AutoFedNLP's configurator) join here in their own issues.
+FL-TAC and its baselines live in :mod:`fedbench.fl.task_clusters`, the continual protocol and LoRM in
+:mod:`fedbench.fl.continual` (both imported at the bottom); AutoFedNLP's configurator joins in its own issue.
 """
 from __future__ import annotations
 
@@ -89,3 +90,5 @@ class TaskClients(FedAvg):
 
 # the continual protocol (fresh factors per task, running mean of the tasks' products) and LoRM
 from fedbench.fl import continual  # noqa: E402,F401  (registers continual, lorm, regmean)
+# FL-TAC: per-task adapters clustered on the server, and its baselines
+from fedbench.fl import task_clusters  # noqa: E402,F401  (registers fl_tac, fl_tac_oracle, fl_tac_local, fedit_tasks)

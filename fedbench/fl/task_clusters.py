@@ -1,0 +1,403 @@
+"""FL-TAC (Ping et al., 2024, arXiv 2404.15384) and its baselines as strategies on the one loop.
+
+A multi-task federation (:class:`MultiTaskData`): every task is split over the clients, so a client holds
+several tasks in different amounts. As in the official code (siqi2000/FL-TAC, ``fltac/trainer.py``) the
+model has one 2-class head for every task and no task id reaches it; what a client trains and sends for a
+task is its whole trainable state (the LoRA factors and that head: ``get_adapter_state`` returns every
+trainable parameter), called an *adapter* here. Strategies (``fl.strategy``):
+
+- ``fl_tac``: one adapter per (client, task), kept in the client's store between rounds; each round the
+  client trains ``train.local_steps`` steps on each of its tasks, starting from the adapter the server sent
+  for that task, and sends every adapter up, unlabelled. The server flattens them, runs k-means (k = the
+  number of tasks; sklearn, ``n_init`` 10, seeded; ``k="auto"``: silhouette), FedAvgs inside each cluster
+  weighted by samples (with the configured rule), and sends each (client, task) its cluster's aggregate.
+  ``cluster_on="update"`` clusters the round's updates (adapter - what was sent for it) instead.
+- ``fl_tac_oracle``: the same, grouped by the true task (perfect clustering).
+- ``fl_tac_local``: every (client, task) adapter is its own group: local training (nothing is averaged).
+- ``fedit_tasks``: FedIT as the official code runs it: one adapter per client trained on its tasks in turn,
+  ``train.local_steps // n_tasks`` steps each (n_tasks = the tasks the client holds), FedAvg over clients.
+
+Server state (checkpointed by ``state_dict``): the aggregates, named slots of ``GlobalModel.state``
+(``"<slot>/<parameter>"``), and which slot each (client, task) receives next (``assign``). Task labels are
+known to the server only to score the clustering (ARI, Hungarian accuracy), never to decide it.
+
+Evaluation (:meth:`TaskClusters.evaluate`): each task is scored with the adapter a client holding it would
+use: every test example of task t is scored by the adapter of one client holding t, drawn once per seed with
+probability proportional to that client's samples of t (``MultiTaskData.test_owner``), so every method is
+scored on the same examples with the same owners (the per-example predictions pair for the claims).
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedbench.errors import ConfigError
+from fedbench.fl import clustering as CL
+from fedbench.fl.aggregators import TooFewUpdates, fedavg
+from fedbench.fl.seeding import derive_seed, rng_for
+from fedbench.fl.server import FederatedData
+from fedbench.fl.strategy import FedAvg, GlobalModel
+from fedbench.registry import AGGREGATORS, STRATEGIES
+
+log = logging.getLogger("fedbench.fl")
+
+
+@dataclass
+class MultiTaskData(FederatedData):
+    """Several tasks in one train and one test split (one shared label space: every task binary here).
+
+    ``client_indices`` (the loop's field) holds every client's rows over all tasks; ``task_clients[t][c]``
+    the rows of task t at client c; ``task_test[t]`` / ``task_val[t]`` the test / validation rows of task t
+    (validation rows come from the training split and are never trained on); ``test_owner[t]`` /
+    ``val_owner[t]`` the client whose adapter scores each of those rows. ``cluster`` holds the FL-TAC server's
+    options: ``k`` (None = the number of tasks, an int, or "auto" = silhouette), ``k_max``, ``n_init``,
+    ``cluster_on`` ("adapter" or "update"), ``silhouette`` (also record the silhouette k every round),
+    ``embedding`` (record 2-D PCA coordinates of every adapter every round)."""
+    tasks: list = field(default_factory=list)
+    task_clients: list = field(default_factory=list)
+    task_test: list = field(default_factory=list)
+    task_val: list = field(default_factory=list)
+    test_owner: list = field(default_factory=list)
+    val_owner: list = field(default_factory=list)
+    cluster: dict = field(default_factory=dict)
+
+
+def draw_owners(rows_per_task: list, task_clients: list, seed: int, stream: int) -> list:
+    """For each task, one client per row, drawn with probability proportional to the client's samples of it."""
+    out = []
+    for t, rows in enumerate(rows_per_task):
+        counts = np.array([len(p) for p in task_clients[t]], dtype=float)
+        rng = rng_for(seed, "subsample", 10**6 + t, stream)
+        out.append(rng.choice(len(counts), size=len(rows), p=counts / counts.sum()).astype(np.int64)
+                   if len(rows) else np.zeros(0, dtype=np.int64))
+    return out
+
+
+def as_multitask(data: FederatedData, seed: int) -> MultiTaskData:
+    """A plain one-task FederatedData viewed as a federation of one task (every strategy runs on any data)."""
+    if isinstance(data, MultiTaskData):
+        return data
+    tc = [[np.asarray(ix) for ix in data.client_indices]]
+    test = [np.asarray(data.test_indices)]
+    return MultiTaskData(train=data.train, test=data.test, client_indices=data.client_indices,
+                         test_indices=data.test_indices, class_names=data.class_names, pad_id=data.pad_id,
+                         tasks=["task"], task_clients=tc, task_test=test, task_val=[],
+                         test_owner=draw_owners(test, tc, seed, 1), val_owner=[], cluster={})
+
+
+def _check(name: str):
+    def check(cfg) -> None:
+        if cfg.fl.lora_aggregation != "factors":
+            raise ConfigError("fl.lora_aggregation", cfg.fl.lora_aggregation,
+                              f"'factors' with fl.strategy={name!r} (adapters are averaged as they are)")
+        if AGGREGATORS.entry(cfg.fl.aggregator).facts.get("server_optimizer") is not None:
+            raise ConfigError("fl.aggregator", cfg.fl.aggregator,
+                              f"a rule without a server optimizer with fl.strategy={name!r} (the aggregates are "
+                              "per cluster and change identity every round)")
+    return check
+
+
+def _pair(c: int, t: int) -> str:
+    return f"{int(c)}:{int(t)}"
+
+
+class TaskClusters(FedAvg):
+    """The shared machinery; ``grouping`` decides how the server groups the adapters it receives."""
+
+    grouping = "kmeans"          # kmeans | task | pair | shared (FedIT: one adapter per client)
+
+    def __init__(self, cfg, model):
+        super().__init__(cfg, model)
+        self.assign: dict[str, str] = {}        # "client:task" -> slot it receives next
+        self.prev_labels: dict[str, int] = {}   # last round's cluster of each (client, task)
+        self.cluster_rows: list[dict] = []
+        self.embedding_rows: list[dict] = []
+        self.acc_rows: list[dict] = []
+        self.val_predictions: dict | None = None
+        self.data: MultiTaskData | None = None
+        self.last_round = 0
+
+    def attach(self, data) -> None:
+        self.data = as_multitask(data, self.cfg.seed)
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.data.tasks)
+
+    def tasks_of(self, c: int) -> list[int]:
+        return [t for t in range(self.n_tasks) if len(self.data.task_clients[t][c])]
+
+    # -- server side --------------------------------------------------------------------------------
+    def initial_model(self, model) -> GlobalModel:
+        gm = super().initial_model(model)
+        self.keys = list(gm.state)
+        return GlobalModel(OrderedDict((f"init/{k}", v) for k, v in gm.state.items()))
+
+    def slot(self, gm: GlobalModel, name: str) -> "OrderedDict[str, torch.Tensor]":
+        return OrderedDict((k, gm.state[f"{name}/{k}"]) for k in self.keys)
+
+    def slot_of(self, c: int, t: int) -> str:
+        return self.assign.get(_pair(c, t), "init")
+
+    def configure_round(self, round_idx, clients, global_model):
+        """Each client receives every distinct aggregate its tasks are assigned to (once), which slot each task
+        starts from (``options['slots']``) and the names its adapters travel back under (``send_keys``)."""
+        out = []
+        for c in clients:
+            c = int(c)
+            tasks = self.tasks_of(c)
+            if self.grouping == "shared":
+                slots, names = {"shared": self.slot_of(c, 0)}, ["shared"]
+            else:
+                slots, names = {f"task{t}": self.slot_of(c, t) for t in tasks}, [f"task{t}" for t in tasks]
+            down = OrderedDict()
+            for s in dict.fromkeys(slots.values()):
+                down.update((f"{s}/{k}", global_model.state[f"{s}/{k}"]) for k in self.keys)
+            send = tuple(f"{n}/{k}" for n in names for k in self.keys)
+            out.append(self.instruction(c, round_idx, GlobalModel(down), send_keys=send,
+                                        options={"tasks": tasks, "slots": slots}))
+        return out
+
+    def aggregate(self, global_model, updates, round_idx):
+        self.last_round = int(round_idx)
+        if not updates:
+            return global_model
+        subs = []              # (client, task, adapter, samples)
+        for u in updates:
+            for t, st, n in self._unpack(u):
+                subs.append((u.client_id, t, st, n))
+        states, weights = [s[2] for s in subs], [float(s[3]) for s in subs]
+        true = [s[1] for s in subs]
+        row = {"round": int(round_idx), "adapters": len(subs)}
+        if self.grouping == "kmeans":
+            x = self._features(global_model, subs)
+            opts = self.data.cluster
+            k = opts.get("k") or self.n_tasks
+            n_init = int(opts.get("n_init", 10))
+            k_max = opts.get("k_max") or 2 * self.n_tasks
+            seed = derive_seed(self.cfg.seed, "server", round_idx) % 2**32
+            sil_k, scores = None, {}
+            if k == "auto" or opts.get("silhouette", False):
+                sil_k, scores = CL.choose_k_silhouette(x, seed, k_max=int(k_max), n_init=n_init)
+            k = sil_k if k == "auto" else min(int(k), len(subs))
+            labels = CL.kmeans_labels(x, k, seed, n_init).tolist()
+            row.update(k=int(k), k_silhouette=sil_k,
+                       ari=CL.adjusted_rand(true, labels), hungarian_accuracy=CL.hungarian_accuracy(true, labels))
+            groups = [f"r{round_idx}c{j}" for j in labels]
+            if opts.get("embedding", True):
+                self._embed(x, subs, labels, round_idx)
+        elif self.grouping == "task":
+            groups = [f"task{t}" for t in true]
+        elif self.grouping == "pair":
+            groups = [f"pair{c}_{t}" for c, t, _, _ in subs]
+        else:
+            groups = ["shared"] * len(subs)
+        if self.grouping == "kmeans":
+            pairs = [_pair(c, t) for c, t, _, _ in subs]
+            cur = dict(zip(pairs, labels))
+            common = [p for p in pairs if p in self.prev_labels]
+            row["changed_clusters"] = (changed_count([self.prev_labels[p] for p in common], [cur[p] for p in common])
+                                       if common else None)
+            self.prev_labels = cur
+            self.cluster_rows.append(row)
+        aggregates = self._group_average(states, weights, groups, round_idx)
+        for (c, t, _, _), g in zip(subs, groups):
+            if self.grouping == "shared":
+                for tt in range(self.n_tasks):
+                    self.assign[_pair(c, tt)] = g
+            else:
+                self.assign[_pair(c, t)] = g
+        if self.grouping == "shared":        # every client (reporting or not) receives the new average
+            self.assign = {p: "shared" for p in self.assign}
+        state = OrderedDict((k, v) for k, v in global_model.state.items() if k.startswith("init/"))
+        live = set(self.assign.values())
+        for k, v in global_model.state.items():         # slots still held by clients that did not report
+            name = k.split("/", 1)[0]
+            if name in live and name not in aggregates and name != "init":
+                state[k] = v
+        for g, agg in aggregates.items():
+            state.update((f"{g}/{k}", agg[k]) for k in self.keys)
+        return GlobalModel(state)
+
+    def _group_average(self, states, weights, groups, round_idx) -> dict:
+        members: dict = OrderedDict()
+        for i, g in enumerate(groups):
+            members.setdefault(g, []).append(i)
+        out = {}
+        for g, idx in members.items():
+            ss, ws = [states[i] for i in idx], [weights[i] for i in idx]
+            try:
+                out[g] = self.rule(ss, ws, self.fl)
+            except TooFewUpdates as e:       # a robust rule on a small cluster: fall back to FedAvg there
+                log.warning("round %d, group %s: %s; FedAvg instead", round_idx, g, e)
+                out[g] = fedavg(ss, ws)
+        return out
+
+    def _features(self, gm, subs) -> np.ndarray:
+        x = CL.flatten_adapters([s[2] for s in subs], keys=self.keys)
+        if self.data.cluster.get("cluster_on", "adapter") == "update":
+            x = x - CL.flatten_adapters([self.slot(gm, self.slot_of(c, t)) for c, t, _, _ in subs], keys=self.keys)
+        return x
+
+    def _embed(self, x, subs, labels, round_idx) -> None:
+        from sklearn.decomposition import PCA
+        z = PCA(n_components=2, random_state=0).fit_transform(x) if len(x) >= 2 else np.zeros((len(x), 2))
+        for (c, t, _, _), lab, (a, b) in zip(subs, labels, z):
+            self.embedding_rows.append({"round": int(round_idx), "client": int(c), "task": int(t),
+                                        "cluster": int(lab), "pc1": float(a), "pc2": float(b)})
+
+    # -- client side --------------------------------------------------------------------------------
+    def _unpack(self, u) -> list[tuple[int, dict, int]]:
+        """[(task, adapter state, samples)] of an update (FedIT: task -1, one shared adapter)."""
+        out = []
+        names = sorted({k.split("/", 1)[0] for k in u.state}, key=lambda s: (len(s), s))
+        for name in names:
+            st = OrderedDict((k, u.state[f"{name}/{k}"]) for k in self.keys)
+            n = int(u.extras[f"n/{name}"].item()) if f"n/{name}" in u.extras else int(u.num_samples)
+            out.append((-1 if name == "shared" else int(name[len("task"):]), st, n))
+        return out
+
+    def client_update(self, run, ins, store):
+        from fedbench.fl.client import ClientUpdate, train_client
+        data, c = self.data, ins.client_id
+        tasks = [int(t) for t in ins.options.get("tasks", self.tasks_of(c))]
+        adapters = store.setdefault("adapters", {})
+        base = run.cfg.train if ins.local_steps is None else run.cfg.train.with_steps(ins.local_steps)
+        shared = self.grouping == "shared"
+        steps = max(1, (base.local_steps or 1) // max(1, len(tasks))) if shared else base.local_steps
+        cfg = base.with_steps(steps) if steps else base
+        state_out, extras, losses, n_steps, n_all, eps = OrderedDict(), {}, [], 0, 0, []
+        cur = self._received(ins, "shared") if shared else None
+        for t in tasks:
+            start = cur if shared else self._received(ins, f"task{t}")
+            start = OrderedDict((k, v.clone()) for k, v in start.items())
+            rows = data.task_clients[t][c]
+            run.load(GlobalModel(start))
+            dp = store.setdefault("dp_tasks", {}).setdefault(f"t{t}", {})
+            u = train_client(run.model, start, run.client_split(c), rows, cfg,
+                             seed=derive_seed(run.cfg.seed, "client", ins.round_idx, c, t), client_id=c,
+                             cache=run.train_cache, pad_id=data.pad_id, dp_state=dp, dp_total_rounds=run.cfg.fl.rounds)
+            losses.append((u.train_loss, u.num_steps))
+            n_steps += u.num_steps
+            n_all += len(rows)
+            if "dp_epsilon" in u.metrics:
+                eps.append(float(u.metrics["dp_epsilon"]))
+            if shared:
+                cur = OrderedDict((k, u.state[k]) for k in self.keys)
+            else:
+                adapters[f"t{t}"] = OrderedDict((k, u.state[k].clone()) for k in self.keys)
+                state_out.update((f"task{t}/{k}", u.state[k]) for k in self.keys)
+                extras[f"n/task{t}"] = torch.tensor([len(rows)], dtype=torch.int64)
+        if shared:
+            adapters["shared"] = OrderedDict((k, v.clone()) for k, v in cur.items())
+            state_out.update((f"shared/{k}", v) for k, v in cur.items())
+        metrics = {}
+        if eps:      # disjoint data per task: parallel composition, the client spends the largest
+            metrics["dp_epsilon"] = max(eps)
+            store.setdefault("dp", {})["epsilon"] = max(store.get("dp", {}).get("epsilon", 0.0), max(eps))
+        total = sum(s for _, s in losses)
+        loss = float(sum(l * s for l, s in losses) / total) if total else float("nan")
+        return ClientUpdate(client_id=c, state=state_out, num_samples=n_all, num_steps=n_steps, train_loss=loss,
+                            wall_s=0.0, metrics=metrics, extras=extras)
+
+    def _received(self, ins, name: str) -> "OrderedDict[str, torch.Tensor]":
+        slot = ins.options["slots"][name]
+        return OrderedDict((k, ins.state[f"{slot}/{k}"]) for k in self.keys)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def _score(self, run, gm, split, rows_per_task, owners, cache) -> dict:
+        from fedbench.fl.client import evaluate
+        idx, lab, pred, losses = [], [], [], []
+        for t, (rows, own) in enumerate(zip(rows_per_task, owners)):
+            slots = np.array([self.slot_of(int(c), t) if self.grouping != "shared" else self.slot_of(int(c), 0)
+                              for c in own])
+            for s in sorted(set(slots.tolist())):
+                sel = np.asarray(rows)[slots == s]
+                run.load(GlobalModel(self.slot(gm, s)))
+                out = evaluate(run.model, split, sel, cache=cache, pad_id=self.data.pad_id, return_predictions=True)
+                p = out["predictions"]
+                idx.append(np.asarray(p["test_index"]))
+                lab.append(np.asarray(p["label"]))
+                pred.append(np.asarray(p["prediction"]))
+                losses.append((out["loss"], len(sel)))
+        idx, lab, pred = (np.concatenate(a).astype(np.int64) for a in (idx, lab, pred))
+        order = np.argsort(idx, kind="stable")
+        n = sum(m for _, m in losses)
+        return {"accuracy": float(np.mean(lab == pred)), "loss": float(sum(l * m for l, m in losses) / n),
+                "predictions": {"test_index": idx[order], "label": lab[order], "prediction": pred[order]}}
+
+    def evaluate(self, run, global_model, predictions: bool = False) -> dict:
+        d = self.data
+        out = self._score(run, global_model, d.test, d.task_test, d.test_owner, run.test_cache)
+        correct = dict(zip(out["predictions"]["test_index"].tolist(),
+                           (out["predictions"]["label"] == out["predictions"]["prediction"]).tolist()))
+        r = self.last_round
+        for t, rows in enumerate(d.task_test):
+            self.acc_rows.append({"round": r, "task": t,
+                                  "accuracy": float(np.mean([correct[int(i)] for i in rows])) if len(rows) else np.nan})
+        if r == self.cfg.fl.rounds and d.task_val:
+            v = self._score(run, global_model, d.train, d.task_val, d.val_owner, run.train_cache)
+            self.val_predictions = {k: np.asarray(x).tolist() for k, x in v["predictions"].items()}
+        if not predictions:
+            out.pop("predictions")
+        return out
+
+    def result_extras(self) -> dict:
+        """What the loop adds to a run's summary (JSON): the per-round clustering, per-task accuracy,
+        adapter embedding and validation predictions."""
+        return {"fl_tac": {"clustering": self.cluster_rows, "accuracy": self.acc_rows,
+                           "embedding": self.embedding_rows, "val_predictions": self.val_predictions}}
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self):
+        tensors, meta = super().state_dict()
+        meta.update(assign=self.assign, prev_labels=self.prev_labels, last_round=self.last_round,
+                    **self.result_extras()["fl_tac"])
+        return tensors, meta
+
+    def load_state_dict(self, tensors, meta):
+        super().load_state_dict(tensors, meta)
+        self.assign, self.prev_labels = dict(meta["assign"]), {k: int(v) for k, v in meta["prev_labels"].items()}
+        self.last_round = int(meta["last_round"])
+        self.cluster_rows, self.acc_rows = list(meta["clustering"]), list(meta["accuracy"])
+        self.embedding_rows, self.val_predictions = list(meta["embedding"]), meta["val_predictions"]
+
+
+def changed_count(prev: list, cur: list) -> int:
+    """Adapters whose cluster changed between two rounds, after matching last round's clusters to this
+    round's (Hungarian on the contingency table: k-means numbers its clusters arbitrarily each round)."""
+    from scipy.optimize import linear_sum_assignment
+    _, a = np.unique(np.asarray(prev), return_inverse=True)
+    _, b = np.unique(np.asarray(cur), return_inverse=True)
+    table = np.zeros((a.max() + 1, b.max() + 1), dtype=np.int64)
+    np.add.at(table, (a, b), 1)
+    r, cidx = linear_sum_assignment(table, maximize=True)
+    return int(len(prev) - table[r, cidx].sum())
+
+
+@STRATEGIES.register("fl_tac", check=_check("fl_tac"))
+class FLTAC(TaskClusters):
+    """FL-TAC: per-task adapters, k-means on the server, FedAvg per cluster."""
+    grouping = "kmeans"
+
+
+@STRATEGIES.register("fl_tac_oracle", check=_check("fl_tac_oracle"))
+class TaskOracle(TaskClusters):
+    """Per-task FedAvg with the true task labels (what perfect clustering gives)."""
+    grouping = "task"
+
+
+@STRATEGIES.register("fl_tac_local", check=_check("fl_tac_local"))
+class TaskLocal(TaskClusters):
+    """Every (client, task) adapter trains alone; the server returns it unchanged."""
+    grouping = "pair"
+
+
+@STRATEGIES.register("fedit_tasks", check=_check("fedit_tasks"))
+class FedITTasks(TaskClusters):
+    """FedIT as in the official code: one adapter per client, local_steps // n_tasks steps on each task in turn."""
+    grouping = "shared"
