@@ -9,7 +9,10 @@
   sent), so an update is the change of the shared encoder only: a task vector. Per-client local steps
   (training heterogeneity) come from ``client_steps``.
 
-The other paper strategies (FL-TAC, LoRM, AutoFedNLP's configurator) join here in their own issues.
+- ``autofednlp``: AutoFedNLP / FedAdapter's progressive (depth, width) configurator with trial groups and
+  equal-time periods (:mod:`fedbench.fl.configurator`).
+
+The other paper strategies (FL-TAC, LoRM) join here in their own issues.
 """
 from __future__ import annotations
 
@@ -89,3 +92,5 @@ class TaskClients(FedAvg):
 
 # the continual protocol (fresh factors per task, running mean of the tasks' products) and LoRM
 from fedbench.fl import continual  # noqa: E402,F401  (registers continual, lorm, regmean)
+# AutoFedNLP's progressive configurator (trial groups, equal-time periods)
+from fedbench.fl import configurator  # noqa: E402,F401  (registers autofednlp)
