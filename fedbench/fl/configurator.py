@@ -74,11 +74,11 @@ DEVICES = {
     "fast_edge": DeviceProfile("fast_edge", uplink_bps=20e6, downlink_bps=20e6, flops_per_s=20e9,
                                note="assumed: 20 GFLOP/s, 20 Mbit/s up and down"),
     # measured here (fedbench.experiments.autofednlp.measure_device, 2 CPU cores, torch 2 threads, MiniLM,
-    # batch 8 x 32 tokens, adapters w=8; 2026-12-01): seconds per local step at depth 1..6 with the prefix
+    # batch 8 x 32 tokens, adapters w=8, median of 20 steps; 2026-12-01): seconds per local step at depth 1..6 with the prefix
     # cached, full fine-tuning, and one frozen layer's forward; network assumed 10 Mbit/s both ways
     "this_cpu": DeviceProfile("this_cpu", uplink_bps=10e6, downlink_bps=10e6,
-                              step_s=(0.0, 0.0225, 0.0417, 0.0612, 0.0806, 0.1004, 0.1207),
-                              full_step_s=0.2270, prefix_layer_s=0.0078,
+                              step_s=(0.0, 0.0315, 0.0575, 0.0762, 0.1013, 0.1111, 0.1355),
+                              full_step_s=0.4685, prefix_layer_s=0.0115,
                               note="measured on this machine (2 cores); network assumed 10 Mbit/s"),
 }
 
