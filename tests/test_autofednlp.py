@@ -248,3 +248,23 @@ def test_smoke_experiment_end_to_end_reproduces_from_the_store(tmp_path, monkeyp
     assert set(a.claims["verdict"]) <= {"agrees", "disagrees", "inconclusive"}
     assert {"accuracy_vs_sim_time", "config_path", "speedup"} <= set(a.figures)
     assert (a.out / "summary.csv").exists() and (a.out / "trace.csv").exists()
+
+
+def test_a_speed_up_is_not_called_when_the_censored_side_could_reverse_it():
+    s, _ = A.settings_for("smoke")
+
+    def rows(ours_reached):
+        out = []
+        for seed in s.seeds:
+            for m, t, reached in [("autofednlp", 10.0 + seed, ours_reached), ("full_ft", 1000.0 + seed, False),
+                                  ("fixed_d1_w8", 100.0 + 3 * seed, True), ("fixed_d2_w16", 200.0 + seed, True)]:
+                out.append({"method": m, "seed": seed, "reached": reached, "time_to_target_sim_s": t if reached
+                            else np.nan, "total_sim_s": t, "final_accuracy": 0.5})
+        return pd.DataFrame(out)
+
+    for ours_reached, verdict in ((True, "agrees"), (False, "inconclusive")):
+        res = A.AutoFedNlpResult(settings=s, base=None, summary=rows(ours_reached), trace=pd.DataFrame({"method": []}),
+                                 lr_selection=None, decisions=None, claims=None)
+        c = A.compute_claims(res)
+        full = c[c["claim"].str.contains("full FT")].iloc[0]
+        assert full["estimate"] > 50 and full["verdict"] == verdict      # full FT censored: a lower bound
