@@ -1,5 +1,5 @@
-"""AutoFedNLP: state growth keeps the function, the simulated clock on a hand-computed case, the
-configurator's choice, parameter errors, and an end-to-end smoke run that reproduces and resumes itself."""
+"""AutoFedNLP: state growth keeps the function; the configurator strategy on the loop (trial groups with the
+cohort, equal-time periods, the validation decision, checkpoint resume); the clock; settings; the experiment."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -63,86 +63,208 @@ def test_embed_leading_places_the_block_and_zeroes_new_outputs():
         embed_leading(template, small)
 
 
-def test_clock_on_a_hand_computed_case():
-    cost = A.ModelCost(layer_params=1000, hidden=10, num_layers=6)
-    dev = A.DeviceProfile("toy", flops_per_s=1e6, uplink_bps=8e3)
-    steps = np.array([4, 2, 4])
-    # F(n) per layer = n * 2 * 1000 + 4 * 10 * n^2: 8,640 + 4,160 + 8,640 = 21,440 FLOPs for the steps
-    f_steps = 21_440.0
-    f_fill = 4 * 2000 + 40 * 16.0                      # only the sample of length 4 is new: 8,640
-    up = 500                                           # bytes: 8 * 500 / 8,000 = 0.5 s
-    cached = A.client_round_seconds(cost, dev, 2, steps, np.array([4]), up)
-    assert cached["compute_s"] == pytest.approx((4 * f_fill + 2 * 2 * f_steps) / 1e6)
-    assert cached["upload_s"] == pytest.approx(0.5)
-    assert cached["total_s"] == pytest.approx(cached["compute_s"] + 0.5)
-    nocache = A.client_round_seconds(cost, dev, 2, steps, None, up)
-    assert nocache["compute_s"] == pytest.approx((4 * f_steps + 2 * 2 * f_steps) / 1e6)
-    full = A.client_round_seconds(cost, dev, None, steps, None, up)
-    assert full["compute_s"] == pytest.approx(6 * 3 * f_steps / 1e6)
-    # the cost of the bundled MiniLM layer: 4 h^2 (attention) + 2 h * 4h (FFN) dense weights, h = 384
-    model = build_model(ModelConfig(), PeftConfig(method="adapter", adapter_width=8, depth=1), 3, seed=0)
-    c = A.model_cost(model)
-    assert (c.hidden, c.num_layers) == (384, 6) and c.layer_params == 4 * 384 ** 2 + 2 * 384 * 1536
+# -- the configurator strategy on the loop ------------------------------------------------------------------
+
+from collections import OrderedDict  # noqa: E402
+
+from fedbench.config import ExperimentConfig  # noqa: E402
+from fedbench.fl import FederatedRun, prepare_data  # noqa: E402
+from fedbench.fl import configurator as CF  # noqa: E402
+from fedbench.fl.server import run_federated, validation_indices  # noqa: E402
 
 
-def test_configurator_upgrades_and_picks_the_best_validation_group(monkeypatch):
-    s = A.settings_for("smoke", max_width=16)
-    run = A.Run.__new__(A.Run)
-    run.s = s
-    assert run.upgrades((1, 8)) == [(1, 8), (2, 8), (1, 16)]
-    assert run.upgrades((6, 8)) == [(6, 8), (6, 16)]
-    assert run.upgrades((6, 16)) == [(6, 16)]
-    # an end-to-end configurator run whose validation accuracy is rigged: the wider group always wins
-    data = A.prepare_data(s, 0)
-    models = A.Models(s, 0, data)
-    real = models.accuracy
+def tiny(**changes) -> ExperimentConfig:
+    cfg = ExperimentConfig.from_dict({
+        "name": "afn", "seed": 1,
+        "data": {"task": "rt_sentiment", "num_clients": 8, "partition": "iid", "max_train_samples": 64,
+                 "max_test_samples": 24, "max_length": 12},
+        "peft": {"method": "adapter", "adapter_width": 4, "depth": 1},
+        "train": {"local_steps": 1, "batch_size": 4, "lr": 0.01},
+        "fl": {"strategy": "autofednlp", "clients_per_round": 3, "rounds": 7},
+    })
+    return cfg.replace(**changes) if changes else cfg
 
-    def rigged(config, state, which):
-        return config[1] / 100 if which == "val" else real(config, state, which)
-    monkeypatch.setattr(models, "accuracy", rigged)
-    trace = A.Run(s, 0, data, models, "autofednlp").run()
-    assert trace["groups"].tolist() == ["1x8|2x8|1x16", "1x16|2x16", "1x16|2x16"]
-    assert trace["width"].tolist() == [16, 16, 16] and trace["depth"].tolist() == [1, 1, 1]
 
+OPTS = CF.ConfiguratorOptions(width_step=4, max_width=8, time_threshold=0.2, expand=4, validation_samples=16)
+
+
+@pytest.fixture(scope="module")
+def data():
+    base = prepare_data(tiny())
+    return A.ConfiguratorData(**{f: getattr(base, f) for f in ("train", "test", "client_indices", "test_indices",
+                                                               "class_names", "pad_id")}, configurator=OPTS)
+
+
+def test_a_period_gives_each_group_the_rounds_its_budget_fits_in_simulated_time_order(data):
+    run = FederatedRun(tiny(), data)
+    st = run.strategy
+    assert st.configs == [(1, 4), (2, 4), (1, 8)]            # current, deeper, wider
+    budget = OPTS.time_threshold * (OPTS.expand * 1 + 1)
+    times = [st.round_time(c) for c in st.configs]
+    counts = [max(1, int(budget // t)) for t in times]
+    assert [st.plan.count(g) for g in range(3)] == counts
+    assert times[1] > times[0] and times[2] > times[0]         # deeper and wider rounds cost more
+    ends = sorted(((k + 1) * t, g) for g, (n, t) in enumerate(zip(counts, times)) for k in range(n))
+    assert st.plan == [g for _, g in ends]
+
+
+def test_every_round_trains_one_group_with_the_whole_cohort_and_only_its_tensors_travel(data):
+    run = FederatedRun(tiny(), data)
+    n_groups = len(run.strategy.configs)
+    for r in range(1, 4):
+        plan = run.select_clients(r)
+        ins = run.configure(plan)
+        groups = {i.options["group"] for i in ins.values()}
+        assert len(groups) == 1 and len(ins) == 3                 # the cohort of a fixed baseline, one group
+        g = groups.pop()
+        assert all(set(i.state) == set(run.strategy.group_keys(g, run.global_model)) for i in ins.values())
+        ups = [run.client_update(c, r, ins[c]) for c in plan.reporting]
+        assert all(list(u.state) == list(ins[c].send_keys) for u, c in zip(ups, plan.reporting))
+        before = OrderedDict((k, v.clone()) for k, v in run.global_model.state.items())
+        rec = run.finish_round(plan, ups, 0.0, instructions=ins)
+        assert rec["group"] == g and rec["sim_s"] > 0
+        if not rec["decision"]:                                       # only the training group moves
+            changed = {k.split("/")[0] for k, v in run.global_model.state.items() if not torch.equal(v, before[k])}
+            assert changed == {f"g{g}"}
+    assert n_groups == 3
+
+
+def test_the_decision_picks_the_best_validation_group_and_every_group_restarts_from_it(data, monkeypatch):
+    run = FederatedRun(tiny(), data)
+    st = run.strategy
+    monkeypatch.setattr(st, "validation_accuracy", lambda config, state: {(1, 4): 0.5, (2, 4): 0.7, (1, 8): 0.6}[
+        tuple(config)])
+    n = len(st.plan)
+    for r in range(1, n + 1):
+        rec = run.run_round(r)
+    assert rec["decision"] == "2x4" and st.period == 1
+    assert st.configs == [(2, 4), (3, 4), (2, 8)]
+    assert (rec["depth"], rec["width"]) == (2, 4)
+    # the new current group holds the winner's trained weights; the others the same function, grown
+    assert st.history[-1]["winner"] == [2, 4]
+    # ties: current first, then wider, then deeper (the official order)
+    monkeypatch.setattr(st, "validation_accuracy", lambda config, state: 0.5)
+    for r in range(n + 1, n + 1 + len(st.plan)):
+        rec = run.run_round(r)
+    assert rec["decision"] == "2x4"
+
+
+def period_rounds(data) -> int:
+    return len(FederatedRun(tiny(), data).strategy.plan)
+
+
+def test_the_groups_share_nothing_but_the_cohort_sampler_and_the_run_is_deterministic(data):
+    cfg = tiny(**{"fl.rounds": period_rounds(data) + 2})
+    a = run_federated(cfg, data)
+    b = run_federated(cfg, data)
+    pd.testing.assert_frame_equal(a.rounds.drop(columns="wall_s"), b.rounds.drop(columns="wall_s"), check_exact=True)
+    assert a.rounds["sim_s"].is_monotonic_increasing
+    assert (a.rounds["decision"].fillna("") != "").sum() == 1      # the rounds cross one period end
+
+
+def test_resume_from_a_checkpoint_mid_period_and_across_a_decision_is_bit_identical(data, tmp_path):
+    first = period_rounds(data)                                              # the round of the first decision
+    cfg = tiny(**{"fl.rounds": first + 2})
+    ref = run_federated(cfg, data)
+    assert ref.rounds["decision"].iloc[first - 1] != ""
+    for stop in (first - 1, first):
+        ck = tmp_path / f"ck{stop}"
+        run_federated(cfg, data, checkpoint_dir=ck, stop_after=stop)
+        res = run_federated(cfg, data, checkpoint_dir=ck)
+        pd.testing.assert_frame_equal(res.rounds.drop(columns="wall_s"), ref.rounds.drop(columns="wall_s"),
+                                      check_exact=True)
+        assert res.predictions["prediction"].tolist() == ref.predictions["prediction"].tolist()
+
+
+def test_validation_rows_lie_outside_every_clients_data():
+    cfg = tiny()
+    used, val = validation_indices(cfg, 16, 8000)
+    assert len(np.intersect1d(used, val)) == 0
+
+
+def test_the_strategy_rejects_tuners_without_depth_and_width():
+    with pytest.raises(ConfigError, match="peft.method"):
+        tiny(**{"peft.method": "head", "peft.depth": None})
+    with pytest.raises(ConfigError, match="peft.depth"):
+        tiny(**{"peft.depth": None})
+    with pytest.raises(ConfigError, match="device"):
+        CF.ConfiguratorOptions(device="moon").validate()
+
+
+def test_the_clock_prices_compute_and_both_directions_of_the_network():
+    dev = CF.DEVICES["slow_phone"]
+    t = CF.round_seconds(dev, 1, 1000, local_steps=2, batch_size=4, max_length=8)
+    step = CF.step_seconds(dev, 1, 4, 8)
+    assert t == pytest.approx(2 * step + 8 * 1000 / 1e6 + 8 * 1000 / 1e6)
+    # hand-computed: one layer, 32 tokens of 8: 32 * (2 * 1769472 + 4 * 384 * 8) FLOPs, forward + backward
+    assert step == pytest.approx(2 * 32 * (2 * 1769472 + 4 * 384 * 8) / 2e9)
+    assert CF.step_seconds(dev, 1, 4, 8, cached=False) > step
+    assert CF.step_seconds(dev, None, 4, 8) > CF.step_seconds(dev, 6, 4, 8)        # weight gradients too
+    me = CF.DEVICES["this_cpu"]
+    assert CF.step_seconds(me, 3, 8, 32) == pytest.approx(me.step_s[3])
+    assert all(a < b for a, b in zip(me.step_s[1:], me.step_s[2:]))            # measured: deeper costs more
+
+
+# -- the experiment ---------------------------------------------------------------------------------------------
 
 def test_bad_settings_raise_config_error():
-    for overrides in [dict(task="mnist"), dict(tuner="prefix"), dict(device="laptop"), dict(clients_per_round=2),
-                      dict(clients_per_round=9), dict(grid=[(7, 8)]), dict(grid=[]), dict(start_depth=7),
-                      dict(start_width=128), dict(target_accuracy=1.5), dict(target_fraction=0), dict(lr=-1),
-                      dict(seeds=[0, 0]), dict(rounds=0), dict(val_size=200), dict(bogus=1)]:
-        with pytest.raises(ConfigError):
-            A.settings_for("smoke", **overrides)
-    with pytest.raises(ConfigError):
-        A.settings_for("medium")
+    with pytest.raises(ConfigError, match="grid"):
+        A.settings_for("smoke", grid=[[9, 8]])
+    with pytest.raises(ConfigError, match="device"):
+        A.settings_for("smoke", device="moon")
+    with pytest.raises(ConfigError, match="target_fraction"):
+        A.settings_for("smoke", target_fraction=1.5)
+    with pytest.raises(ConfigError, match="peft.method"):
+        A.settings_for("smoke", **{"peft.method": "lora"})
 
 
-def _comparable(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop(columns=[c for c in df.columns if "wall" in c])
+def test_the_target_comes_from_the_fixed_configurations_only():
+    s, _ = A.settings_for("smoke")
+    rows = []
+    for m, accs in {"autofednlp": [0.1, 0.9], "fixed_d1_w8": [0.2, 0.4], "fixed_d2_w16": [0.3, 0.5]}.items():
+        for r, acc in enumerate(accs, 1):
+            rows.append({"method": m, "seed": 0, "round": r, "depth": 1, "width": 8, "accuracy": acc,
+                         "sim_s": 10.0 * r, "cum_wall_s": 1.0 * r, "cumulative_bytes": 5 * r, "wall_s": 1.0})
+    sm = A.summarize(pd.DataFrame(rows), s)
+    assert sm["target_accuracy"].unique().tolist() == [pytest.approx(0.95 * 0.5)]
+    by = sm.set_index("method")
+    assert by.loc["autofednlp", "time_to_target_sim_s"] == 20.0
+    assert by.loc["fixed_d2_w16", "time_to_target_sim_s"] == 20.0
+    assert not by.loc["fixed_d1_w8", "reached"] and np.isnan(by.loc["fixed_d1_w8", "time_to_target_sim_s"])
+    assert list(sm.columns[:9]) == A.SUMMARY_COLUMNS
 
 
-def test_end_to_end_reproduces_resumes_and_caching_changes_nothing(tmp_path, monkeypatch):
-    monkeypatch.delenv("FEDBENCH_RESULTS", raising=False)
-    outs = {}
-    for root in ("a", "b"):
-        monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path / root))
-        res = A.run(profile="smoke", progress=False)
-        outs[root] = tmp_path / root / "autofednlp" / "smoke"
-    for name in ("summary.csv", "trace.csv"):
-        a, b = pd.read_csv(outs["a"] / name), pd.read_csv(outs["b"] / name)
-        pd.testing.assert_frame_equal(_comparable(a), _comparable(b))
-    assert list(res.summary.columns[:9]) == A.SUMMARY_COLUMNS
-    assert set(res.summary["method"]) == {"autofednlp", "autofednlp_nocache", "full_ft", "fixed_d1_w8",
-                                          "fixed_d6_w16", "oracle_fixed"}
-    # caching changes the cost, never the computation: same decisions, same accuracies
-    tr = res.trace
-    c, nc = tr[tr["method"] == "autofednlp"], tr[tr["method"] == "autofednlp_nocache"]
-    assert c["groups"].tolist() == nc["groups"].tolist()
-    np.testing.assert_allclose(c["accuracy"].to_numpy(), nc["accuracy"].to_numpy(), atol=1e-12)
-    assert (nc["sim_s"].to_numpy() >= c["sim_s"].to_numpy() - 1e-9).all()
-    # resume: remove one finished run from the store; the rerun recomputes it and writes identical tables
-    key = A.run_key(res.settings, "fixed_d1_w8", 0)
-    (A._run_dir(key) / "trace.csv").unlink()
-    again = A.run(profile="smoke", progress=False)
-    pd.testing.assert_frame_equal(_comparable(again.trace), _comparable(res.trace))
-    for name in ("accuracy_vs_sim_time.png", "config_path.png", "speedup.png", "claims.csv"):
-        assert (outs["b"] / name).stat().st_size > 500
+def test_smoke_experiment_end_to_end_reproduces_from_the_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path))
+    kw = dict(seeds=[0, 1], rounds=4, cache_rounds=2, full_lr_grid=[1e-4])
+    a = A.run("smoke", progress=False, **kw)
+    b = A.run("smoke", progress=False, **kw)          # every run from the store
+    drop = [c for c in A.WALL_COLUMNS if c in a.trace]
+    pd.testing.assert_frame_equal(a.trace.drop(columns=drop), b.trace.drop(columns=drop))
+    pd.testing.assert_frame_equal(a.summary.drop(columns=[c for c in A.WALL_COLUMNS if c in a.summary]),
+                                  b.summary.drop(columns=[c for c in A.WALL_COLUMNS if c in b.summary]))
+    t = a.trace[a.trace["method"] == "autofednlp"]
+    assert t["accuracy"].notna().all()                         # every round evaluated
+    assert set(a.claims["verdict"]) <= {"agrees", "disagrees", "inconclusive"}
+    assert {"accuracy_vs_sim_time", "config_path", "speedup"} <= set(a.figures)
+    assert (a.out / "summary.csv").exists() and (a.out / "trace.csv").exists()
+
+
+def test_a_speed_up_is_not_called_when_the_censored_side_could_reverse_it():
+    s, _ = A.settings_for("smoke")
+
+    def rows(ours_reached):
+        out = []
+        for seed in s.seeds:
+            for m, t, reached in [("autofednlp", 10.0 + seed, ours_reached), ("full_ft", 1000.0 + seed, False),
+                                  ("fixed_d1_w8", 100.0 + 3 * seed, True), ("fixed_d2_w16", 200.0 + seed, True)]:
+                out.append({"method": m, "seed": seed, "reached": reached, "time_to_target_sim_s": t if reached
+                            else np.nan, "total_sim_s": t, "final_accuracy": 0.5})
+        return pd.DataFrame(out)
+
+    for ours_reached, verdict in ((True, "agrees"), (False, "inconclusive")):
+        res = A.AutoFedNlpResult(settings=s, base=None, summary=rows(ours_reached), trace=pd.DataFrame({"method": []}),
+                                 lr_selection=None, decisions=None, claims=None)
+        c = A.compute_claims(res)
+        full = c[c["claim"].str.contains("full FT")].iloc[0]
+        assert full["estimate"] > 50 and full["verdict"] == verdict      # full FT censored: a lower bound

@@ -13,7 +13,7 @@ for _name, _notebook, _on_core, _doc in [
         ("quickstart", "00_quickstart", True, "LoRA FedAvg on one offline task vs a linear probe"),
         ("fedpeft", "01_fedpeft", True, "FedPEFT: which parameters to train and send (arXiv 2210.01708)"),
         ("fl_tac", "02_fl_tac", True, "FL-TAC: per-task adapters clustered on the server (arXiv 2404.15384)"),
-        ("autofednlp", "03_autofednlp", False, "AutoFedNLP / FedAdapter: progressive adapter configuration"),
+        ("autofednlp", "03_autofednlp", True, "AutoFedNLP / FedAdapter: progressive adapter configuration (the autofednlp strategy)"),
         ("lorm", "04_lorm", True, "LoRM: closed-form LoRA merges in federated class-incremental learning"),
         ("task_arithmetic", "05_task_arithmetic", True, "task arithmetic is one-shot FedAvg (task-clients on the loop)"),
         ("robustness", "06_robustness", True, "robust rules under Byzantine clients and NaN faults")]:

@@ -382,6 +382,9 @@ class FederatedRun:
                 self.final_predictions = ev["predictions"]
         else:
             rec.update(accuracy=float("nan"), loss=float("nan"))
+        extra = getattr(self.strategy, "round_record", None)   # a strategy's own columns (e.g. its clock)
+        if extra is not None:
+            rec.update(extra(round_idx))
         rec["wall_s"] = time.perf_counter() - t0
         self.records.append(rec)
         return rec

@@ -9,8 +9,11 @@
   sent), so an update is the change of the shared encoder only: a task vector. Per-client local steps
   (training heterogeneity) come from ``client_steps``.
 
+- ``autofednlp``: AutoFedNLP / FedAdapter's progressive (depth, width) configurator with trial groups and
+  equal-time periods (:mod:`fedbench.fl.configurator`).
+
 FL-TAC and its baselines live in :mod:`fedbench.fl.task_clusters`, the continual protocol and LoRM in
-:mod:`fedbench.fl.continual` (both imported at the bottom); AutoFedNLP's configurator joins in its own issue.
+:mod:`fedbench.fl.continual` (each imported at the bottom).
 """
 from __future__ import annotations
 
@@ -92,3 +95,5 @@ class TaskClients(FedAvg):
 from fedbench.fl import continual  # noqa: E402,F401  (registers continual, lorm, regmean)
 # FL-TAC: per-task adapters clustered on the server, and its baselines
 from fedbench.fl import task_clusters  # noqa: E402,F401  (registers fl_tac, fl_tac_oracle, fl_tac_local, fedit_tasks)
+# AutoFedNLP's progressive configurator (trial groups, equal-time periods)
+from fedbench.fl import configurator  # noqa: E402,F401  (registers autofednlp)
