@@ -68,17 +68,10 @@ def _run(args) -> int:
                                                        "fedbench run RUN.yaml --engine flower)")
         module = importlib.import_module(entry.obj)
         prof = profile["profile"] or "quick"
-        if entry.on_core:
-            res = module.run(profile=prof, path=args.config, **overrides)
-        else:   # settings are a dict: the file's values, then the command line's
-            if any("." in k for k in overrides):
-                bad = next(k for k in overrides if "." in k)
-                raise ConfigError(bad, overrides[bad], f"a setting of {profile['experiment']} (its runs do not sit on "
-                                                       "the core loop yet: no base config to set)")
-            res = module.run(profile=prof, **{**profile["settings"], **overrides})
+        res = module.run(profile=prof, path=args.config, **overrides)
         claims = getattr(res, "claims", None)
         if claims is not None and len(claims):
-            cols = [c for c in ("claim", "estimate", "ci_low", "ci_high", "verdict", "agrees") if c in claims.columns]
+            cols = [c for c in ("claim", "estimate", "ci_low", "ci_high", "verdict") if c in claims.columns]
             print(claims[cols].to_string(index=False))
         return 0
     cfg = ExperimentConfig.load(args.config)

@@ -7,7 +7,7 @@ import torch
 
 from fedbench import merging
 from fedbench.config import ConfigError, FLConfig
-from fedbench.fl import ClientUpdate, GlobalModel, LoraLayout, Strategy
+from fedbench.fl import ClientUpdate, GlobalModel, LoraLayout, ServerStep
 from fedbench.models import LoraModuleInfo
 
 
@@ -144,24 +144,24 @@ def test_lora_task_vector_is_the_dense_product():
 
 
 def test_task_arithmetic_one_over_t_equals_one_fedavg_round_of_the_core():
-    """The paper's equivalence, through the core's Strategy (exact product average, 'stack' semantics)."""
+    """The paper's equivalence, through the core's server step (exact product average, 'stack' semantics)."""
     info, states, init = _lora()
     T = len(states)
     ta = merging.task_arithmetic([merging.lora_task_vector(s, [info], init) for s in states], 1.0 / T)
-    strategy = Strategy(FLConfig(aggregator="fedavg", lora_aggregation="stack"), LoraLayout([info]), 2, seed=0)
+    strategy = ServerStep(FLConfig(aggregator="fedavg", lora_aggregation="stack"), LoraLayout([info]), 2, seed=0)
     updates = [ClientUpdate(client_id=i, state=s, num_samples=100, num_steps=1, train_loss=0.0, wall_s=0.0)
                for i, s in enumerate(states)]
     g, _ = strategy.aggregate(GlobalModel(init), updates, round_idx=1)
     dense = g.base_delta["m.W"] + 2.0 * g.state["m.B"] @ g.state["m.A"]     # fresh factors: B = 0
     assert float((dense - ta["m.W"]).abs().max()) <= 1e-6
     # FedIT (factor averaging) is not the same thing
-    fit = Strategy(FLConfig(aggregator="fedavg", lora_aggregation="factors"), LoraLayout([info]), 2, seed=0)
+    fit = ServerStep(FLConfig(aggregator="fedavg", lora_aggregation="factors"), LoraLayout([info]), 2, seed=0)
     g2, _ = fit.aggregate(GlobalModel(init), updates, round_idx=1)
     assert float((2.0 * g2.state["m.B"] @ g2.state["m.A"] - ta["m.W"]).abs().max()) > 1e-2
     # with full fine-tuning FedAvg is linear in the parameters: the same statement for plain states
     thetas = _tvs(n=T, seed=9)
     theta0 = _tvs(n=1, seed=10)[0]
-    avg = Strategy(FLConfig(aggregator="fedavg")).combine(thetas, [1] * T)
+    avg = ServerStep(FLConfig(aggregator="fedavg")).combine(thetas, [1] * T)
     ta_full = merging.task_arithmetic([merging.state_task_vector(t, theta0) for t in thetas], 1.0 / T)
     for k in theta0:
         assert float((theta0[k] + ta_full[k] - avg[k]).abs().max()) <= 1e-6

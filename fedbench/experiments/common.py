@@ -169,24 +169,6 @@ def check_list(name: str, value, item_ok, allowed: str, nonempty: bool = True) -
         raise ConfigError(name, value, allowed)
 
 
-def profile_settings(defaults: dict[str, dict] | str, profile: str, overrides: dict) -> dict:
-    """The settings of `profile` with the user's non-None overrides on top; unknown keys are errors.
-
-    `defaults` is the experiment's name (its settings are read from configs/<experiment>/<profile>.yaml)
-    or a dict {profile: settings}.
-    """
-    check_profile(profile)
-    if isinstance(defaults, str):
-        defaults = load_profiles(defaults)
-    settings = dict(defaults[profile])
-    for key, value in overrides.items():
-        if key not in settings:
-            raise ConfigError(key, value, f"a parameter of this experiment: {sorted(settings)}")
-        if value is not None:
-            settings[key] = value
-    return settings
-
-
 def save_table(df: pd.DataFrame, out: Path, name: str) -> Path:
     path = Path(out) / name
     atomic_write_csv(path, df)
@@ -197,29 +179,6 @@ def save_figure(fig, out: Path, name: str) -> Path:
     path = Path(out) / name
     atomic_savefig(fig, path)
     return path
-
-
-@dataclass
-class Claim:
-    """One published claim, our measured evidence and whether the two agree."""
-    claim: str
-    paper: str
-    ours: str
-    agrees: bool
-
-    def row(self) -> dict:
-        return {"claim": self.claim, "paper": self.paper, "ours": self.ours,
-                "agrees": "yes" if self.agrees else "no"}
-
-
-def claims_table(claims: list[Claim]) -> pd.DataFrame:
-    return pd.DataFrame([c.row() for c in claims], columns=["claim", "paper", "ours", "agrees"])
-
-
-def mean_std(df: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
-    """Mean, std and count of `value` over seeds, per group `by`."""
-    g = df.groupby(by, sort=False)[value]
-    return g.agg(mean="mean", std="std", n="count").reset_index()
 
 
 # -- parameter checks shared by the experiments' settings validators -----------------------------------
@@ -271,10 +230,3 @@ class TableRunStore:
         for name in self.tables:
             atomic_write_csv(d / f"{name}.csv", res[name])
         atomic_write_json(d / "summary.json", res["summary"])     # last: marks the run finished
-
-
-def method_colors(order, methods) -> dict:
-    """A fixed tab10 colour per method (by its place in the experiment's `order`), for the methods present."""
-    import matplotlib
-    pal = matplotlib.colormaps["tab10"]
-    return {m: pal(i) for i, m in enumerate(order) if m in methods}

@@ -6,9 +6,9 @@ from fedbench.fl.seeding import derive_seed, rng_for
 from fedbench.fl.server import (FederatedData, FederatedRun, prepare_data, prepare_validation, run_cached,
                                 run_federated, sample_clients)
 from fedbench.fl.store import ClientStore
-from fedbench.fl.strategy import ClientInstruction, FedAvg, GlobalModel, LoraLayout, ServerStep, Strategy
+from fedbench.fl.strategy import ClientInstruction, FedAvg, GlobalModel, LoraLayout, ServerStep
 
 __all__ = ["ClientInstruction", "ClientStore", "ClientUpdate", "FedAdam", "FedAvg", "FedAvgM", "FederatedData",
-           "FederatedRun", "GlobalModel", "LoraLayout", "ServerStep", "Strategy", "coordinate_median", "derive_seed", "evaluate", "fedavg",
+           "FederatedRun", "GlobalModel", "LoraLayout", "ServerStep", "coordinate_median", "derive_seed", "evaluate", "fedavg",
            "lora_factor_average", "lora_stack", "lora_svd", "predict", "prepare_data", "prepare_validation", "rng_for", "run_cached",
            "run_federated", "sample_clients", "train_client", "trimmed_mean"]

@@ -272,9 +272,9 @@ def has_lora_factors(method: str) -> bool:
 
 
 class ServerStep(FedAvg):
-    """FedAvg's server step alone, for the experiments that still drive their own rounds (FL-TAC, LoRM,
-    AutoFedNLP, task arithmetic: each moves onto the loop in its own issue). ``aggregate`` returns
-    ``(global model, bytes one client receives next)`` as before; ``combine`` is the bare rule."""
+    """FedAvg's server step alone, without a model or a run: the configured rule, server optimizer and LoRA
+    semantics over given updates (tests and offline merging use it). ``aggregate`` returns ``(global model,
+    bytes one client receives next)``; ``combine`` is the bare rule."""
 
     def __init__(self, fl_cfg, lora: LoraLayout | None = None, lora_rank: int | None = None, seed: int = 0):
         self.cfg = None
@@ -287,6 +287,4 @@ class ServerStep(FedAvg):
         new = super().aggregate(global_model, updates, round_idx)
         return new, new.nbytes_down()
 
-
-Strategy = ServerStep        # the name those experiments import
 
