@@ -233,6 +233,38 @@ def test_fl_tac_sends_one_adapter_per_task_and_averages_per_cluster(tiny):
             torch.testing.assert_close(run.global_model.state[f"{slot}/{k}"], want[k])
 
 
+def test_guard_and_update_attacks_measure_each_task_adapter_from_where_it_started(tiny):
+    from fedbench.fl import FederatedRun
+    from fedbench.fl.server import update_norm
+    _, _, pool, data = tiny
+    run = FederatedRun(_cfg(tiny, "fl_tac"), data, pool.caches)
+    plan = run.select_clients(1)
+    ins = run.configure(plan)
+    c = int(plan.reporting[0])
+    u = run.client_update(c, 1, ins[c])
+    ref = run.strategy.reference(ins[c])
+    assert list(ref) == list(u.state)                                  # every sent key has its start
+    want = sum(float(((u.state[k] - ref[k]).double() ** 2).sum()) for k in u.state) ** 0.5
+    from_zero = update_norm(u, {})
+    assert update_norm(u, ref) == pytest.approx(want) and want < 0.5 * from_zero
+    # a bound between the two: the update passes (it was rejected when measured from zero)
+    bounded = FederatedRun(_cfg(tiny, "fl_tac", **{"fl.max_update_norm": (want + from_zero) / 2}), data, pool.caches)
+    b_plan = bounded.select_clients(1)
+    b_ins = bounded.configure(b_plan)
+    kept, rejected = bounded.guard([bounded.client_update(c, 1, b_ins[c])], 1, b_ins)
+    assert len(kept) == 1 and not rejected
+    # an update attack scales the change from the start (sign flip: start - (adapter - start))
+    flip = FederatedRun(_cfg(tiny, "fl_tac", **{"fl.attack": "sign_flip", "fl.attack_fraction": 0.5}),
+                        data, pool.caches)
+    a = sorted(flip.attackers)[0]
+    a_ins = flip.strategy.configure_round(1, [a], flip.global_model)[0]
+    honest = flip.strategy.client_update(flip, a_ins, {})
+    attacked = flip.client_update(a, 1, a_ins, store={})
+    f_ref = flip.strategy.reference(a_ins)
+    for k in attacked.state:
+        torch.testing.assert_close(attacked.state[k] - f_ref[k], -(honest.state[k] - f_ref[k]))
+
+
 def test_oracle_groups_by_task_local_keeps_every_adapter_and_fedit_splits_its_steps(tiny):
     from fedbench.fl import FederatedRun
     _, _, pool, data = tiny

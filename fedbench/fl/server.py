@@ -215,11 +215,11 @@ def finite(update: ClientUpdate) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
-def update_norm(update: ClientUpdate, global_state: dict) -> float:
-    """L2 distance of the sent state from the global one (keys the global state lacks count from zero)."""
+def update_norm(update: ClientUpdate, reference: dict) -> float:
+    """L2 distance of the sent state from `reference` (what the client received; keys it lacks count from zero)."""
     sq = 0.0
     for k, v in update.state.items():
-        ref = global_state.get(k)
+        ref = reference.get(k)
         d = v.double() - (ref.double() if ref is not None else 0.0)
         sq += float((d * d).sum())
     return sq ** 0.5
@@ -313,7 +313,8 @@ class FederatedRun:
         update = self.strategy.client_update(self, ins, self.store[client_id] if store is None else store)
         if client_id in self.attackers and self.attack.facts.get("kind") == "update":
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "attack", round_idx, client_id))
-            ref = {k: ins.state[k] if k in ins.state else torch.zeros_like(v) for k, v in update.state.items()}
+            received = self.strategy.reference(ins)
+            ref = {k: received[k] if k in received else torch.zeros_like(v) for k, v in update.state.items()}
             update.state = self.attack.obj(update.state, ref, generator=gen, factor=self.cfg.fl.attack_scale,
                                            sigma=self.cfg.fl.attack_sigma)
             update.metrics["attacker"] = 1
@@ -327,17 +328,21 @@ class FederatedRun:
         updates = [self.client_update(c, round_idx, instructions[c]) for c in plan.reporting]
         return self.finish_round(plan, updates, t0, instructions=instructions)
 
-    def guard(self, updates: list[ClientUpdate], round_idx: int) -> tuple[list[ClientUpdate], list[dict]]:
+    def guard(self, updates: list[ClientUpdate], round_idx: int,
+              instructions: dict[int, ClientInstruction] | None = None) -> tuple[list[ClientUpdate], list[dict]]:
         """(accepted updates, rejections): a non-finite update, or one farther than fl.max_update_norm from
-        the global state, is rejected and logged with the client id and the reason."""
+        what the client received (``strategy.reference``; the global state without its instruction), is
+        rejected and logged with the client id and the reason."""
         bound = self.cfg.fl.max_update_norm
+        instructions = instructions or {}
         accepted, rejected = [], []
         for u in updates:
             reason = None
             if not finite(u):
                 reason = "non-finite values"
             elif bound is not None:
-                norm = update_norm(u, self.global_model.state)
+                ins = instructions.get(int(u.client_id))
+                norm = update_norm(u, self.global_model.state if ins is None else self.strategy.reference(ins))
                 if norm > bound:
                     reason = f"update norm {norm:.4g} > fl.max_update_norm={bound:g}"
             if reason is None:
@@ -361,7 +366,7 @@ class FederatedRun:
             instructions = self.configure(plan)
         bytes_down = sum(instructions[int(c)].down_bytes for c in plan.sampled)
         bytes_up = sum(u.nbytes_up for u in updates)
-        accepted, rejected = self.guard(updates, round_idx)
+        accepted, rejected = self.guard(updates, round_idx, instructions)
         self.rejections.extend(rejected)
         self.global_model = self.strategy.aggregate(self.global_model, accepted, round_idx)
         self.cumulative_bytes += bytes_up + bytes_down

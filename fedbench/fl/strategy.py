@@ -230,6 +230,12 @@ class FedAvg:
             update.state = OrderedDict((k, update.state[k]) for k in ins.send_keys)
         return update
 
+    def reference(self, ins: ClientInstruction) -> dict:
+        """What each tensor a client sends back is measured against (the update guard's norm, an update
+        attack's direction): the state it received, under the names it sends back (a strategy that renames
+        what travels up, such as FL-TAC's per-task adapters, maps the names)."""
+        return ins.state
+
     def local_indices(self, run, ins: ClientInstruction):
         """The rows of the training split client ``ins.client_id`` trains on this round (a continual strategy
         picks the instruction's task)."""

@@ -162,6 +162,12 @@ class TaskClusters(FedAvg):
                                         options={"tasks": tasks, "slots": slots}))
         return out
 
+    def reference(self, ins):
+        """Each task's adapter travels up as ``task<t>/<key>`` but started from its slot ``<slot>/<key>``: the
+        guard's norm and an update attack measure it against that start, not from zero."""
+        return OrderedDict((f"{name}/{k}", ins.state[f"{slot}/{k}"]) for name, slot in ins.options["slots"].items()
+                           for k in self.keys)
+
     def aggregate(self, global_model, updates, round_idx):
         self.last_round = int(round_idx)
         if not updates:
