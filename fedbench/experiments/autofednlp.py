@@ -32,8 +32,8 @@ import pandas as pd
 
 from fedbench.config import ConfigError, ExperimentConfig, config_hash
 from fedbench.fl.server import FederatedData
-from fedbench.experiments.common import (Settings, check_list, is_int, is_number, output_dir, resolve_profile,
-                                         runs_root, save_table)
+from fedbench.experiments.common import (Settings, check_list, check_seeds, is_int, is_number, output_dir,
+                                         resolve_profile, runs_root, save_table)
 
 EXPERIMENT = "autofednlp"
 SCHEMA = 2         # what a stored run computes: part of every run's store root
@@ -85,10 +85,7 @@ class AutoFedNlpSettings(Settings):
         check_list("full_lr_grid", self.full_lr_grid, lambda x: is_number(x) and 0 < x <= 1,
                    "a non-empty list of numbers in (0, 1]")
         self.full_lr_grid = tuple(sorted(float(x) for x in self.full_lr_grid))
-        check_list("seeds", self.seeds, lambda x: is_int(x) and x >= 0, "a non-empty list of distinct integers >= 0")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError("seeds", self.seeds, "distinct seeds")
-        self.seeds = tuple(int(x) for x in self.seeds)
+        self.seeds = check_seeds("seeds", self.seeds)
 
     def options(self, cache: bool = True):
         from fedbench.fl.configurator import ConfiguratorOptions

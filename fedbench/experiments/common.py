@@ -169,6 +169,20 @@ def check_list(name: str, value, item_ok, allowed: str, nonempty: bool = True) -
         raise ConfigError(name, value, allowed)
 
 
+def check_seeds(name: str, seeds) -> tuple[int, ...]:
+    """The seeds as a tuple of ints; ConfigError unless a non-empty list of distinct integers >= 0."""
+    check_list(name, seeds, lambda x: is_int(x) and x >= 0, "a non-empty list of distinct integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(name, seeds, "distinct seeds")
+    return tuple(int(x) for x in seeds)
+
+
+def check_subset(name: str, value, allowed: tuple) -> tuple:
+    """`value` as a tuple in the order of `allowed`; ConfigError unless a non-empty subset of it."""
+    check_list(name, value, lambda m: m in allowed, f"a non-empty subset of {list(allowed)}")
+    return tuple(m for m in allowed if m in value)
+
+
 def save_table(df: pd.DataFrame, out: Path, name: str) -> Path:
     path = Path(out) / name
     atomic_write_csv(path, df)

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from fedbench.config import ConfigError, ExperimentConfig, config_hash
-from fedbench.experiments.common import (Settings, check_list, is_int, is_number, output_dir, resolve_profile,
-                                         runs_root, save_figure, save_table)
+from fedbench.experiments.common import (Settings, check_list, check_seeds, check_subset, is_int, is_number, output_dir,
+                                         resolve_profile, runs_root, save_figure, save_table)
 from fedbench.fl.seeding import derive_seed, rng_for
 
 EXPERIMENT = "fl_tac"
@@ -83,13 +83,9 @@ class FlTacSettings(Settings):
         if self.k_max is not None and (not is_int(self.k_max) or self.k_max < 2):
             raise ConfigError("k_max", self.k_max, "None (= 2 x the number of tasks) or an integer >= 2")
         check_list("lr_grid", self.lr_grid, lambda x: is_number(x) and x > 0, "a non-empty list of numbers > 0")
-        check_list("seeds", self.seeds, lambda x: is_int(x) and x >= 0, "a non-empty list of distinct integers >= 0")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError("seeds", self.seeds, "distinct seeds")
-        check_list("methods", self.methods, lambda m: m in METHODS, f"a non-empty subset of {list(METHODS)}")
-        self.methods = tuple(m for m in METHODS if m in self.methods)
+        self.seeds = check_seeds("seeds", self.seeds)
+        self.methods = check_subset("methods", self.methods, METHODS)
         self.lr_grid = tuple(sorted(float(x) for x in self.lr_grid))
-        self.seeds = tuple(int(x) for x in self.seeds)
         self.tasks = tuple(self.tasks)
 
 

@@ -39,8 +39,8 @@ import pandas as pd
 import torch
 
 from fedbench.config import ConfigError, ExperimentConfig, config_hash
-from fedbench.experiments.common import (Settings, TableRunStore, check_list, is_int, is_number, output_dir,
-                                         resolve_profile, save_figure, save_table)
+from fedbench.experiments.common import (Settings, TableRunStore, check_list, check_seeds, check_subset, is_int,
+                                         is_number, output_dir, resolve_profile, save_figure, save_table)
 from fedbench.fl.seeding import derive_seed, rng_for
 
 EXPERIMENT = "lorm"
@@ -92,13 +92,9 @@ class LormSettings(Settings):
             raise ConfigError("ridge", self.ridge, "a number >= 0 (relative to the mean eigenvalue)")
         if not isinstance(self.merge_check, bool):
             raise ConfigError("merge_check", self.merge_check, "true or false")
-        check_list("seeds", self.seeds, lambda x: is_int(x) and x >= 0, "a non-empty list of distinct integers >= 0")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError("seeds", self.seeds, "distinct seeds")
-        check_list("methods", self.methods, lambda m: m in METHODS, f"a non-empty subset of {list(METHODS)}")
-        self.methods = tuple(m for m in METHODS if m in self.methods)
+        self.seeds = check_seeds("seeds", self.seeds)
+        self.methods = check_subset("methods", self.methods, METHODS)
         self.lr_grid = tuple(sorted(float(x) for x in self.lr_grid))
-        self.seeds = tuple(int(x) for x in self.seeds)
 
 
 def settings_for(profile: str = "quick", path=None, **overrides):
