@@ -176,6 +176,56 @@ def test_resume_from_a_checkpoint_mid_period_and_across_a_decision_is_bit_identi
         assert res.predictions["prediction"].tolist() == ref.predictions["prediction"].tolist()
 
 
+def horizon_data(data, horizon_s):
+    import dataclasses
+    return dataclasses.replace(data, configurator=dataclasses.replace(OPTS, horizon_s=horizon_s))
+
+
+def test_a_horizon_ends_the_run_on_the_configurators_clock_and_resume_runs_nothing_more(data, tmp_path):
+    free = run_federated(tiny(**{"fl.rounds": 12}), data)
+    sim = free.rounds["sim_s"].to_numpy()
+    stop = 5                                                   # end on the clock of the 5th round
+    h = float(sim[stop - 1]) - 1e-3
+    assert sim[stop - 2] < h                                   # (the round before is still short of it)
+    hd = horizon_data(data, h)
+    cfg = tiny(**{"fl.rounds": 12})                            # fl.rounds is only the cap
+    res = run_federated(cfg, hd)
+    assert len(res.rounds) == stop and res.rounds["sim_s"].iloc[-1] >= h > res.rounds["sim_s"].iloc[-2]
+    pd.testing.assert_frame_equal(res.rounds.drop(columns="wall_s"),
+                                  free.rounds.iloc[:stop].drop(columns="wall_s"), check_exact=True)
+    assert res.predictions is not None                         # the stop round is the last: scored with predictions
+    # a checkpoint of the stop round (a run killed before its result was saved) resumes to the same result
+    ck = tmp_path / "ck"
+    run_federated(cfg, hd, checkpoint_dir=ck)
+    again = run_federated(cfg, hd, checkpoint_dir=ck)
+    assert len(again.rounds) == stop
+    assert again.predictions["prediction"].tolist() == res.predictions["prediction"].tolist()
+    # without a horizon the loop runs fl.rounds; a bad horizon is a config error before any work
+    assert len(run_federated(tiny(**{"fl.rounds": 6}), data).rounds) == 6
+    with pytest.raises(ConfigError, match="horizon_s"):
+        FederatedRun(tiny(), horizon_data(data, -1.0))
+
+
+def test_flower_stops_where_the_in_process_loop_stops(data):
+    pytest.importorskip("flwr")
+    from test_flower import LocalGrid
+
+    from fedbench.engines import flower as fl_engine
+    h = float(run_federated(tiny(**{"fl.rounds": 8}), data).rounds["sim_s"].iloc[3]) - 1e-3
+    cfg, hd = tiny(**{"fl.rounds": 8}), horizon_data(data, h)
+    ref = run_federated(cfg, hd)
+    fl_engine.client_runtime(cfg, hd)
+    grid = LocalGrid(cfg.data.num_clients)
+    run = fl_engine.server_main(grid, cfg, data=hd)
+    assert len(run.records) == len(ref.rounds) == 4
+    from flwr.common import MessageType
+    trained = sum(r["clients_sampled"] - r["clients_dropped"] for r in run.records)
+    assert grid.sent.count(MessageType.TRAIN) == trained            # Flower's remaining rounds sent nothing
+    shared = ["round", "group", "sim_s", "bytes_up", "bytes_down", "accuracy"]
+    pd.testing.assert_frame_equal(pd.DataFrame(run.records)[shared], ref.rounds[shared], check_dtype=False,
+                                  atol=1e-6)
+
+
 def test_validation_rows_lie_outside_every_clients_data():
     cfg = tiny()
     used, val = validation_indices(cfg, 16, 8000)
@@ -236,7 +286,7 @@ def test_the_target_comes_from_the_fixed_configurations_only():
 
 def test_smoke_experiment_end_to_end_reproduces_from_the_store(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path))
-    kw = dict(seeds=[0, 1], rounds=4, cache_rounds=2, full_lr_grid=[1e-4])
+    kw = dict(seeds=[0, 1], rounds=4, cache_rounds=2, full_lr_grid=[1e-4], adapter_lr_grid=[5e-3, 1e-2])
     a = A.run("smoke", progress=False, **kw)
     b = A.run("smoke", progress=False, **kw)          # every run from the store
     drop = [c for c in A.WALL_COLUMNS if c in a.trace]
@@ -248,6 +298,14 @@ def test_smoke_experiment_end_to_end_reproduces_from_the_store(tmp_path, monkeyp
     assert set(a.claims["verdict"]) <= {"agrees", "disagrees", "inconclusive"}
     assert {"accuracy_vs_sim_time", "config_path", "speedup"} <= set(a.figures)
     assert (a.out / "summary.csv").exists() and (a.out / "trace.csv").exists()
+    # the adapters' lr: chosen on validation from the grid and used by every adapter run (configurator included)
+    sel = a.lr_selection[a.lr_selection["applies_to"] == "every adapter run"]
+    assert sel["lr"].tolist() == [5e-3, 1e-2] and sel["chosen"].sum() == 1
+    chosen = float(sel.loc[sel["chosen"], "lr"].iloc[0])
+    assert chosen == sel.loc[sel["val_final_accuracy"].idxmax(), "lr"]
+    s, base = A.settings_for("smoke", **kw)
+    for m in ("autofednlp", "fixed_d1_w8", "fixed_d2_w16"):
+        assert A.run_config(s, base, m, 0, chosen).train.lr == chosen
 
 
 def test_a_speed_up_is_not_called_when_the_censored_side_could_reverse_it():

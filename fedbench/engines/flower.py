@@ -219,6 +219,8 @@ class FedbenchStrategy(FlowerStrategy):
                              unit="round")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        if self.run.stopped:      # the fedbench strategy ended the run: Flower's remaining rounds send nothing
+            return []
         self._t0 = time.perf_counter()
         self._plan = self.run.select_clients(server_round)
         self._instructions = self.run.configure(self._plan)       # the fedbench strategy's, per client
@@ -234,6 +236,8 @@ class FedbenchStrategy(FlowerStrategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies):
+        if self.run.stopped and server_round > self.run.rounds_done:
+            return None, None
         plan = self._plan
         updates, errors, intervals, wire_up = [], [], [], 0
         for m in replies:
@@ -266,7 +270,7 @@ class FedbenchStrategy(FlowerStrategy):
             self._bar.update(1)
             if rec["accuracy"] == rec["accuracy"]:
                 self._bar.set_postfix(acc=f"{rec['accuracy']:.3f}")
-            if server_round == self.run.cfg.fl.rounds:
+            if server_round == self.run.cfg.fl.rounds or self.run.stopped:
                 self._bar.close()
         return state_to_record(self.run.global_model.state), MetricRecord(_metric_values(rec))
 

@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fedbench.config import PROFILES, ConfigError, ExperimentConfig, to_plain
@@ -181,6 +182,23 @@ def check_subset(name: str, value, allowed: tuple) -> tuple:
     """`value` as a tuple in the order of `allowed`; ConfigError unless a non-empty subset of it."""
     check_list(name, value, lambda m: m in allowed, f"a non-empty subset of {list(allowed)}")
     return tuple(m for m in allowed if m in value)
+
+
+def select_lr(method: str, grid, score, metric: str = "val_final_accuracy") -> tuple[float, list[dict]]:
+    """The lr of `grid` (ascending) with the best validation score (``score(lr)`` -> a number, or (number, extra
+    columns)); ties: the smaller lr. Returns it and one lr_selection row per value, with ``chosen`` and
+    ``chosen_at_grid_edge`` (a choice at the grid's end says the optimum may lie outside it; one value: no choice
+    at all)."""
+    rows = []
+    for lr in grid:
+        out = score(lr)
+        value, extra = out if isinstance(out, tuple) else (out, {})
+        rows.append({"method": method, "lr": float(lr), metric: float(value), **extra})
+    best = float(grid[int(np.argmax([r[metric] for r in rows]))])
+    for row in rows:
+        row["chosen"] = row["lr"] == best
+        row["chosen_at_grid_edge"] = len(grid) == 1 or best in (float(grid[0]), float(grid[-1]))
+    return best, rows
 
 
 def save_table(df: pd.DataFrame, out: Path, name: str) -> Path:

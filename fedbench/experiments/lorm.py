@@ -41,6 +41,7 @@ import torch
 from fedbench.config import ConfigError, ExperimentConfig, config_hash
 from fedbench.experiments.common import (Settings, TableRunStore, check_list, check_seeds, check_subset, is_int,
                                          is_number, output_dir, resolve_profile, save_figure, save_table)
+from fedbench.experiments.common import select_lr as common_select_lr
 from fedbench.fl.seeding import derive_seed, rng_for
 
 EXPERIMENT = "lorm"
@@ -386,16 +387,10 @@ class _Runner:
 def select_lr(method: str, grid, get) -> tuple[float, list[dict]]:
     """The lr of `grid` whose run (``get(lr) -> (tables, run hash)``, the first seed's) has the best final average
     accuracy on the validation split (ties: the smaller lr), and one lr_selection row per value."""
-    rows = []
-    for lr in grid:
+    def score(lr):
         res, h = get(lr)
-        rows.append({"method": method, "lr": lr, "val_final_avg_accuracy": val_accuracy(res["accuracy"]), "run": h})
-    best = grid[int(np.argmax([r["val_final_avg_accuracy"] for r in rows]))]
-    for row in rows:
-        row["chosen"] = row["lr"] == best
-        # a choice at the grid's end says the optimum may lie outside it (one value: no choice at all)
-        row["chosen_at_grid_edge"] = len(grid) == 1 or best in (grid[0], grid[-1])
-    return best, rows
+        return val_accuracy(res["accuracy"]), {"run": h}
+    return common_select_lr(method, grid, score, metric="val_final_avg_accuracy")
 
 
 def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -> LormResult:

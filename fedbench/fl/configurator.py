@@ -29,6 +29,10 @@ group 0 holds the winner. ``round_record`` adds each round's group and its confi
 ``group_width``), the deployable configuration (``depth``, ``width``), the period, the decision and the simulated
 clock (``sim_s``) to the loop's records.
 
+The run ends on the configurator's own clock when ``horizon_s`` is set (``finished``: after the first round
+whose simulated time reaches it, the fixed baselines' horizon, so every method trains for the same simulated
+time; ``fl.rounds`` is then only a cap), otherwise after ``fl.rounds`` loop rounds.
+
 Options (``ConfiguratorOptions``) come from the data the loop is given (``data.configurator``; defaults
 otherwise): the run store keys them beside the config (see :mod:`fedbench.experiments.autofednlp`).
 """
@@ -126,6 +130,9 @@ class ConfiguratorOptions:
     device: str = "slow_phone"
     validation_samples: int = 500
     cache: bool = True                # clients cache the frozen prefix (priced in the clock; no-cache control)
+    # simulated seconds the run trains for: it ends after the first round whose clock reaches this (the fixed
+    # configurations' horizon, so every method gets the same simulated time); None = fl.rounds loop rounds
+    horizon_s: float | None = None
 
     def validate(self) -> None:
         for key in ("depth_step", "width_step", "max_width", "expand", "validation_samples"):
@@ -136,6 +143,9 @@ class ConfiguratorOptions:
             raise ConfigError("time_threshold", self.time_threshold, "a number of seconds > 0")
         if self.device not in DEVICES:
             raise ConfigError("device", self.device, f"one of {sorted(DEVICES)}")
+        h = self.horizon_s
+        if h is not None and (isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 < h < float("inf")):
+            raise ConfigError("horizon_s", h, "None or a number of simulated seconds > 0")
 
 
 def _check(cfg) -> None:
@@ -281,6 +291,13 @@ class AutoFedNLP(FedAvg):
             gm = self.decide(gm, round_idx)
         self._eval_memo = None if g == 0 or self.step == 0 else self._eval_memo
         return gm
+
+    def finished(self, round_idx: int) -> bool:
+        """The run's simulated clock (the round just aggregated: its group's end time, or the period's end
+        after a decision) has reached ``horizon_s``. Groups run side by side in simulated time and the plan is
+        in end-time order, so the clock never goes back."""
+        h = self.options.horizon_s
+        return h is not None and float(self._last.get("sim_s", 0.0)) >= float(h) - 1e-9
 
     def decide(self, gm: GlobalModel, round_idx: int) -> GlobalModel:
         accs = [self.validation_accuracy(c, self.unprefix(gm.state, g)) for g, c in enumerate(self.configs)]

@@ -260,6 +260,7 @@ class FederatedRun:
         self.rejections: list[dict] = []
         self.cumulative_bytes = 0
         self.final_predictions: dict | None = None
+        self.stopped = False             # the strategy ended the run (``strategy.finished``) before fl.rounds
         self._flipped_split = None
 
     # -- what strategies and engines call ---------------------------------------------------------------
@@ -379,7 +380,8 @@ class FederatedRun:
             eps = [u.metrics.get("dp_epsilon", float("nan")) for u in updates]
             rec["dp_epsilon_max"] = max(self.client_epsilons().values(), default=float("nan"))
             rec["dp_epsilon_round_mean"] = float(np.nanmean(eps)) if eps else float("nan")
-        last = round_idx == cfg.fl.rounds
+        self.stopped = bool(self.strategy.finished(round_idx))
+        last = round_idx == cfg.fl.rounds or self.stopped
         if round_idx % cfg.fl.eval_every == 0 or last:
             ev = self.evaluate_global(predictions=last)
             rec.update(accuracy=ev["accuracy"], loss=ev["loss"])
@@ -491,7 +493,8 @@ class FederatedRun:
 
 def run_federated(cfg, data: FederatedData | None = None, progress: bool = False, caches=None,
                   checkpoint_dir: str | Path | None = None, stop_after: int | None = None) -> RunResult:
-    """Run `cfg` from round 1 (or its last checkpointed round in `checkpoint_dir`) to `cfg.fl.rounds`.
+    """Run `cfg` from round 1 (or its last checkpointed round in `checkpoint_dir`) to `cfg.fl.rounds`, or to the
+    round the strategy ends the run on (``strategy.finished``).
 
     With `checkpoint_dir` a checkpoint is written after every round, so a killed run restarted with the same
     folder continues where it stopped and ends bit-identical to an uninterrupted one. `stop_after` ends the
@@ -501,7 +504,8 @@ def run_federated(cfg, data: FederatedData | None = None, progress: bool = False
     check_against_backbone(cfg)      # before any work: a bad depth or max_length fails in the first second
     run = FederatedRun(cfg, data, caches)
     done = run.restore_checkpoint(checkpoint_dir) if checkpoint_dir is not None else 0
-    rounds = range(done + 1, cfg.fl.rounds + 1)
+    # a checkpoint of the round the strategy ended the run on: nothing is left to run
+    rounds = range(done + 1, cfg.fl.rounds + 1) if not (done and run.strategy.finished(done)) else range(0)
     if progress:
         from tqdm.auto import tqdm
         rounds = tqdm(rounds, desc=f"{cfg.name} [{cfg.peft.method}]", unit="round", initial=done,
@@ -512,7 +516,7 @@ def run_federated(cfg, data: FederatedData | None = None, progress: bool = False
             run.save_checkpoint(checkpoint_dir)
         if progress and rec["accuracy"] == rec["accuracy"]:
             rounds.set_postfix(acc=f"{rec['accuracy']:.3f}")
-        if stop_after is not None and r >= stop_after:
+        if run.stopped or (stop_after is not None and r >= stop_after):
             break
     return run.result()
 

@@ -230,6 +230,13 @@ class FedAvg:
             update.state = OrderedDict((k, update.state[k]) for k in ins.send_keys)
         return update
 
+    def finished(self, round_idx: int) -> bool:
+        """Whether the run ends after round `round_idx` (checked once the round is aggregated), before
+        ``fl.rounds``: a strategy with its own clock (AutoFedNLP's simulated-time horizon) ends the run there;
+        ``fl.rounds`` stays the cap. The round it returns True on is the last one: evaluated with predictions,
+        and every engine stops there (the in-process loop; Flower's ServerApp sends nothing more)."""
+        return False
+
     def reference(self, ins: ClientInstruction) -> dict:
         """What each tensor a client sends back is measured against (the update guard's norm, an update
         attack's direction): the state it received, under the names it sends back (a strategy that renames
