@@ -233,7 +233,9 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str, seed: str | None = "seed"
     ref = _draw_hlines(axes, hlines)
     legend_handles = [handles[h] for h in hues if h in handles] + [r[0] for r in ref]
     legend_labels = [labels[h] for h in hues if h in handles] + [r[1] for r in ref]
-    _legend_outside(fig, legend_handles, legend_labels, title=f"mean over seeds; {BAND_TEXT[band]}")
+    # seed=None: each row is one replicate, so there is no mean or band to name
+    _legend_outside(fig, legend_handles, legend_labels,
+                    title=None if seed is None else f"mean over seeds; {BAND_TEXT[band]}")
     limits = ylim or _curve_ylim(_finite(summary["mean"], summary["lo"], summary["hi"],
                                          list((hlines or {}).values())), baseline)
     if limits is not None and bounded and ylim is None:
