@@ -1,19 +1,23 @@
 """FedPEFT (arXiv 2210.01708): which parameters to train and send, under realistic FL conditions.
 
-Six methods under one FedAvg loop (full fine-tuning, head only, BitFit, bottleneck adapters, prompt
-tuning, LoRA) on the bundled MiniLM, and three conditions varied one at a time around a base condition
-(Dirichlet(1.0) label skew, every client every round, no DP):
+Seven methods under one FedAvg loop (full fine-tuning, head only, BitFit, bottleneck adapters, prompt
+tuning, LoRA, (IA)^3) on the bundled MiniLM, and three conditions varied one at a time around a base
+condition (the profile's first heterogeneity and stability levels, no DP; quick: Dirichlet(1.0), 3 of 10
+clients per round):
 
 - heterogeneity: IID or Dirichlet(alpha) label skew;
 - client stability: a sampled fraction of the clients per round, and sampled clients that drop out
   before reporting (they received the model, so their download counts; they send nothing);
 - differential privacy: DP-SGD on every client with Opacus (:mod:`fedbench.fl.privacy`) at target
-  epsilons, delta = 1 / n_client; each client's epsilon is accounted over every round it took part in.
+  epsilons and the clipping-only control, at the profile's delta (1e-5); each client's epsilon is
+  accounted over every round it took part in.
 
-The headline rows (every method, base condition, several seeds) run on the first task; the other tasks
-run a subset of methods at the base condition, and the axes a subset of methods (profile settings).
-Every run is one :class:`ExperimentConfig`, cached by its hash under ``runs_root()``, so an interrupted
-run resumes and a rerun only rebuilds the tables and figures.
+Every learning rate is chosen on a validation slice of the training split (:func:`tune`); the test split is
+read only for the reported runs, and the search's run at the chosen lr is itself the reported seed-0 run,
+evaluated on test after the choice (:class:`Runner`). The headline rows (every method, base condition,
+several seeds) run on the first task; the other tasks run a subset of methods at the base condition, and the
+axes a subset of methods (profile settings). Every run is one :class:`ExperimentConfig`, cached by its hash
+under ``runs_root()``, so an interrupted run resumes and a rerun only rebuilds the tables and figures.
 """
 from __future__ import annotations
 
