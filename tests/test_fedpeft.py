@@ -330,3 +330,60 @@ def test_a_base_field_the_grid_sets_is_refused_not_silently_replaced():
     assert e.value.field_name == "fl.dropout"
     s = settings(**{"fl.aggregator": "median"})            # a field no cell sets reaches every run
     assert all(fp.make_config(c, s, lr=0.01).fl.aggregator == "median" for c in fp.build_cells(s))
+
+
+@pytest.mark.parametrize("method,eps", [("full", None), ("head", 8.0)])
+def test_a_held_search_run_replays_on_test_as_the_run_trained_for_it(tmp_results, method, eps):
+    """The reported run of a chosen lr is replayed from the lr search's validation run (same training, the
+    global model held at each round the test run evaluates): every number equals the run trained for it."""
+    from fedbench.fl.server import run_federated
+    from fedbench.results import run_key
+    s = settings("smoke", tasks=["tweet_sentiment"], methods=["full", "head"], task_methods=[], axis_methods=[],
+                 dp_methods=["head"], dp_epsilons=[8.0], clip_only=False, rounds=3, axis_eval_every=2)
+    c = fp.base_cell(s, "tweet_sentiment", method, 0, dp_epsilon=eps)
+    lr = s["lr_grid"][method][0]
+    val_cfg, test_cfg = fp.make_config(c, s, lr=lr, eval_every=3), fp.make_config(c, s, lr=lr)
+    assert val_cfg.hash() != test_cfg.hash() and fp._same_training(val_cfg, test_cfg)
+    runner = fp.Runner(s)
+    runner.run(val_cfg, "validation", test_cfg=test_cfg)
+    assert set(runner.held) == {run_key(test_cfg, "inprocess")}
+    replayed, cached = runner.run(test_cfg, "test")
+    assert not cached and not runner.held
+    fresh = fp.Runner(s)
+    data = fresh._data(test_cfg, "test")
+    direct = run_federated(test_cfg, data, caches=fresh.caches.get(test_cfg, data, "test"))
+    pd.testing.assert_frame_equal(replayed.rounds.drop(columns="wall_s"), direct.rounds.drop(columns="wall_s"))
+    assert {k: v for k, v in replayed.summary.items() if k != "wall_s"} == \
+        {k: v for k, v in direct.summary.items() if k != "wall_s"}
+    assert np.array_equal(replayed.correct, direct.correct)
+    evaluated = direct.rounds["accuracy"].notna().tolist()
+    assert evaluated == ([True, True, True] if eps is None else [False, True, True])
+    if eps is not None:
+        assert 0 < replayed.summary["dp_epsilon_spent"] <= 8.0
+
+
+def test_a_validation_run_of_another_training_is_not_held(tmp_results):
+    s = settings("smoke", tasks=["tweet_sentiment"], methods=["head"], task_methods=[], axis_methods=[],
+                 dp_methods=[], rounds=2)
+    c = fp.base_cell(s, "tweet_sentiment", "head", 0)
+    runner = fp.Runner(s)
+    runner.run(fp.make_config(c, s, lr=0.01, eval_every=2), "validation", test_cfg=fp.make_config(c, s, lr=0.03))
+    assert not runner.held
+
+
+def test_the_caches_fill_every_depth_the_profile_needs_with_one_fill_s_values(tmp_results):
+    import torch
+
+    from fedbench.models.inputs import ActivationCache
+    s = settings("smoke", tasks=["tweet_sentiment"], methods=["full", "head"], task_methods=[], axis_methods=[],
+                 dp_methods=[])
+    runner = fp.Runner(s)
+    cfg = fp.make_config(fp.base_cell(s, "tweet_sentiment", "full", 0), s, lr=1e-3)
+    data = runner._data(cfg, "test")
+    train, test = runner.caches.get(cfg, data, "test")
+    assert set(train._stores) == {5, 6} and set(test._stores) == {5, 6}
+    model = runner.caches._model
+    for depth in (5, 6):
+        one = ActivationCache(data.train, data.pad_id)
+        one.fill(model, np.arange(len(data.train)), depth)
+        assert all(torch.equal(one._stores[depth][i], train._stores[depth][i]) for i in range(len(data.train)))

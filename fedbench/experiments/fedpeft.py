@@ -1,19 +1,23 @@
 """FedPEFT (arXiv 2210.01708): which parameters to train and send, under realistic FL conditions.
 
-Six methods under one FedAvg loop (full fine-tuning, head only, BitFit, bottleneck adapters, prompt
-tuning, LoRA) on the bundled MiniLM, and three conditions varied one at a time around a base condition
-(Dirichlet(1.0) label skew, every client every round, no DP):
+Seven methods under one FedAvg loop (full fine-tuning, head only, BitFit, bottleneck adapters, prompt
+tuning, LoRA, (IA)^3) on the bundled MiniLM, and three conditions varied one at a time around a base
+condition (the profile's first heterogeneity and stability levels, no DP; quick: Dirichlet(1.0), 3 of 10
+clients per round):
 
 - heterogeneity: IID or Dirichlet(alpha) label skew;
 - client stability: a sampled fraction of the clients per round, and sampled clients that drop out
   before reporting (they received the model, so their download counts; they send nothing);
 - differential privacy: DP-SGD on every client with Opacus (:mod:`fedbench.fl.privacy`) at target
-  epsilons, delta = 1 / n_client; each client's epsilon is accounted over every round it took part in.
+  epsilons and the clipping-only control, at the profile's delta (1e-5); each client's epsilon is
+  accounted over every round it took part in.
 
-The headline rows (every method, base condition, several seeds) run on the first task; the other tasks
-run a subset of methods at the base condition, and the axes a subset of methods (profile settings).
-Every run is one :class:`ExperimentConfig`, cached by its hash under ``runs_root()``, so an interrupted
-run resumes and a rerun only rebuilds the tables and figures.
+Every learning rate is chosen on a validation slice of the training split (:func:`tune`); the test split is
+read only for the reported runs, and the search's run at the chosen lr is itself the reported seed-0 run,
+evaluated on test after the choice (:class:`Runner`). The headline rows (every method, base condition,
+several seeds) run on the first task; the other tasks run a subset of methods at the base condition, and the
+axes a subset of methods (profile settings). Every run is one :class:`ExperimentConfig`, cached by its hash
+under ``runs_root()``, so an interrupted run resumes and a rerun only rebuilds the tables and figures.
 """
 from __future__ import annotations
 
@@ -417,12 +421,16 @@ class SharedCaches:
     sizes, seed), and the frozen bottom layers are the pretrained ones whatever the method, so one cache
     per sample and depth serves head, LoRA and adapter runs alike. Each is filled once, before its first
     run, in a fixed order (by length, then index): the cached values, and so every run's numbers, do not
-    depend on which runs came first or were already on disk.
+    depend on which runs came first or were already on disk. `methods` (those the profile runs) name the
+    depths to fill: all of them are filled in one pass (``ActivationCache.fill_depths``: the head's six
+    frozen layers are the top-layer methods' five plus one, not six more), with the same values as one
+    fill per depth.
     """
 
-    def __init__(self):
+    def __init__(self, methods=()):
         self.pool: dict[tuple, tuple] = {}
         self.filled: set[tuple[str, int]] = set()
+        self.methods = tuple(methods)
         self._model = None
 
     @staticmethod
@@ -432,10 +440,12 @@ class SharedCaches:
         return config_hash({"task": d.task, "max_train_samples": d.max_train_samples, "max_length": d.max_length,
                             "max_test_samples": d.max_test_samples, "backbone": cfg.model.backbone, "seed": cfg.seed})
 
-    def frozen_prefix(self, cfg, num_layers: int) -> int:
-        if cfg.peft.method == "head":
+    def frozen_prefix(self, cfg, num_layers: int, method: str | None = None) -> int:
+        """Frozen layers below what `method` (default: cfg's) trains, at cfg's depth."""
+        method = method or cfg.peft.method
+        if method == "head":
             return num_layers
-        if takes_depth(cfg.peft.method) and cfg.peft.depth is not None:
+        if takes_depth(method) and cfg.peft.depth is not None:
             return num_layers - cfg.peft.depth
         return 0
 
@@ -454,20 +464,98 @@ class SharedCaches:
             self._model = build_model(cfg.model, PeftConfig(method="head"), data.num_labels, seed=0)
         depth = self.frozen_prefix(cfg, self._model.num_layers)
         if depth > 0 and (key, depth) not in self.filled:
+            n = self._model.num_layers
+            depths = sorted({depth} | {d for m in self.methods if (d := self.frozen_prefix(cfg, n, m)) > 0})
             with torch.no_grad():
                 for cache, idx in zip(self.pool[key], (np.arange(len(data.train)), np.asarray(data.test_indices))):
-                    if not all(int(i) in cache._stores.get(depth, {}) for i in idx):
-                        cache.fill(self._model, idx, depth)
-            self.filled.add((key, depth))
+                    if not all(int(i) in cache._stores.get(d, {}) for d in depths for i in idx):
+                        cache.fill_depths(self._model, idx, depths)
+            self.filled.update((key, d) for d in depths)
         return self.pool[key]
+
+
+@dataclass
+class HeldRun:
+    """What a validation run of the lr search keeps so that, if its lr is chosen, the same training need not
+    run again for the reported (test) run of that cell: the global model after every round the test run
+    evaluates, the per-round records and the client store (DP ledgers). Nothing here was evaluated on test."""
+    snapshots: dict           # round -> GlobalModel (cloned tensors)
+    records: list
+    rejections: list
+    cumulative_bytes: int
+    store: object
+
+
+def _clone_global(gm):
+    from fedbench.fl.strategy import GlobalModel
+    clone = lambda d: type(d)((k, v.detach().clone()) for k, v in d.items())  # noqa: E731
+    return GlobalModel(clone(gm.state), clone(gm.base_delta), gm.down_bytes)
+
+
+def search_run(cfg, test_cfg, data, caches, checkpoint_dir):
+    """:func:`fedbench.fl.server.run_federated` of the validation config `cfg` (the same round loop and
+    checkpoints), also keeping (:class:`HeldRun`) the global model at each round `test_cfg` evaluates. `test_cfg`
+    is `cfg` but for ``fl.eval_every``: evaluation does not touch the training, so its training is this one.
+    A run resumed from a checkpoint keeps nothing (its earlier rounds' models are gone): (result, None)."""
+    from fedbench.fl.server import FederatedRun
+    from fedbench.models.checks import check_against_backbone
+    check_against_backbone(cfg)
+    run = FederatedRun(cfg, data, caches)
+    done = run.restore_checkpoint(checkpoint_dir) if checkpoint_dir is not None else 0
+    snapshots = {} if done == 0 else None
+    rounds, every = cfg.fl.rounds, test_cfg.fl.eval_every
+    for r in range(done + 1, rounds + 1):
+        run.run_round(r)
+        if checkpoint_dir is not None:
+            run.save_checkpoint(checkpoint_dir)
+        if snapshots is not None and (r % every == 0 or r == rounds):
+            snapshots[r] = _clone_global(run.global_model)
+    held = None if snapshots is None else HeldRun(snapshots, [dict(r) for r in run.records], list(run.rejections),
+                                                  run.cumulative_bytes, run.store)
+    return run.result(), held
+
+
+def replay_on_test(test_cfg, held: HeldRun, data, caches):
+    """The RunResult :func:`run_federated` gives for `test_cfg`, from a held validation run of the same
+    training: the test split is evaluated (for the first time) at the rounds `test_cfg` evaluates, on the
+    global model held from those rounds; every other record (bytes, losses, epsilon) is the training's own."""
+    from fedbench.fl.server import FederatedRun
+    run = FederatedRun(test_cfg, data, caches)
+    run.records = [dict(r) for r in held.records]
+    run.rejections, run.cumulative_bytes, run.store = list(held.rejections), held.cumulative_bytes, held.store
+    rounds, every = test_cfg.fl.rounds, test_cfg.fl.eval_every
+    for rec in run.records:
+        r = int(rec["round"])
+        if r % every == 0 or r == rounds:
+            run.global_model = held.snapshots[r]
+            ev = run.evaluate_global(predictions=r == rounds)
+            rec.update(accuracy=ev["accuracy"], loss=ev["loss"])
+            if r == rounds and "predictions" in ev:
+                run.final_predictions = ev["predictions"]
+        else:
+            rec.update(accuracy=float("nan"), loss=float("nan"))
+    return run.result()
+
+
+def _same_training(cfg, test_cfg) -> bool:
+    """Whether `cfg` and `test_cfg` differ at most in ``fl.eval_every`` (so they train identically)."""
+    return cfg.replace(**{"fl.eval_every": test_cfg.fl.eval_every}).hash() == test_cfg.hash()
 
 
 class Runner:
     """Runs (or loads from the run store) one config on the test split or on the validation slice, sharing the
-    prepared data and the frozen-prefix caches between runs."""
+    prepared data and the frozen-prefix caches between runs.
+
+    A validation run given the `test_cfg` of the same training (:func:`tune` passes the reported cell's config
+    at that lr) is held (:class:`HeldRun`); once the lr is chosen (:meth:`keep_only`), the reported run of that
+    config is replayed from it on test (:func:`replay_on_test`) instead of trained again. The replay gives the
+    run :func:`run_federated` gives (tested), so whether a run was replayed or trained never shows in a number.
+    """
 
     def __init__(self, s: dict):
-        self.s, self.data, self.caches = s, {}, SharedCaches()
+        methods = {*s["methods"], *s["task_methods"], *s["axis_methods"], *s["dp_methods"]}
+        self.s, self.data, self.caches = s, {}, SharedCaches([m for m in METHODS if m in methods])
+        self.held: dict[str, HeldRun] = {}          # run key of the test config -> held validation run
 
     def engine(self, evaluation: str) -> str:
         return "inprocess" if evaluation == "test" else f"inprocess/validation-{self.s['validation_samples']}"
@@ -483,17 +571,39 @@ class Runner:
                                                               self.data[(key, "test")])
         return self.data[(key, evaluation)]
 
-    def run(self, cfg, evaluation: str = "test"):
+    def keep_only(self, test_cfgs) -> None:
+        """Drop every held run but those of `test_cfgs` (the chosen learning rates' reported configs)."""
+        from fedbench.results import run_key
+        keep = {run_key(c, "inprocess") for c in test_cfgs}
+        self.held = {k: v for k, v in self.held.items() if k in keep}
+
+    def run(self, cfg, evaluation: str = "test", test_cfg=None):
         """(result, whether it was on disk). `evaluation`: "test" (reported runs) or "validation" (lr search:
-        the test split is not loaded into the run)."""
+        the test split is not loaded into the run). `test_cfg` (validation only): the reported config of the
+        same training, to hold the run for (see the class)."""
         from fedbench.fl.server import run_federated
-        from fedbench.results import cached_run, load_run, run_key
+        from fedbench.results import cached_run, load_run, run_key, save_run
         engine = self.engine(evaluation)
-        done = load_run(run_key(cfg, engine), runs_root())
+        key = run_key(cfg, engine)
+        done = load_run(key, runs_root())
         if done is not None:
             return done, True
         data = self._data(cfg, evaluation)
         caches = self.caches.get(cfg, data, evaluation)
+        if evaluation == "test" and key in self.held:
+            result = replay_on_test(cfg, self.held.pop(key), data, caches)
+            save_run(result, key, runs_root())
+            return result, False
+        if evaluation != "test" and test_cfg is not None and _same_training(cfg, test_cfg):
+            out = {}
+
+            def compute(ckpt):
+                result, out["held"] = search_run(cfg, test_cfg, data, caches, ckpt)
+                return result
+            result = cached_run(cfg, compute, root=runs_root(), engine=engine)
+            if out.get("held") is not None:
+                self.held[run_key(test_cfg, "inprocess")] = out["held"]
+            return result, False
         return cached_run(cfg, lambda ckpt: run_federated(cfg, data, caches=caches, checkpoint_dir=ckpt),
                           root=runs_root(), engine=engine), False
 
@@ -506,13 +616,14 @@ def tune(s: dict, runner: Runner, progress: bool = True) -> pd.DataFrame:
     todo = tuning_cells(s)
     for i, (c, lr) in enumerate(todo, 1):
         cfg = make_config(c, s, lr=lr, eval_every=s["base"].fl.rounds)
-        result, cached = runner.run(cfg, "validation")
+        result, cached = runner.run(cfg, "validation", test_cfg=make_config(c, s, lr=lr))
         results.append((c, lr, float(result.summary["final_accuracy"])))
         if progress:
             status = "cached" if cached else f"{result.summary['wall_s']:.0f}s"
             print(f"[lr {i}/{len(todo)}] {c.task} {c.method:7s} {c.dp:9s} lr={lr:g}: validation acc="
                   f"{results[-1][2]:.3f} ({status}, {time.perf_counter() - t0:.0f}s total)", flush=True)
     s["chosen_lr"], table = select_lrs(results)
+    runner.keep_only([make_config(c, s, lr=lr) for c, lr, _ in results if s["chosen_lr"][lr_key(c)] == lr])
     return table
 
 
