@@ -269,3 +269,19 @@ def test_zero_lora_branches_are_skipped_exactly_and_only_when_b_is_zero():
         assert n == len(mods) - 1 and torch.equal(fast, ref)
     assert all(not layer._disable_adapters for layer in model.modules() if hasattr(layer, "_disable_adapters"))
     assert all(p.requires_grad for k, p in params.items() if ".lora_" in k)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path))
+    res = ta.run("smoke", verbose=False, tunings=["full"], rounds=[1], pairs=False, hetero_lrs=[])
+    s = res.summary
+    assert set(s["tuning"]) == {"full"}
+    homo = s[s["setting"] == "homogeneous"]
+    # every merge but FedIT (a LoRA factor average: no factors with full fine-tuning)
+    assert set(homo["method"]) == {"probe", "individual", "fedavg", *(m for m in ta.MERGE_METHODS if m != "fedit")}
+    assert set(homo[homo["method"] == "task_arithmetic"]["variant"]) == {"tuned", "1/T"}
+    assert (res.equivalence["max_abs_param_diff"] <= 1e-6).all() and res.equivalence["same_accuracy"].all()
+    ft = res.finetune
+    assert (ft["lr"] == res.settings["full_lr"]).all() and (ft["tv_norm"] > 0).all()
+    assert len(res.lr_search) == 0                    # full fine-tuning uses full_lr, no search
