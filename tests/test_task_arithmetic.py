@@ -242,3 +242,46 @@ def test_protocol_markdown_carries_the_measured_claims():
                               "inconclusive |" in md
     assert "| lora | x | 0.6 | 0.65 | 0.05 |" in md
     assert "Measured" not in ta.protocol_markdown(p)
+
+
+def test_zero_lora_branches_are_skipped_exactly_and_only_when_b_is_zero():
+    from fedbench.config import ModelConfig, PeftConfig
+    from fedbench.models import build_model, load_tokenizer, lora_modules
+    from fedbench.models.tuners.lora import zero_branches_skipped
+    model = build_model(ModelConfig(), PeftConfig(method="lora", rank=4, target_modules=("query", "value", "dense")),
+                        num_labels=3, seed=0).eval()
+    tok = load_tokenizer(ModelConfig().backbone)
+    enc = tok(["a fine film", "wordnet: to move fast and far away"], padding=True, return_tensors="pt")
+    x, m = enc["input_ids"], enc["attention_mask"]
+    mods = lora_modules(model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for info in mods:                          # merged weights in the base layers, factors at init (B = 0)
+            params[info.base_key].add_(0.01 * torch.randn_like(params[info.base_key]))
+        ref = model(x, m)
+        with zero_branches_skipped(model) as n:
+            fast = model(x, m)
+        assert n == len(mods) > 0 and torch.equal(fast, ref)
+        params[mods[0].b_key].fill_(0.5)          # a non-zero B keeps its branch
+        ref = model(x, m)
+        with zero_branches_skipped(model) as n:
+            fast = model(x, m)
+        assert n == len(mods) - 1 and torch.equal(fast, ref)
+    assert all(not layer._disable_adapters for layer in model.modules() if hasattr(layer, "_disable_adapters"))
+    assert all(p.requires_grad for k, p in params.items() if ".lora_" in k)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path))
+    res = ta.run("smoke", verbose=False, tunings=["full"], rounds=[1], pairs=False, hetero_lrs=[])
+    s = res.summary
+    assert set(s["tuning"]) == {"full"}
+    homo = s[s["setting"] == "homogeneous"]
+    # every merge but FedIT (a LoRA factor average: no factors with full fine-tuning)
+    assert set(homo["method"]) == {"probe", "individual", "fedavg", *(m for m in ta.MERGE_METHODS if m != "fedit")}
+    assert set(homo[homo["method"] == "task_arithmetic"]["variant"]) == {"tuned", "1/T"}
+    assert (res.equivalence["max_abs_param_diff"] <= 1e-6).all() and res.equivalence["same_accuracy"].all()
+    ft = res.finetune
+    assert (ft["lr"] == res.settings["full_lr"]).all() and (ft["tv_norm"] > 0).all()
+    assert len(res.lr_search) == 0                    # full fine-tuning uses full_lr, no search

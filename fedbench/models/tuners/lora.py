@@ -6,6 +6,7 @@ the state keys of A and B and the scaling, which the LoRA-aware aggregators and 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -77,3 +78,24 @@ def grow_lora_state(state: dict, template: dict):
         if key.endswith(f"lora_B.{ADAPTER_NAME}.weight") and out[key].shape[1] != b.shape[1]:
             out[key] = out[key] * (out[key].shape[1] / b.shape[1])
     return out
+
+
+@contextmanager
+def zero_branches_skipped(model):
+    """While active, LoRA layers whose every B is exactly zero run their base layer only.
+
+    Such a branch adds exactly zero (x A^T B^T = 0), so skipping it changes no output value and saves its
+    matmuls: what an evaluation of merged weights held in the base layers (factors at their init, B = 0)
+    spends on nothing. Layers with a non-zero B keep their branch. peft's ``enable_adapters`` would also
+    change ``requires_grad``; only its ``_disable_adapters`` flag is set here, and restored on exit.
+    """
+    from peft.tuners.lora import LoraLayer
+    skipped = [m for m in model.modules() if isinstance(m, LoraLayer) and not m._disable_adapters
+               and all(bool((b.weight == 0).all()) for b in m.lora_B.values())]
+    for m in skipped:
+        m._disable_adapters = True
+    try:
+        yield len(skipped)
+    finally:
+        for m in skipped:
+            m._disable_adapters = False
