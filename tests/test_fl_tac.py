@@ -330,6 +330,112 @@ def test_on_flower_message_api_equals_in_process(tiny):
         torch.testing.assert_close(run.global_model.state[k], v, rtol=0, atol=1e-6)
 
 
+def _heads_run(tiny, method, k=None):
+    """A run of the task-head arm (one head per task) on the tiny federation; `k` forces FL-TAC's k."""
+    from fedbench.experiments import fl_tac
+    from fedbench.fl import FederatedRun
+    s, base, pool, _ = tiny
+    data = fl_tac.task_data(s, base, pool, seed=0, heads=True)
+    if k is not None:
+        data.cluster = {**data.cluster, "k": k}
+    return FederatedRun(_cfg(tiny, method), data, pool.caches), data
+
+
+def _one_round(run):
+    plan = run.select_clients(1)
+    ins = run.configure(plan)
+    updates = [run.client_update(c, 1, ins[c]) for c in plan.reporting]
+    before = run.global_model
+    run.finish_round(plan, updates, 0.0, instructions=ins)
+    return updates, before
+
+
+def test_task_heads_are_averaged_per_task_never_per_cluster(tiny):
+    """k = 1 puts every adapter in one cluster: a per-cluster head average would mix task t's trained rows
+    with the untouched rows of the other tasks' adapters; the heads must be the FedAvg over task t's holders."""
+    from fedbench.fl.aggregators import fedavg
+    run, data = _heads_run(tiny, "fl_tac_heads", k=1)
+    st = run.strategy
+    assert data.head_rows == [(0, 2), (2, 4)] and data.num_labels == 4
+    assert st.head_keys == ["classifier.weight", "classifier.bias"] and not set(st.head_keys) & set(st.cluster_keys)
+    updates, _ = _one_round(run)
+    subs = [(u.client_id, t, a, n) for u in updates for t, a, n in st._unpack(u)]
+    slots = sorted({st.slot_of(c, t) for c, t, _, _ in subs})
+    assert len(slots) == 1 and st.cluster_rows[-1]["k"] == 1
+    for t, (a, b) in enumerate(data.head_rows):
+        mine = [(x, n) for _, tt, x, n in subs if tt == t]
+        want = fedavg([OrderedDict((k, x[k][a:b]) for k in st.head_keys) for x, _ in mine], [n for _, n in mine])
+        cluster = fedavg([OrderedDict((k, x[k][a:b]) for k in st.head_keys) for _, _, x, _ in subs],
+                         [n for *_, n in subs])
+        for slot in slots + ["init"]:            # every slot carries every task's head, the init slot too
+            for k in st.head_keys:
+                got = run.global_model.state[f"{slot}/{k}"][a:b]
+                torch.testing.assert_close(got, want[k])
+                assert not torch.allclose(got, cluster[k])     # what a per-cluster head would have been
+    # the LoRA factors are averaged per cluster as in the paper arm
+    lora = [k for k in st.keys if k not in st.head_keys]
+    want = fedavg([OrderedDict((k, x[k]) for k in lora) for _, _, x, _ in subs], [n for *_, n in subs])
+    for k in lora:
+        torch.testing.assert_close(run.global_model.state[f"{slots[0]}/{k}"], want[k])
+
+
+def test_fedit_with_task_heads_weights_each_head_by_its_tasks_samples(tiny):
+    from fedbench.fl.aggregators import fedavg
+    run, data = _heads_run(tiny, "fedit_heads")
+    st = run.strategy
+    updates, _ = _one_round(run)
+    for t, (a, b) in enumerate(data.head_rows):
+        holders = [u for u in updates if len(data.task_clients[t][u.client_id])]
+        assert all(int(u.extras[f"n/task{t}"]) == len(data.task_clients[t][u.client_id]) for u in holders)
+        want = fedavg([OrderedDict((k, u.state[f"shared/{k}"][a:b]) for k in st.head_keys) for u in holders],
+                      [len(data.task_clients[t][u.client_id]) for u in holders])
+        for k in st.head_keys:
+            torch.testing.assert_close(run.global_model.state[f"shared/{k}"][a:b], want[k])
+    # each task is scored with its own head: every prediction of a task-t row lies in task t's rows
+    out = st.evaluate(run, run.global_model, predictions=True)
+    pred = dict(zip(out["predictions"]["test_index"].tolist(), out["predictions"]["prediction"].tolist()))
+    for t, (a, b) in enumerate(data.head_rows):
+        assert all(a <= pred[int(i)] < b for i in data.task_test[t])
+        assert set(data.test.labels[torch.as_tensor(data.task_test[t])].tolist()) <= set(range(a, b))
+
+
+def test_update_clustering_clusters_what_changed_this_round(tiny):
+    from fedbench.experiments import fl_tac
+    from fedbench.fl import FederatedRun
+    s, base, pool, _ = tiny
+    data = fl_tac.task_data(s, base, pool, seed=0, cluster_on="update")
+    run = FederatedRun(_cfg(tiny, "fl_tac_update"), data, pool.caches)
+    run.run_round(1)
+    st = run.strategy
+    plan = run.select_clients(2)
+    ins = run.configure(plan)
+    updates = [run.client_update(c, 2, ins[c]) for c in plan.reporting]
+    subs = [(u.client_id, t, a, n) for u in updates for t, a, n in st._unpack(u)]
+    x = st._features(run.global_model, subs)
+    sent = C.flatten_adapters([st.slot(run.global_model, st.slot_of(c, t)) for c, t, _, _ in subs], keys=st.keys)
+    np.testing.assert_allclose(x, C.flatten_adapters([a for _, _, a, _ in subs], keys=st.keys) - sent)
+    run.finish_round(plan, updates, 0.0, instructions=ins)
+    assert [r["round"] for r in st.cluster_rows] == [1, 2]
+    assert all(0 <= r["hungarian_accuracy"] <= 1 and -1 <= r["ari"] <= 1 for r in st.cluster_rows)
+
+
+def test_embedding_is_umap_when_importable_else_pca(monkeypatch):
+    import sys
+    x = np.random.default_rng(0).normal(size=(12, 30))
+    if C.embedding_method("auto") == "umap":
+        a, used = C.embed_2d(x, "umap", seed=5)
+        b, _ = C.embed_2d(x, "umap", seed=5)
+        assert used == "umap" and a.shape == (12, 2)
+        np.testing.assert_array_equal(a, b)                       # seeded: a rerun is identical
+    assert C.embed_2d(x[:C.UMAP_MIN_POINTS - 1], "umap", seed=5)[1] == "pca"   # too few points for a graph
+    z, used = C.embed_2d(x, "pca", seed=5)
+    assert used == "pca" and z.shape == (12, 2)
+    monkeypatch.setitem(sys.modules, "umap", None)                # umap-learn absent: PCA
+    assert C.embedding_method("auto") == "pca" and C.embedding_method("umap") == "umap"
+    with pytest.raises(ValueError, match="embedding must be one of"):
+        C.embedding_method("tsne")
+
+
 def test_changed_clusters_matches_clusters_across_renumbering():
     from fedbench.fl.task_clusters import changed_count
     assert changed_count([0, 0, 1, 1], [1, 1, 0, 0]) == 0
@@ -343,7 +449,8 @@ def test_bad_parameters_name_field_and_allowed_values():
     bad = [({"tasks": ["rt_sentiment"]}, "tasks"), ({"tasks": ["rt_sentiment", "ng20"]}, "tasks"),
            ({"methods": ["fl_tac", "fedprox"]}, "methods"), ({"k": 0}, "k"), ({"seeds": [0, 0]}, "seeds"),
            ({"min_share": 0.5}, "min_share"), ({"lr_grid": [-1.0]}, "lr_grid"), ({"colour": 1}, "colour"),
-           ({"peft.method": "head", "peft.depth": None}, "peft.method")]
+           ({"peft.method": "head", "peft.depth": None}, "peft.method"), ({"embedding": "tsne"}, "embedding"),
+           ({"silhouette_n_init": 0}, "silhouette_n_init")]
     for overrides, name in bad:
         with pytest.raises(ConfigError) as e:
             fl_tac.settings_for("smoke", **overrides)
@@ -380,10 +487,14 @@ def test_end_to_end_reproduces_exactly(tmp_path, monkeypatch):
     assert list(summary.columns)[:5] == ["method", "arm", "task", "seed", "accuracy"]
     assert set(summary["method"]) == set(fl_tac.METHODS) and summary["accuracy"].between(0, 1).all()
     assert set(summary["task"]) == {"rt_sentiment", "sms_spam", "mean"}
+    arms = summary.groupby("method")["arm"].unique().map(list).to_dict()
+    assert arms == {m: ["task heads" if m in fl_tac.HEADS else "shared head"] for m in fl_tac.METHODS}
+    emb = pd.read_csv(tmp_path / "b" / "fl_tac" / "smoke" / "adapter_embedding.csv")
+    assert {"dim1", "dim2", "embedding"} <= set(emb.columns) and set(emb["embedding"]) <= {"umap", "pca"}
     clu = pd.read_csv(tmp_path / "b" / "fl_tac" / "smoke" / "clustering.csv")
     for col in ("round", "seed", "ari", "hungarian_accuracy", "k_silhouette", "changed_clusters"):
         assert col in clu.columns
-    assert set(clu["method"]) == {"fl_tac", "fl_tac_update"} and (clu["k"] == 2).all()
+    assert set(clu["method"]) == {"fl_tac", "fl_tac_update", "fl_tac_heads"} and (clu["k"] == 2).all()
     assert clu.loc[clu["round"] == 1, "changed_clusters"].isna().all()
     assert clu.loc[clu["round"] == 2, "changed_clusters"].notna().all()
     assert {"estimate", "ci_low", "ci_high", "verdict"} <= set(res.claims.columns)

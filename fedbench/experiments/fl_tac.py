@@ -16,6 +16,12 @@ per client, ``local_steps // n_tasks`` steps per task in turn), ``oracle`` (per-
 labels), ``local``. An adapter is everything trainable (LoRA factors + the 2-class head), as the official
 ``get_adapter_state`` sends it.
 
+The task-head arm (labelled ``arm = "task heads"``): ``fedit_heads`` and ``fl_tac_heads`` are FedIT and FL-TAC
+with one classifier head per task (each task's own label count, a class mask per example; the test rows of
+task t are scored with head t), the heads FedAvg'd per task over the clients holding it, never per cluster
+(:mod:`fedbench.fl.task_clusters`). The same schedule as the paper arm: only the heads differ, so the two arms
+side by side show what task identity in the heads is worth to FedIT's one adapter.
+
 The fourth binary task, ``tweet_polarity``, is made here from the offline ``tweet_sentiment`` (negative vs
 positive; neutral rows dropped; label 0 = negative, 1 = positive).
 """
@@ -36,16 +42,19 @@ from fedbench.fl.seeding import derive_seed, rng_for
 
 EXPERIMENT = "fl_tac"
 SCHEMA = 4
-METHODS = ("fl_tac", "fl_tac_update", "fedit", "oracle", "local")
+METHODS = ("fl_tac", "fl_tac_update", "fedit", "oracle", "local", "fedit_heads", "fl_tac_heads")
 STRATEGY = {"fl_tac": "fl_tac", "fl_tac_update": "fl_tac", "fedit": "fedit_tasks", "oracle": "fl_tac_oracle",
-            "local": "fl_tac_local"}
+            "local": "fl_tac_local", "fedit_heads": "fedit_tasks", "fl_tac_heads": "fl_tac"}
 LABELS = {"fl_tac": "FL-TAC (k-means, k = T)", "fl_tac_update": "FL-TAC clustering updates (diagnostic)",
           "fedit": "FedIT (one adapter, local_steps // n_tasks per task)", "oracle": "oracle per-task FedAvg",
-          "local": "local only"}
+          "local": "local only", "fedit_heads": "FedIT + task heads", "fl_tac_heads": "FL-TAC + task heads"}
+HEADS = ("fedit_heads", "fl_tac_heads")             # the task-head arm; every other method: one shared head
+ARM = {m: "task heads" if m in HEADS else "shared head" for m in METHODS}
 DERIVED = {"tweet_polarity": ("tweet_sentiment", {0: 0, 2: 1})}     # name -> (source task, {source label: label})
 # the methods that train per-task adapters exactly as FL-TAC does take its lr (chosen on validation); the lr
 # grid runs only for fl_tac and fedit (each extra grid value for every method would cost a fourth seed)
-LR_FROM = {"fl_tac_update": "fl_tac", "oracle": "fl_tac", "local": "fl_tac"}
+LR_FROM = {"fl_tac_update": "fl_tac", "oracle": "fl_tac", "local": "fl_tac", "fedit_heads": "fedit",
+           "fl_tac_heads": "fl_tac"}
 BINARY = ("rt_sentiment", "subjectivity", "sms_spam", "tweet_polarity")
 
 
@@ -60,6 +69,8 @@ class FlTacSettings(Settings):
     k: int | None = None              # None: the number of tasks
     k_max: int | None = None          # silhouette search up to this k (None: 2 x tasks)
     n_init: int = 10
+    silhouette_n_init: int | None = None   # k-means restarts for the recorded silhouette k (None: n_init)
+    embedding: str = "auto"                # adapter-evolution figure: auto (UMAP if umap-learn imports) | umap | pca
     lr_grid: tuple[float, ...] = (5e-4, 1e-3)
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = ("fl_tac", "fedit", "oracle", "local")
@@ -76,6 +87,11 @@ class FlTacSettings(Settings):
                          ("n_init", 1), ("evolution_panels", 1)]:
             if not is_int(getattr(self, key)) or getattr(self, key) < low:
                 raise ConfigError(key, getattr(self, key), f"an integer >= {low}")
+        if self.silhouette_n_init is not None and (not is_int(self.silhouette_n_init) or self.silhouette_n_init < 1):
+            raise ConfigError("silhouette_n_init", self.silhouette_n_init, "None (= n_init) or an integer >= 1")
+        from fedbench.fl.clustering import EMBEDDINGS
+        if self.embedding not in EMBEDDINGS:
+            raise ConfigError("embedding", self.embedding, f"one of {list(EMBEDDINGS)}")
         if not is_number(self.min_share) or not 0 <= self.min_share < 1:
             raise ConfigError("min_share", self.min_share, "a number in [0, 1/num_clients]")
         if self.k is not None and (not is_int(self.k) or self.k < 1):
@@ -106,13 +122,19 @@ def settings_for(profile: str = "quick", path=None, **overrides):
 
 def data_key(s: FlTacSettings) -> str:
     """What the data and the server options depend on besides the run config (part of every run's name)."""
+    from fedbench.fl.clustering import embedding_method
     keep = ("tasks", "data_seed", "max_train_per_task", "val_per_task", "max_test_per_task", "min_share", "k",
-            "k_max", "n_init")
-    return config_hash({"schema": SCHEMA, **{k: getattr(s, k) for k in keep}})[:12]
+            "k_max", "n_init", "silhouette_n_init")
+    return config_hash({"schema": SCHEMA, "embedding": embedding_method(s.embedding),
+                        **{k: getattr(s, k) for k in keep}})[:12]
 
 
-def run_config(s: FlTacSettings, base: ExperimentConfig, method: str, seed: int, lr: float) -> ExperimentConfig:
-    return base.replace(**{"seed": int(seed), "name": f"fl_tac-{method}-{data_key(s)}", "train.lr": float(lr),
+def run_config(s: FlTacSettings, base: ExperimentConfig, method: str, seed: int, lr: float,
+               validate: bool = True) -> ExperimentConfig:
+    """The run of `method` at `seed` and `lr`; `validate`: it also scores the validation split (the runs that
+    choose a learning rate; the name says so, as what the run records depends on it)."""
+    name = f"fl_tac-{method}-{data_key(s)}" + ("" if validate else "-noval")
+    return base.replace(**{"seed": int(seed), "name": name, "train.lr": float(lr),
                            "fl.strategy": STRATEGY[method], "data.task": s.tasks[0]})
 
 
@@ -127,6 +149,41 @@ class Pool:
     task_test: list         # [task] -> rows of test
     pad_id: int
     caches: tuple = None
+    classes: list = None    # [task] -> its number of classes
+    heads: tuple = None     # (train, test) with one head per task: labels offset, class masks (head_splits)
+
+
+def num_classes(name: str, ds) -> int:
+    if name in DERIVED:
+        return len(set(DERIVED[name][1].values()))
+    return int(ds["train"].features["label"].num_classes)
+
+
+def head_splits(pool: Pool) -> tuple:
+    """(train, test) for the task-head arm: task t's labels shifted to its own rows of one classifier
+    (``head_rows``) and a class mask keeping each example on them: one head per task, each with its own label
+    count. The token ids are the pool's (its activation caches serve both arms)."""
+    import torch
+    from fedbench.models.inputs import TokenizedSplit
+    if pool.heads is None:
+        rows = head_rows(pool.classes)
+        out = []
+        for split, per_task in ((pool.train, [np.concatenate([a, b]) for a, b in zip(pool.task_train, pool.task_val)]),
+                                (pool.test, pool.task_test)):
+            labels, mask = split.labels.clone(), torch.zeros((len(split), rows[-1][1]), dtype=torch.bool)
+            for t, ix in enumerate(per_task):
+                ix = torch.as_tensor(np.asarray(ix, dtype=np.int64))
+                labels[ix] += rows[t][0]
+                mask[ix, rows[t][0]:rows[t][1]] = True
+            out.append(TokenizedSplit(split.input_ids, labels, class_mask=mask))
+        pool.heads = tuple(out)
+    return pool.heads
+
+
+def head_rows(classes: list) -> list:
+    """(start, stop) of each task's rows in the one classifier of the task-head arm."""
+    ends = np.cumsum([0, *classes]).tolist()
+    return [(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:])]
 
 
 def load_binary(name: str):
@@ -155,10 +212,11 @@ def prepare_pool(s: FlTacSettings, base: ExperimentConfig) -> Pool:
     from fedbench.models import load_tokenizer
     from fedbench.models.inputs import TokenizedSplit, tokenize_split
     tok = load_tokenizer(base.model.backbone)
-    trains, tests, tt, tv, te = [], [], [], [], []
+    trains, tests, tt, tv, te, classes = [], [], [], [], [], []
     n_tr = n_te = 0
     for t, name in enumerate(s.tasks):
         ds = load_binary(name)
+        classes.append(num_classes(name, ds))
         n = len(ds["train"])
         rows = _pick(n, s.max_train_per_task + s.val_per_task, rng_for(s.data_seed, "subsample", t, 0))
         val = np.zeros(len(rows), dtype=bool)
@@ -176,7 +234,7 @@ def prepare_pool(s: FlTacSettings, base: ExperimentConfig) -> Pool:
 
     def joint(parts):
         return TokenizedSplit([x for p in parts for x in p.input_ids], torch.cat([p.labels for p in parts]))
-    return Pool(joint(trains), joint(tests), tt, tv, te, tok.pad_token_id or 0)
+    return Pool(joint(trains), joint(tests), tt, tv, te, tok.pad_token_id or 0, classes=classes)
 
 
 def fill_caches(pool: Pool, base: ExperimentConfig) -> tuple:
@@ -193,21 +251,31 @@ def fill_caches(pool: Pool, base: ExperimentConfig) -> tuple:
     return caches
 
 
-def task_data(s: FlTacSettings, base: ExperimentConfig, pool: Pool, seed: int, cluster_on: str = "adapter"):
+def task_data(s: FlTacSettings, base: ExperimentConfig, pool: Pool, seed: int, cluster_on: str = "adapter",
+              heads: bool = False, validate: bool = True):
+    """The federation of a seed. `heads`: the task-head arm (one head per task); `validate`: score the
+    validation split at the end (only the runs that choose a learning rate need it)."""
     from fedbench.data import partition_per_task
+    from fedbench.fl.clustering import embedding_method
     from fedbench.fl.task_clusters import MultiTaskData, draw_owners
     K = base.data.num_clients
     parts = partition_per_task([len(r) for r in pool.task_train], K, base.data.alpha,
                                seed=derive_seed(seed, "partition"), min_share=s.min_share)
     task_clients = [[pool.task_train[t][p] for p in parts[t]] for t in range(len(s.tasks))]
     clients = [np.sort(np.concatenate([tc[c] for tc in task_clients])) for c in range(K)]
+    train, test, names, rows = pool.train, pool.test, [str(c) for c in range(max(pool.classes))], []
+    if heads:
+        (train, test), rows = head_splits(pool), head_rows(pool.classes)
+        names = [f"{name}:{c}" for name, n in zip(s.tasks, pool.classes) for c in range(n)]
+    val_owner = draw_owners(pool.task_val, task_clients, seed, 2)
     return MultiTaskData(
-        train=pool.train, test=pool.test, client_indices=clients, test_indices=np.concatenate(pool.task_test),
-        class_names=["0", "1"], pad_id=pool.pad_id, tasks=list(s.tasks), task_clients=task_clients,
-        task_test=pool.task_test, task_val=pool.task_val, test_owner=draw_owners(pool.task_test, task_clients, seed, 1),
-        val_owner=draw_owners(pool.task_val, task_clients, seed, 2),
-        cluster={"k": s.k, "k_max": s.k_max, "n_init": s.n_init, "cluster_on": cluster_on, "silhouette": True,
-                 "embedding": True})
+        train=train, test=test, client_indices=clients, test_indices=np.concatenate(pool.task_test),
+        class_names=names, pad_id=pool.pad_id, tasks=list(s.tasks), task_clients=task_clients,
+        task_test=pool.task_test, task_val=pool.task_val if validate else [],
+        test_owner=draw_owners(pool.task_test, task_clients, seed, 1), val_owner=val_owner if validate else [],
+        cluster={"k": s.k, "k_max": s.k_max, "n_init": s.n_init, "silhouette_n_init": s.silhouette_n_init,
+                 "cluster_on": cluster_on, "silhouette": True, "embedding": embedding_method(s.embedding)},
+        head_rows=rows)
 
 
 class _Runner:
@@ -215,10 +283,11 @@ class _Runner:
         self.s, self.base, self.progress = s, base, progress
         self.pool, self.data = None, {}
 
-    def get(self, method: str, seed: int, lr: float):
+    def get(self, method: str, seed: int, lr: float, validate: bool = True):
         from fedbench.fl.server import run_cached
-        cfg = run_config(self.s, self.base, method, seed, lr)
+        cfg = run_config(self.s, self.base, method, seed, lr, validate)
         on = "update" if method == "fl_tac_update" else "adapter"
+        key = (seed, on, method in HEADS, validate)
         t0 = time.perf_counter()
         from fedbench.results import load_run, run_key
         done = load_run(run_key(cfg), runs_root())
@@ -226,9 +295,9 @@ class _Runner:
             if self.pool is None:
                 self.pool = prepare_pool(self.s, self.base)
                 fill_caches(self.pool, self.base)
-            if (seed, on) not in self.data:
-                self.data[(seed, on)] = task_data(self.s, self.base, self.pool, seed, on)
-            done = run_cached(cfg, self.data[(seed, on)], root=runs_root(), caches=self.pool.caches)
+            if key not in self.data:
+                self.data[key] = task_data(self.s, self.base, self.pool, seed, on, method in HEADS, validate)
+            done = run_cached(cfg, self.data[key], root=runs_root(), caches=self.pool.caches)
             if self.progress:
                 print(f"[fl_tac] {method:<14} seed {seed} lr {lr:g}: {time.perf_counter() - t0:.0f} s, "
                       f"test acc {done.summary['final_accuracy']:.3f}, val {val_accuracy(done):.3f}", flush=True)
@@ -273,7 +342,7 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
             lr_rows.append({"method": method, "lr": chosen[src], "val_accuracy": float("nan"), "run": f"from {src}",
                             "chosen": True})
             for seed in s.seeds:
-                per_run[(method, seed)] = (*runner.get(method, seed, chosen[src]), chosen[src])
+                per_run[(method, seed)] = (*runner.get(method, seed, chosen[src], validate=False), chosen[src])
             continue
         vals = []
         for lr in s.lr_grid:
@@ -283,8 +352,8 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
         best = chosen[method] = s.lr_grid[int(np.argmax(vals))]
         for row in lr_rows[-len(s.lr_grid):]:
             row["chosen"] = row["lr"] == best
-        for seed in s.seeds:
-            per_run[(method, seed)] = (*runner.get(method, seed, best), best)
+        for seed in s.seeds:        # only the first seed's runs score the validation split (they chose the lr)
+            per_run[(method, seed)] = (*runner.get(method, seed, best, validate=seed == s.seeds[0]), best)
     if runner.pool is None:
         runner.pool = prepare_pool(s, base)
     result = tables(s, base, per_run, pd.DataFrame(lr_rows), runner.pool)
@@ -306,9 +375,9 @@ def tables(s, base, per_run, lr_selection, pool) -> FlTacResult:
         c = res.correct.astype(float)           # ordered by test index = the pool's task order
         correct.setdefault(m, []).append(c)
         for t, name in enumerate(s.tasks):
-            summary.append({"method": m, "arm": "shared head", "task": name, "seed": seed,
+            summary.append({"method": m, "arm": ARM[m], "task": name, "seed": seed,
                             "accuracy": float(c[task_of == t].mean()), "lr": lr})
-        summary.append({"method": m, "arm": "shared head", "task": "mean", "seed": seed,
+        summary.append({"method": m, "arm": ARM[m], "task": "mean", "seed": seed,
                         "accuracy": float(np.mean([c[task_of == t].mean() for t in range(len(s.tasks))])), "lr": lr})
         for r in x["clustering"]:
             clu.append({"method": m, "seed": seed, **r})
@@ -318,7 +387,7 @@ def tables(s, base, per_run, lr_selection, pool) -> FlTacResult:
         for r in x["embedding"]:
             emb.append({"method": m, "seed": seed, **r, "task": s.tasks[r["task"]]})
         rounds = res.rounds
-        runs.append({"method": m, "seed": seed, "lr": lr, "bytes_up_per_round": float(rounds["bytes_up"].mean()),
+        runs.append({"method": m, "arm": ARM[m], "seed": seed, "lr": lr, "bytes_up_per_round": float(rounds["bytes_up"].mean()),
                      "bytes_down_per_round": float(rounds["bytes_down"].mean()),
                      "local_steps_per_round": float(rounds["local_steps"].mean()),
                      "wall_s": round(res.summary["wall_s"], 1), "run": h})
@@ -364,7 +433,26 @@ def compute_claims(s, summary, clu, correct, task_of) -> pd.DataFrame:
                                                 "FL-TAC is as good as perfect clustering (within 0.02)",
                                                 "clusters match the tasks, so FL-TAC ~ per-task FedAvg",
                                                 threshold=-0.02, comparison="fl_tac - oracle"))
+    if {"fedit_heads", "fedit"} <= set(correct):
+        out.append(C.paired_accuracy_difference(
+            correct["fedit_heads"], correct["fedit"], "FedIT + task heads beats FedIT with the shared head",
+            "task identity in per-task heads lets FedIT's one adapter serve every task (why the two arms differ)",
+            comparison="fedit_heads - fedit, every test example"))
+    if {"fl_tac", "fedit_heads"} <= set(correct):
+        out.append(C.paired_accuracy_difference(
+            correct["fl_tac"], correct["fedit_heads"], "FL-TAC (shared head) beats FedIT + task heads", PAPER,
+            comparison="fl_tac - fedit_heads, every test example"))
+    if {"fl_tac_heads", "fedit_heads"} <= set(correct):
+        out.append(C.paired_accuracy_difference(
+            correct["fl_tac_heads"], correct["fedit_heads"], "FL-TAC beats FedIT, both with task heads", PAPER,
+            comparison="fl_tac_heads - fedit_heads, every test example"))
     f = clu[clu["method"] == "fl_tac"] if len(clu) else clu
+    u = clu[clu["method"] == "fl_tac_update"] if len(clu) else clu
+    if len(u):
+        last = u[u["round"] == u["round"].max()].sort_values("seed")
+        out.append(C.seed_mean(last["ari"].to_numpy(), "k-means on the round's updates recovers the tasks "
+                               "(diagnostic, final-round ARI > 0.5)", "clustering updates rather than states lets "
+                               "the clusters recover", threshold=0.5, comparison="ARI, last round, fl_tac_update"))
     if len(f):
         last = f[f["round"] == f["round"].max()].sort_values("seed")
         out.append(C.seed_mean(last["ari"].to_numpy(), "k-means (k = T) on the adapters recovers the tasks "
@@ -385,7 +473,8 @@ def make_figures(res: FlTacResult) -> dict:
     order = [m for m in METHODS if m in set(res.summary["method"])]
     figs = {"accuracy_by_method": plots.bars(res.summary, x="task", y="accuracy", hue="method", order=order,
                                              baseline=0.5, ylabel="test accuracy (final round)",
-                                             title="shared 2-class head, no task id")}
+                                             title="shared 2-class head, no task id"
+                                             + ("; *_heads: one head per task" if set(order) & set(HEADS) else ""))}
     if res.accuracy_rounds["round"].nunique() > 1:
         a = res.accuracy_rounds.groupby(["method", "seed", "round"], as_index=False)["accuracy"].mean()
         figs["accuracy_vs_rounds"] = plots.curves(a, x="round", y="accuracy", hue="method", order=order,
@@ -405,9 +494,11 @@ def make_figures(res: FlTacResult) -> dict:
         rounds = sorted(e["round"].unique())
         n = min(res.settings.evolution_panels, len(rounds))
         for r in sorted({rounds[int(round(i))] for i in np.linspace(0, len(rounds) - 1, n)}):
+            er = e[e["round"] == r]
+            how = "/".join(sorted(set(er["embedding"]))).upper()
             figs[f"adapter_evolution_round{r:02d}"] = plots.scatter(
-                e[e["round"] == r], x="pc1", y="pc2", hue="task", marker="cluster",
-                title=f"round {r}: adapters the server saw (PCA)")
+                er, x="dim1", y="dim2", hue="task", marker="cluster", xlabel=f"{how} 1", ylabel=f"{how} 2",
+                title=f"round {r}: adapters the server saw ({how})")
     return figs
 
 
@@ -422,12 +513,14 @@ PROTOCOL = """\
 | what an adapter is / what travels | LoRA adapters | `get_adapter_state`: every trainable parameter, i.e. LoRA A, B **and the 2-class head**, per task (FL-TAC) or one per client (FedIT) | the same: LoRA factors + head per (client, task); clustered and averaged together | - (the issue's "only lora_ keys" reading does not match the code, whose docstring says the head is federated too) |
 | clients, partition | 10 clients per task, Dirichlet(0.5) | `n_clients` 10, `dirichlet_alpha` 0.5, shares < 1% zeroed | 10 clients, Dirichlet(0.5) per task, shares < 1% zeroed (`data.num_clients`, `data.alpha`, `min_share`) | - |
 | participation | full | full (`sel = range(n_clients)`) | full (`fl.clients_per_round` 1.0; sampling/dropout by config) | - |
-| rounds x local steps | 20 rounds | 20 rounds x 50 steps per (client, task) adapter (FL-TAC); FedIT `max(1, local_steps // n_tasks)` per task, i.e. ~50 per client: FL-TAC gets n_tasks x FedIT's compute | the official split of steps, at quick 6 rounds x 4 steps (FedIT 1 step per task; 120-128 FL-TAC steps vs 32-37 FedIT steps per round over all clients, `runs.csv`); full 20 x 50 (`configs/fl_tac/full.yaml`, not run). Not compute-matched, as in the official code | CPU budget (quick <= 12 min on 2 cores); a compute-matched FedIT (local_steps per task) is a config change (`train.local_steps`), not run |
+| rounds x local steps | 20 rounds | 20 rounds x 50 steps per (client, task) adapter (FL-TAC); FedIT `max(1, local_steps // n_tasks)` per task, i.e. ~50 per client: FL-TAC gets n_tasks x FedIT's compute | the official split of steps, at quick 6 rounds x 4 steps (FedIT 1 step per task; 120-128 FL-TAC steps vs 32-37 FedIT steps per round over all clients, `runs.csv`); full 20 x 50 (`configs/fl_tac/full.yaml`, not run). Between methods not compute-matched, as in the official code | CPU budget (quick <= 12 min on 2 cores); a FedIT matched to FL-TAC's compute (local_steps per task) is a config change (`train.local_steps`), not run |
+| budget (optimizer steps per seed, all clients) | - | official: FL-TAC ~31 adapters x 20 x 50 = ~31,000 steps of batch 32 (~1.0 M examples); FedIT 10 clients x 20 x ~50 = ~10,000 steps | compute-matched to the CPU bar (quick): FL-TAC / oracle / local 720-768 steps of batch 8 (~6,000 examples), FedIT 192-222 steps: ~42x fewer steps and ~165x fewer examples than official; full = the official budget (not run) | the quick bar (12 min on 2 cores for every method, 3 seeds); official budget in `full` |
 | LoRA | r = 4 | r 4, alpha 16, dropout 0.05, query/value of every layer | r 4, alpha 16, no dropout, query/value of the top 2 layers (quick; every layer in full), the frozen prefix cached | CPU cost |
 | optimizer, lr | lr 5e-4 (BERT) | AdamW (wd 0.01 default), lr 5e-4, batch 32; a fresh optimizer per (client, task, round) | AdamW (wd 0), fresh per (client, task, round), batch 8 (quick); lr from {5e-4, 1e-3} on a validation split carved from the training data (first seed) for FL-TAC and FedIT; the oracle and local take FL-TAC's | never chosen on test; quick: two grid values for two methods only (CPU budget) |
-| server | k-means, k = tasks, FedAvg per cluster | sklearn KMeans(n_init=10, random_state=seed) on the flattened adapters; FedAvg by samples per cluster; each (client, task) gets its cluster's aggregate | the same (`fedbench.fl.task_clusters`); k-means seed derived per round; silhouette k recorded beside k = T; a diagnostic clusters the round's updates | - |
+| server | k-means, k = tasks, FedAvg per cluster | sklearn KMeans(n_init=10, random_state=seed) on the flattened adapters; FedAvg by samples per cluster; each (client, task) gets its cluster's aggregate | the same (`fedbench.fl.task_clusters`); k-means seed derived per round; silhouette k (k = 2..2T) recorded beside k = T (quick: 3 restarts for the silhouette's k-means, `silhouette_n_init`); a diagnostic (`fl_tac_update`) clusters the round's updates (adapter - what was sent): smoke and full, not quick | CPU budget: the silhouette search was ~8 s of a 54 s FL-TAC run; `fl_tac_update` is ~45 s a seed |
+| adapter-evolution figure | UMAP of the adapters over rounds, colour = task | - | UMAP (umap-learn, `random_state` derived from the run's seed and the round, n_neighbors min(15, n - 1)) of what the server clustered, every round; PCA when umap-learn is absent (or < 5 adapters; smoke uses PCA); `adapter_embedding.csv` holds the plotted coordinates and which embedding | umap-learn is optional (the dev extra); its first fit JIT-compiles for ~15 s |
 | FedIT | one adapter, FedAvg | one shared adapter, tasks in turn, `max(1, local_steps // n_tasks)` steps each | the same (`fedit_tasks`) | - |
-| evaluation | per task | task t scored with the first client's copy of the adapter for t | each test row of task t scored by the adapter of one client holding t, drawn with probability proportional to its samples (the same owners for every method of a seed) | every client's adapter counts, at the cost of one pass over the test set |
-| task-head arm | - | - | not built yet (the earlier per-task-head setting, where FedIT beat FL-TAC, is in git history) | time |
+| evaluation | per task | task t scored with the first client's copy of the adapter for t | each test row of task t scored by the adapter of one client holding t, drawn with probability proportional to its samples (the same owners for every method of a seed); the validation split is scored only by the runs that choose the lr (first seed) | every client's adapter counts, at the cost of one pass over the test set |
+| task-head arm | - | - | "FedIT + task heads" (`fedit_heads`, quick, 3 seeds, FedIT's lr) and "FL-TAC + task heads" (`fl_tac_heads`, smoke and full): one classifier head per task (each task its own label count, a class mask per example), task t scored with head t; heads FedAvg'd per task over the clients holding t, weighted by their samples of t, never per cluster; k-means on the LoRA factors only; otherwise the paper arm's schedule (FedIT: tasks in turn, `local_steps // n_tasks` each) | shows what task identity in the heads gives FedIT's one adapter (the earlier setting, where FedIT beat FL-TAC, had heads and mixed batches); `fl_tac_heads` left out of quick for time (~45 s a seed) |
 | statistics | one run | one seed (42) | 3 seeds (partition, init, batches, scoring owners), the same test rows; claims via `fedbench.claims` (paired bootstrap over seeds x test examples; t interval for ARI) | - |
 """

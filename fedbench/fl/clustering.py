@@ -182,3 +182,47 @@ def first_stable_round(rounds: Sequence[int], values: Sequence[float], threshold
     while i > 0 and ok[i - 1]:
         i -= 1
     return int(rounds[i])
+
+
+EMBEDDINGS = ("auto", "umap", "pca")
+
+
+def embedding_method(requested: str = "auto") -> str:
+    """The 2-D embedding the adapter-evolution figure uses: ``"umap"`` (umap-learn, the paper's figure) or
+    ``"pca"``; ``"auto"`` is UMAP when ``umap-learn`` is importable, PCA otherwise."""
+    if requested not in EMBEDDINGS:
+        raise ValueError(f"embedding must be one of {list(EMBEDDINGS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    try:
+        import umap  # noqa: F401
+    except ImportError:
+        return "pca"
+    return "umap"
+
+
+UMAP_MIN_POINTS = 5        # below this UMAP's neighbour graph is degenerate: PCA instead (recorded)
+
+
+def embed_2d(x: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
+    """(n, 2) coordinates of the rows of `x` and the method actually used. ``"umap"``: umap-learn with
+    ``random_state=seed`` (deterministic; umap then runs single-threaded), ``n_neighbors = min(15, n - 1)``;
+    fewer than :data:`UMAP_MIN_POINTS` rows fall back to PCA. ``"pca"``: sklearn PCA (2 components)."""
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    if n < 2:
+        return np.zeros((n, 2)), "pca"
+    if method == "umap" and n >= UMAP_MIN_POINTS:
+        import umap
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # "n_jobs overridden by random_state", tiny-graph notes
+            z = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=int(seed) % 2**32,
+                          transform_seed=int(seed) % 2**32).fit_transform(x)
+        return np.asarray(z, dtype=np.float64), "umap"
+    if method not in ("umap", "pca"):
+        raise ValueError(f"method must be 'umap' or 'pca', got {method!r}")
+    from sklearn.decomposition import PCA
+    z = PCA(n_components=min(2, n, x.shape[1]), random_state=0).fit_transform(x)
+    if z.shape[1] < 2:
+        z = np.pad(z, ((0, 0), (0, 2 - z.shape[1])))
+    return z, "pca"

@@ -17,6 +17,13 @@ trainable parameter), called an *adapter* here. Strategies (``fl.strategy``):
 - ``fedit_tasks``: FedIT as the official code runs it: one adapter per client trained on its tasks in turn,
   ``train.local_steps // n_tasks`` steps each (n_tasks = the tasks the client holds), FedAvg over clients.
 
+Task heads (``MultiTaskData.head_rows`` set; the "task-head arm"): the classifier holds one head per task (task
+t's rows ``head_rows[t]``, each task its own label count; a class mask keeps every example's softmax on its
+task's rows), so the heads carry task identity. The heads are aggregated per task, never per cluster: after the
+grouping's average, task t's rows of every slot are replaced by the FedAvg (the configured rule) of the task-t
+rows sent by the clients holding t, weighted by their samples of t (``fl_tac_local`` keeps its own heads).
+The server clusters the LoRA factors only (a task's head rows alone would give its task away).
+
 Server state (checkpointed by ``state_dict``): the aggregates, named slots of ``GlobalModel.state``
 (``"<slot>/<parameter>"``), and which slot each (client, task) receives next (``assign``). Task labels are
 known to the server only to score the clustering (ARI, Hungarian accuracy), never to decide it.
@@ -56,7 +63,9 @@ class MultiTaskData(FederatedData):
     ``val_owner[t]`` the client whose adapter scores each of those rows. ``cluster`` holds the FL-TAC server's
     options: ``k`` (None = the number of tasks, an int, or "auto" = silhouette), ``k_max``, ``n_init``,
     ``cluster_on`` ("adapter" or "update"), ``silhouette`` (also record the silhouette k every round),
-    ``embedding`` (record 2-D PCA coordinates of every adapter every round)."""
+    ``embedding`` (record 2-D coordinates of every adapter every round: "umap" or "pca", see
+    :func:`fedbench.fl.clustering.embed_2d`; True = "pca", False = none). ``head_rows[t]`` = (start, stop) of task
+    t's classifier rows when every task has its own head; empty: one head shared by every task."""
     tasks: list = field(default_factory=list)
     task_clients: list = field(default_factory=list)
     task_test: list = field(default_factory=list)
@@ -64,6 +73,7 @@ class MultiTaskData(FederatedData):
     test_owner: list = field(default_factory=list)
     val_owner: list = field(default_factory=list)
     cluster: dict = field(default_factory=dict)
+    head_rows: list = field(default_factory=list)
 
 
 def draw_owners(rows_per_task: list, task_clients: list, seed: int, stream: int) -> list:
@@ -101,6 +111,9 @@ def _check(name: str):
     return check
 
 
+HEAD_PREFIX = "classifier."      # the model's classifier (fedbench.models.backbone): one head, or one per task
+
+
 def _pair(c: int, t: int) -> str:
     return f"{int(c)}:{int(t)}"
 
@@ -128,6 +141,10 @@ class TaskClusters(FedAvg):
     def n_tasks(self) -> int:
         return len(self.data.tasks)
 
+    @property
+    def task_heads(self) -> bool:
+        return bool(self.data.head_rows)
+
     def tasks_of(self, c: int) -> list[int]:
         return [t for t in range(self.n_tasks) if len(self.data.task_clients[t][c])]
 
@@ -135,6 +152,11 @@ class TaskClusters(FedAvg):
     def initial_model(self, model) -> GlobalModel:
         gm = super().initial_model(model)
         self.keys = list(gm.state)
+        self.head_keys = [k for k in self.keys if k.startswith(HEAD_PREFIX)]
+        # what k-means sees: everything sent, or with task heads the LoRA factors only
+        self.cluster_keys = [k for k in self.keys if k not in self.head_keys] if self.task_heads else self.keys
+        if self.task_heads and not self.head_keys:
+            raise ValueError(f"task heads need the classifier's parameters ({HEAD_PREFIX}*) among the trainable keys")
         return GlobalModel(OrderedDict((f"init/{k}", v) for k, v in gm.state.items()))
 
     def slot(self, gm: GlobalModel, name: str) -> "OrderedDict[str, torch.Tensor]":
@@ -188,14 +210,16 @@ class TaskClusters(FedAvg):
             seed = derive_seed(self.cfg.seed, "server", round_idx) % 2**32
             sil_k, scores = None, {}
             if k == "auto" or opts.get("silhouette", False):
-                sil_k, scores = CL.choose_k_silhouette(x, seed, k_max=int(k_max), n_init=n_init)
+                sil_k, scores = CL.choose_k_silhouette(x, seed, k_max=int(k_max),
+                                                       n_init=int(opts.get("silhouette_n_init") or n_init))
             k = sil_k if k == "auto" else min(int(k), len(subs))
             labels = CL.kmeans_labels(x, k, seed, n_init).tolist()
             row.update(k=int(k), k_silhouette=sil_k,
                        ari=CL.adjusted_rand(true, labels), hungarian_accuracy=CL.hungarian_accuracy(true, labels))
             groups = [f"r{round_idx}c{j}" for j in labels]
             if opts.get("embedding", True):
-                self._embed(x, subs, labels, round_idx)
+                self._embed(x, subs, labels, round_idx, "pca" if opts.get("embedding", True) is True
+                            else opts["embedding"])
         elif self.grouping == "task":
             groups = [f"task{t}" for t in true]
         elif self.grouping == "pair":
@@ -227,7 +251,29 @@ class TaskClusters(FedAvg):
                 state[k] = v
         for g, agg in aggregates.items():
             state.update((f"{g}/{k}", agg[k]) for k in self.keys)
+        if self.task_heads and self.grouping != "pair":
+            heads = self._task_heads(global_model, updates, round_idx)
+            for name in dict.fromkeys(k.split("/", 1)[0] for k in state):     # every slot, init included
+                state.update((f"{name}/{k}", heads[k]) for k in self.head_keys)
         return GlobalModel(state)
+
+    def _task_heads(self, gm, updates, round_idx) -> "OrderedDict[str, torch.Tensor]":
+        """The classifier with task t's rows = the FedAvg of the task-t rows the clients holding t sent (weighted
+        by their samples of t); a task nobody sent keeps its rows. Never grouped by cluster."""
+        rows, weights, groups = [], [], []
+        for u in updates:
+            for t, st, n in self._unpack(u):
+                for tt in (self.tasks_of(u.client_id) if t == -1 else [t]):   # FedIT's one adapter: every task
+                    a, b = self.data.head_rows[tt]
+                    rows.append(OrderedDict((k, st[k][a:b]) for k in self.head_keys))
+                    weights.append(float(u.extras[f"n/task{tt}"].item()) if t == -1 else float(n))
+                    groups.append(tt)
+        heads = OrderedDict((k, gm.state[f"init/{k}"].clone()) for k in self.head_keys)
+        for t, agg in self._group_average(rows, weights, groups, round_idx).items():
+            a, b = self.data.head_rows[t]
+            for k in self.head_keys:
+                heads[k][a:b] = agg[k]
+        return heads
 
     def _group_average(self, states, weights, groups, round_idx) -> dict:
         members: dict = OrderedDict()
@@ -244,17 +290,18 @@ class TaskClusters(FedAvg):
         return out
 
     def _features(self, gm, subs) -> np.ndarray:
-        x = CL.flatten_adapters([s[2] for s in subs], keys=self.keys)
+        keys = self.cluster_keys
+        x = CL.flatten_adapters([s[2] for s in subs], keys=keys)
         if self.data.cluster.get("cluster_on", "adapter") == "update":
-            x = x - CL.flatten_adapters([self.slot(gm, self.slot_of(c, t)) for c, t, _, _ in subs], keys=self.keys)
+            x = x - CL.flatten_adapters([self.slot(gm, self.slot_of(c, t)) for c, t, _, _ in subs], keys=keys)
         return x
 
-    def _embed(self, x, subs, labels, round_idx) -> None:
-        from sklearn.decomposition import PCA
-        z = PCA(n_components=2, random_state=0).fit_transform(x) if len(x) >= 2 else np.zeros((len(x), 2))
+    def _embed(self, x, subs, labels, round_idx, method: str) -> None:
+        """2-D coordinates of what the server clustered this round (UMAP seeded from the run's seed, or PCA)."""
+        z, used = CL.embed_2d(x, method, derive_seed(self.cfg.seed, "server", round_idx, 1))
         for (c, t, _, _), lab, (a, b) in zip(subs, labels, z):
             self.embedding_rows.append({"round": int(round_idx), "client": int(c), "task": int(t),
-                                        "cluster": int(lab), "pc1": float(a), "pc2": float(b)})
+                                        "cluster": int(lab), "embedding": used, "dim1": float(a), "dim2": float(b)})
 
     # -- client side --------------------------------------------------------------------------------
     def _unpack(self, u) -> list[tuple[int, dict, int]]:
@@ -297,6 +344,7 @@ class TaskClusters(FedAvg):
             else:
                 adapters[f"t{t}"] = OrderedDict((k, u.state[k].clone()) for k in self.keys)
                 state_out.update((f"task{t}/{k}", u.state[k]) for k in self.keys)
+            if not shared or self.task_heads:   # FedIT with task heads: each head weighted by its task's samples
                 extras[f"n/task{t}"] = torch.tensor([len(rows)], dtype=torch.int64)
         if shared:
             adapters["shared"] = OrderedDict((k, v.clone()) for k, v in cur.items())
