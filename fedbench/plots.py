@@ -242,7 +242,9 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str, seed: str | None = "seed"
         limits = (limits[0], min(limits[1], 1.02))
     if limits is not None:
         axes[0].set_ylim(*limits)                       # shared y: applies to every facet
-    if title:
+    if title and len(facets) == 1:     # over its axes: a figure-wide title would run into the outside legend
+        axes[0].set_title(title, fontsize=FONT["title"])
+    elif title:
         fig.suptitle(title, fontsize=FONT["title"])
     return fig
 
