@@ -497,22 +497,22 @@ def search_run(cfg, test_cfg, data, caches, checkpoint_dir):
     checkpoints), also keeping (:class:`HeldRun`) the global model at each round `test_cfg` evaluates. `test_cfg`
     is `cfg` but for ``fl.eval_every``: evaluation does not touch the training, so its training is this one.
     A run resumed from a checkpoint keeps nothing (its earlier rounds' models are gone): (result, None)."""
-    from fedbench.fl.server import FederatedRun
-    from fedbench.models.checks import check_against_backbone
-    check_against_backbone(cfg)
-    run = FederatedRun(cfg, data, caches)
-    done = run.restore_checkpoint(checkpoint_dir) if checkpoint_dir is not None else 0
-    snapshots = {} if done == 0 else None
+    from fedbench.fl.server import run_federated
     rounds, every = cfg.fl.rounds, test_cfg.fl.eval_every
-    for r in range(done + 1, rounds + 1):
-        run.run_round(r)
-        if checkpoint_dir is not None:
-            run.save_checkpoint(checkpoint_dir)
-        if snapshots is not None and (r % every == 0 or r == rounds):
+    evaluated = {r for r in range(1, rounds + 1) if r % every == 0 or r == rounds}
+    snapshots, last = {}, []
+
+    def keep(run, r):
+        last[:] = [run]
+        if r in evaluated:
             snapshots[r] = _clone_global(run.global_model)
-    held = None if snapshots is None else HeldRun(snapshots, [dict(r) for r in run.records], list(run.rejections),
-                                                  run.cumulative_bytes, run.store)
-    return run.result(), held
+
+    result = run_federated(cfg, data, caches=caches, checkpoint_dir=checkpoint_dir, after_round=keep)
+    if not last or set(snapshots) != evaluated:       # resumed: the earlier rounds' models are gone
+        return result, None
+    run = last[0]
+    return result, HeldRun(snapshots, [dict(r) for r in run.records], list(run.rejections), run.cumulative_bytes,
+                           run.store)
 
 
 def replay_on_test(test_cfg, held: HeldRun, data, caches):

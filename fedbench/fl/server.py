@@ -492,13 +492,15 @@ class FederatedRun:
 
 
 def run_federated(cfg, data: FederatedData | None = None, progress: bool = False, caches=None,
-                  checkpoint_dir: str | Path | None = None, stop_after: int | None = None) -> RunResult:
+                  checkpoint_dir: str | Path | None = None, stop_after: int | None = None,
+                  after_round=None) -> RunResult:
     """Run `cfg` from round 1 (or its last checkpointed round in `checkpoint_dir`) to `cfg.fl.rounds`, or to the
     round the strategy ends the run on (``strategy.finished``).
 
     With `checkpoint_dir` a checkpoint is written after every round, so a killed run restarted with the same
     folder continues where it stopped and ends bit-identical to an uninterrupted one. `stop_after` ends the
-    run after that round (for tests and benchmarks), returning the partial result.
+    run after that round (for tests and benchmarks), returning the partial result. `after_round(run, r)` is
+    called after each round this call runs (after its checkpoint), e.g. to keep the global model of some rounds.
     """
     from fedbench.models.checks import check_against_backbone
     check_against_backbone(cfg)      # before any work: a bad depth or max_length fails in the first second
@@ -514,6 +516,8 @@ def run_federated(cfg, data: FederatedData | None = None, progress: bool = False
         rec = run.run_round(r)
         if checkpoint_dir is not None:
             run.save_checkpoint(checkpoint_dir)
+        if after_round is not None:
+            after_round(run, r)
         if progress and rec["accuracy"] == rec["accuracy"]:
             rounds.set_postfix(acc=f"{rec['accuracy']:.3f}")
         if run.stopped or (stop_after is not None and r >= stop_after):
