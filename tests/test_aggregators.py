@@ -39,6 +39,15 @@ def test_coordinate_median_matches_numpy(n):
     np.testing.assert_allclose(out["w"].numpy(), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_coordinate_median_is_torch_quantile_bit_for_bit(n):
+    g = torch.Generator().manual_seed(n)
+    states = [{"w": torch.randn(5000, generator=g) * 10.0 ** (i - 2)} for i in range(n)]
+    states[-1]["w"][:50] = states[0]["w"][:50]           # ties
+    expected = torch.quantile(torch.stack([s["w"].double() for s in states]), 0.5, dim=0).float()
+    assert torch.equal(agg.coordinate_median(states)["w"], expected)
+
+
 def test_trimmed_mean_drops_extremes_and_resists_an_outlier():
     states = _states(10)
     states[0]["w"] += 1e6

@@ -274,7 +274,9 @@ def test_zero_lora_branches_are_skipped_exactly_and_only_when_b_is_zero():
 @pytest.mark.slow
 def test_full_fine_tuning_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path))
-    res = ta.run("smoke", verbose=False, tunings=["full"], rounds=[1], pairs=False, hetero_lrs=[])
+    # two tasks, no heterogeneity: every merge of a full-model task vector costs seconds
+    res = ta.run("smoke", verbose=False, tunings=["full"], tasks=["rt_sentiment", "wordnet_verb"], rounds=[1],
+                 pairs=False, hetero_lrs=[], hetero_steps=[])
     s = res.summary
     assert set(s["tuning"]) == {"full"}
     homo = s[s["setting"] == "homogeneous"]

@@ -542,9 +542,11 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log, lr: float | None = No
                          "bits": "".join(map(str, ind_bits.tolist()))})
     keep("homogeneous", "fedavg", "1/T", g_fedavg, 1.0 / T, nan)
 
-    def search(setting, method, tvs_, sub, steps_, ref_val, variants=VARIANTS):
+    def search(setting, method, tvs_, sub, steps_, ref_val, variants=VARIANTS, merged=None):
         """(w, rho) tuned and rho at w = 1/T, by the authors' criterion on validation (only w = 1/T searched
-        when `variants` lacks "tuned"; a single candidate is not evaluated on validation at all)."""
+        when `variants` lacks "tuned"; a single candidate is not evaluated on validation at all). `merged`
+        (a dict) receives every candidate's merged task vector by (w, rho), for the caller to reuse."""
+        merged = {} if merged is None else merged
         best = {"tuned": (-1.0, None), "1/T": (-1.0, None)}
         ws = per_task_grid(s, len(sub)) if "tuned" in variants else [1.0 / len(sub)]
         rhos = rho_grid(method, s, tvs_)
@@ -552,7 +554,7 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log, lr: float | None = No
             return {v: (ws[0], rhos[0]) for v in variants}
         for rho in rhos:
             for w in ws:
-                tv = merge(method, tvs_, w, rho, steps_, seed, fedit_tv)
+                tv = merged[(w, rho)] = merge(method, tvs_, w, rho, steps_, seed, fedit_tv)
                 acc = u.accuracies(u.merged_model(tv), "val", sub)[0]
                 score = float(np.mean([acc[t] / max(ref_val[t], 1e-12) for t in sub]))
                 for t in sub:
@@ -569,11 +571,12 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log, lr: float | None = No
         for method in methods:
             if method == "fedit" and fedit_tv is None:
                 continue
-            chosen = search(setting, method, tvs_, sub, steps_, ref_val, variants)
+            merged = {}       # the search's candidates: a full-model merge costs seconds, compute each once
+            chosen = search(setting, method, tvs_, sub, steps_, ref_val, variants, merged)
             for variant in variants:
                 w, rho = chosen[variant]
-                keep(setting, method, variant, u.merged_model(merge(method, tvs_, w, rho, steps_, seed, fedit_tv)),
-                     w, rho, sub)
+                tv = merged.get((w, rho)) or merge(method, tvs_, w, rho, steps_, seed, fedit_tv)
+                keep(setting, method, variant, u.merged_model(tv), w, rho, sub)
 
     merges("homogeneous", s.methods, tvs, steps, ind_val)
     log(f"  [{tuning} seed {seed}] merged homogeneous ({time.perf_counter() - start:.0f} s)")

@@ -41,8 +41,16 @@ def coordinate_median(states: Sequence[dict], weights=None) -> State:
     For an even number of clients it is the mean of the two middle values (numpy's convention),
     not torch.median's lower middle value.
     """
-    return OrderedDict((k, torch.quantile(torch.stack([s[k].double() for s in states]), 0.5, dim=0)
-                        .to(states[0][k].dtype)) for k in states[0])
+    return OrderedDict((k, _median0(torch.stack([s[k].double() for s in states])).to(states[0][k].dtype))
+                       for k in states[0])
+
+
+def _median0(stack: torch.Tensor) -> torch.Tensor:
+    """torch.quantile(stack, 0.5, dim=0), bit for bit (the same sort and lerp; tested), at half its time: quantile
+    also validates and sorts a copy, seconds on a full-model task vector."""
+    n = stack.shape[0]
+    srt = stack.sort(dim=0).values
+    return srt[n // 2] if n % 2 else torch.lerp(srt[n // 2 - 1], srt[n // 2], 0.5)
 
 
 def trimmed_mean(states: Sequence[dict], weights=None, trim_ratio: float = 0.1) -> State:
