@@ -61,15 +61,18 @@ def test_grid_headline_plus_one_axis_at_a_time():
     for c in main:
         diff = differs(c)
         if diff == ["dp_epsilon"]:
-            assert c.method in s["dp_methods"] and c.seed in s["dp_seeds"]
+            assert c.method in s["dp_methods"] and c.seed in fp.dp_seeds_for(s, c.method, c.dp_epsilon)
         elif diff:
             assert c.method in s["axis_methods"] and c.seed in s["axis_seeds"]
             assert set(diff) in ({"partition", "alpha"}, {"alpha"}, {"participation"}, {"dropout"},
                                  {"participation", "dropout"})
     levels = fp.dp_levels(s)
-    assert levels == [float("inf"), 8.0, 2.0]           # quick: the clipping-only control + two epsilons
+    assert levels == [float("inf"), 8.0]                # quick: the clipping-only control + eps 8 (eps 2: full)
     n_axis = len(s["axis_methods"]) * len(s["axis_seeds"]) * (len(s["heterogeneity"]) - 1 + len(s["stability"]) - 1)
-    n_dp = len(s["dp_methods"]) * len(s["dp_seeds"]) * len(levels)
+    n_dp = sum(len(fp.dp_seeds_for(s, m, e)) for m in s["dp_methods"] for e in levels)
+    assert fp.dp_seeds_for(s, "full", 8.0) == [0, 1, 2] and fp.dp_seeds_for(s, "ia3", 8.0) == [0]
+    assert fp.dp_seeds_for(s, "lora", float("inf")) == [0] and fp.dp_seeds_for(s, "ia3", float("inf")) == []
+    assert fp.dp_seeds_for(s, "prompt", 8.0) == []                  # not in quick's dp_methods
     n_head = len(s["methods"]) * len(s["seeds"])
     n_other = (len(s["tasks"]) - 1) * len(s["task_methods"]) * len(s["task_seeds"])
     assert len(cells) == n_head + n_other + n_axis + n_dp
@@ -191,12 +194,13 @@ def test_lora_bytes_per_round_below_two_percent_of_full_exactly():
         assert nb / full < 0.02
 
 
-def synthetic_summary(full_acc=0.70, lora_acc=0.69, head_acc=0.60, dp_drop=None, unstable=None, n_test=800):
+def synthetic_summary(full_acc=0.70, lora_acc=0.69, head_acc=0.60, dp_drop=None, unstable=None, n_test=800, **over):
     """A summary as run_cells writes it, with chosen accuracies, and per-example results to match: example e
     is correct iff e < accuracy * n_test, so better runs get every example a worse run gets (paired noise-free)."""
     s = settings(seeds=[0, 1], axis_seeds=[0], tasks=["tweet_sentiment"], task_methods=[],
                  methods=["full", "lora", "head"], axis_methods=["full", "lora", "head"],
-                 dp_methods=["full", "lora", "head"], dp_seeds=[0])
+                 **{"dp_methods": ["full", "lora", "head"], "dp_seeds": [0], "dp_epsilons": [8.0, 2.0],
+                    "clip_seeds": None, **over})
     acc = {"full": full_acc, "lora": lora_acc, "head": head_acc}
     nbytes = {"full": 4 * 22_566_531, "lora": 4 * 25_731, "head": 4 * 1_155}
     dp_drop = dp_drop or {"full": 0.2, "lora": 0.05, "head": 0.02}
@@ -257,6 +261,19 @@ def test_claims_are_decided_with_intervals_from_per_example_results():
     assert claims.loc[near, "verdict"] == "disagrees" and claims.loc[dp, "verdict"] == "disagrees"
     stab = [c for c in claims.index if "lora keeps its standing" in c][0]
     assert claims.loc[stab, "verdict"] == "disagrees"
+
+
+def test_dp_claims_pair_the_seeds_both_sides_ran():
+    df, correct, s = synthetic_summary(dp_seeds=[0, 1], clip_seeds=[0], dp_first_seed_methods=["head"])
+    assert fp.dp_seeds_for(s, "head", 8.0) == [0] and fp.dp_seeds_for(s, "lora", 8.0) == [0, 1]
+    claims = fp.make_claims(df, correct, s).set_index("claim")
+    n = claims["n_seeds"]
+    assert n["[lora] per-sample clipping alone (noise 0) costs accuracy"] == 1
+    assert n["[lora] DP noise at eps=8 costs accuracy beyond clip only"] == 1        # clip ran on seed 0 only
+    assert n["[eps=8] lora loses less accuracy than full FT under DP-SGD"] == 2
+    assert n["[eps=8] head loses less accuracy than full FT under DP-SGD"] == 1      # head: first seed only
+    dp = fp.axis_table(df, s, "dp").set_index(["method", "dp"])
+    assert dp.loc[("lora", "eps=8"), "seeds"] == 2 and dp.loc[("lora", "clip only"), "seeds"] == 1
 
 
 def test_figures_come_from_fedbench_plots_without_global_state():

@@ -77,6 +77,9 @@ class FedPEFTSettings(Settings):
     clip_only: bool = False                             # also the clipping-only control (noise 0, eps = inf)
     dp_methods: tuple[str, ...] = ()                    # methods run at every privacy level (dp_seeds)
     dp_seeds: tuple[int, ...] = (0,)
+    dp_first_seed_methods: tuple[str, ...] = ()         # of dp_methods: run on dp_seeds[0] only (time)
+    clip_methods: tuple[str, ...] | None = None         # the clip-only control's methods (None: dp_methods),
+    clip_seeds: tuple[int, ...] | None = None           # on these seeds (None: dp_seeds)
     lr_grid: dict = field(default_factory=lambda: {k: list(v) for k, v in _LR_GRID.items()})
     dp_lr_grid: dict = field(default_factory=lambda: {k: list(v) for k, v in _DP_LR_GRID.items()})
     validation_samples: int = 300                       # train-split examples outside the clients' (lr search)
@@ -135,6 +138,17 @@ def dp_levels(s: dict) -> list:
     return ([math.inf] if s["clip_only"] else []) + [float(e) for e in s["dp_epsilons"]]
 
 
+def dp_seeds_for(s: dict, method: str, eps: float) -> list[int]:
+    """The seeds `method` runs at privacy level `eps` (inf: the clip-only control); [] if it does not run there."""
+    if method not in s["dp_methods"]:
+        return []
+    if math.isinf(eps):
+        methods = s["dp_methods"] if s["clip_methods"] is None else s["clip_methods"]
+        seeds = s["dp_seeds"] if s["clip_seeds"] is None else s["clip_seeds"]
+        return list(seeds) if s["clip_only"] and method in methods else []
+    return list(s["dp_seeds"][:1]) if method in s["dp_first_seed_methods"] else list(s["dp_seeds"])
+
+
 def heterogeneity_label(partition: str, alpha: float | None) -> str:
     return "iid" if partition == "iid" else f"dirichlet-{float(alpha)}"
 
@@ -186,10 +200,18 @@ def validate_settings(s: dict) -> dict:
     for key in ("methods", "task_methods", "axis_methods", "dp_methods"):
         check_list(key, s[key], lambda m: m in TUNERS, f"a list of methods from {TUNERS.names()}",
                     nonempty=key == "methods")
+    # these two only narrow dp_methods (a method outside dp_methods runs no DP whatever they say)
+    check_list("dp_first_seed_methods", s["dp_first_seed_methods"], lambda m: m in TUNERS,
+               f"a list of methods from {TUNERS.names()}", nonempty=False)
+    if s["clip_methods"] is not None:
+        check_list("clip_methods", s["clip_methods"], lambda m: m in TUNERS,
+                   f"None (= dp_methods) or a list of methods from {TUNERS.names()}", nonempty=False)
     is_seed = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
     check_list("seeds", s["seeds"], is_seed, "a non-empty list of integers >= 0")
     for key in ("axis_seeds", "task_seeds", "dp_seeds"):
         check_list(key, s[key], is_seed, "a non-empty list of integers >= 0")
+    if s["clip_seeds"] is not None:
+        check_list("clip_seeds", s["clip_seeds"], is_seed, "None (= dp_seeds) or a non-empty list of integers >= 0")
     if not isinstance(s["clip_only"], bool):
         raise ConfigError("clip_only", s["clip_only"], "true or false")
     v = s["validation_samples"]
@@ -244,9 +266,9 @@ def build_cells(s: dict) -> list[Cell]:
             cells += [cell(main, m, seed, part=part, alpha=alpha) for part, alpha in s["heterogeneity"][1:]]
             cells += [cell(main, m, seed, p=p, d=d) for p, d in s["stability"][1:]]
     for m in s["dp_methods"]:
-        for seed in s["dp_seeds"]:
-            cells.append(cell(main, m, seed))
-            cells += [cell(main, m, seed, eps=e) for e in dp_levels(s)]
+        for e in dp_levels(s):
+            for seed in dp_seeds_for(s, m, e):
+                cells += [cell(main, m, seed), cell(main, m, seed, eps=e)]
     seen, out = set(), []
     for c in cells:
         if c not in seen:
@@ -320,11 +342,12 @@ def select_lrs(results: list[tuple[Cell, float, float]]) -> tuple[dict, pd.DataF
 
 
 def is_headline(c: Cell, s: dict) -> bool:
-    """A headline cell (first task, base condition, a headline method and seed): evaluated every round, for
-    the accuracy-vs-rounds and accuracy-vs-bytes curves; the others every `axis_eval_every` rounds + the last."""
+    """A cell of the curves (any task, base condition, no DP): evaluated every ``fl.eval_every`` rounds, for the
+    accuracy-vs-rounds and accuracy-vs-bytes figures; the others every `axis_eval_every` rounds + the last
+    (an axis or DP cell is read at its final round only, so quick evaluates it there only)."""
     (part, alpha), (p, d) = s["heterogeneity"][0], s["stability"][0]
-    return (c.task == s["tasks"][0] and c.method in s["methods"] and c.seed in s["seeds"] and c.partition == part
-            and c.alpha == alpha and c.participation == p and c.dropout == d and c.dp_epsilon is None)
+    return (c.partition == part and c.alpha == alpha and c.participation == p and c.dropout == d
+            and c.dp_epsilon is None)
 
 
 def variant(method: str, depth: int | None) -> str:
@@ -361,7 +384,11 @@ def protocol_table(profile: str = "quick") -> pd.DataFrame:
     def dp(x):
         return (f"DP-Adam (Opacus: Poisson sampling, per-sample clip {x['dp_max_grad_norm']:g}, Gaussian noise), "
                 f"eps {', '.join(f'{e:g}' for e in x['dp_epsilons'])} + clipping only, delta {x['dp_delta']:g}, "
-                f"{len(x['dp_methods'])} methods x {len(x['dp_seeds'])} seed(s)")
+                f"{len(x['dp_methods'])} methods x {len(x['dp_seeds'])} seed(s)"
+                + (f" ({', '.join(x['dp_first_seed_methods'])}: 1 seed)" if x["dp_first_seed_methods"] else "")
+                + (f"; clip only: {', '.join(x['clip_methods'] if x['clip_methods'] is not None else x['dp_methods'])}"
+                   f" x {len(x['clip_seeds'] if x['clip_seeds'] is not None else x['dp_seeds'])} seed(s)"
+                   if x["clip_only"] else ""))
 
     def axes(x):
         het = ", ".join(heterogeneity_label(*h) for h in x["heterogeneity"])
@@ -391,7 +418,8 @@ def protocol_table(profile: str = "quick") -> pd.DataFrame:
         ("learning rates", "not documented", lrs(q), lrs(f), "chosen on validation only; test is never read for it"),
         ("privacy", "DP-SGD on every client", dp(q), dp(f),
          "one optimizer at every level, re-tuned under DP, so the clip-only control isolates clipping"),
-        ("axes", "IID vs Dirichlet; sampling; dropout", axes(q), axes(f), "quick: subset of methods and seeds"),
+        ("axes", "IID vs Dirichlet; sampling; dropout", axes(q), axes(f),
+         "quick: the three methods of the DP-vs-dimension contrast (full, head, LoRA), for time"),
         ("statistics", "not stated in our notes (papers.md)", stats(q), stats(f), ">= 3 seeds, >= 1000 test examples"),
     ]
     return pd.DataFrame(rows, columns=["aspect", "paper", "ours (quick)", "ours (full)", "why"])
@@ -737,7 +765,8 @@ def headline_table(summary: pd.DataFrame, s: dict) -> pd.DataFrame:
 def axis_table(summary: pd.DataFrame, s: dict, axis: str) -> pd.DataFrame:
     """Accuracy (mean ± std over axis seeds) of each axis method at every level of one axis, others at base."""
     (part, alpha), (p, d) = s["heterogeneity"][0], s["stability"][0]
-    methods, seeds = (s["dp_methods"], s["dp_seeds"]) if axis == "dp" else (s["axis_methods"], s["axis_seeds"])
+    methods, seeds = ((s["dp_methods"], [*s["dp_seeds"], *(s["clip_seeds"] or ())]) if axis == "dp"
+                      else (s["axis_methods"], s["axis_seeds"]))
     df = summary[(summary["task"] == s["tasks"][0]) & summary["method"].isin(methods)
                  & summary["seed"].isin(seeds)]
     het_base = (df["partition"] == part) & (df["alpha"].isna() if alpha is None else (df["alpha"] == alpha))
@@ -750,12 +779,13 @@ def axis_table(summary: pd.DataFrame, s: dict, axis: str) -> pd.DataFrame:
               "dp": ["none"] + [dp_label(e) for e in dp_levels(s)]}[axis]
     rows = []
     for method in [m for m in METHODS if m in methods]:
-        ref = df[(df["method"] == method) & (df[axis] == levels[0])]["final_accuracy"].mean()
+        base = df[(df["method"] == method) & (df[axis] == levels[0])]
         for level in levels:
             g = df[(df["method"] == method) & (df[axis] == level)]
             if not len(g):
                 continue
             acc = g["final_accuracy"]
+            ref = base[base["seed"].isin(g["seed"])]["final_accuracy"].mean()     # the drop on the same seeds
             row = {"method": method, "variant": g["variant"].iloc[0], axis: level, "seeds": len(g),
                    "final_accuracy_mean": float(acc.mean()), "final_accuracy_std": float(acc.std()),
                    "final_accuracy": _fmt(acc.mean(), acc.std()), "drop_vs_base": float(ref - acc.mean()),
@@ -850,37 +880,41 @@ def make_claims(summary: pd.DataFrame, correct: dict, s: dict) -> pd.DataFrame:
                             comparison="100 * bytes(lora) / bytes(full)", what="exact byte count"))
     peft = [m for m in s["axis_methods"] if m != "full"]
     main_task, axis_seeds = s["tasks"][0], s["axis_seeds"]
-    dp_seeds = s["dp_seeds"]
-
-    def at(m, e):
-        return matrix([base_cell(s, main_task, m, sd, dp_epsilon=e) for sd in dp_seeds])
+    def at(m, e, seeds):
+        return matrix([base_cell(s, main_task, m, sd, dp_epsilon=e) for sd in seeds]) if seeds else None
     # 3a. per method: what clipping alone costs (no DP - clip only) and what the noise adds (clip only - eps)
+    # each comparison pairs the seeds on which both of its sides ran (dp_seeds_for)
     for m in [m for m in METHODS if m in s["dp_methods"]]:
-        no, clip = at(m, None), (at(m, math.inf) if s["clip_only"] else None)
+        clip_seeds = dp_seeds_for(s, m, math.inf)
+        no, clip = at(m, None, clip_seeds), at(m, math.inf, clip_seeds)
         if no is not None and clip is not None:
             rows.append(C.paired_mean(
                 no - clip, f"[{m}] per-sample clipping alone (noise 0) costs accuracy", "(control, not in the paper)",
-                direction=+1, comparison=f"{m}: no DP - clip only", seed=int(dp_seeds[0])))
+                direction=+1, comparison=f"{m}: no DP - clip only", seed=int(clip_seeds[0])))
         for eps in s["dp_epsilons"]:
-            dp = at(m, float(eps))
-            ref, what = (clip, "clip only") if clip is not None else (no, "no DP")
+            seeds = dp_seeds_for(s, m, float(eps))
+            both = [sd for sd in seeds if sd in clip_seeds]
+            ref, what, seeds = ((at(m, math.inf, both), "clip only", both) if both else
+                                (at(m, None, seeds), "no DP", seeds))
+            dp = at(m, float(eps), seeds)
             if ref is None or dp is None:
                 continue
             rows.append(C.paired_mean(
                 ref - dp, f"[{m}] DP noise at eps={eps:g} costs accuracy beyond {what}",
                 "DP-SGD costs accuracy, more at smaller epsilon", direction=+1,
-                comparison=f"{m}: {what} - eps={eps:g}", seed=int(dp_seeds[0])))
+                comparison=f"{m}: {what} - eps={eps:g}", seed=int(seeds[0])))
     # 3b. DP: PEFT loses less accuracy than full FT (difference of the two drops, per seed and example)
     for eps in s["dp_epsilons"]:
-        f_no, f_dp = at("full", None), at("full", float(eps))
         for m in [m for m in s["dp_methods"] if m != "full"]:
-            m_no, m_dp = at(m, None), at(m, float(eps))
+            seeds = [sd for sd in dp_seeds_for(s, m, float(eps)) if sd in dp_seeds_for(s, "full", float(eps))]
+            f_no, f_dp = at("full", None, seeds), at("full", float(eps), seeds)
+            m_no, m_dp = at(m, None, seeds), at(m, float(eps), seeds)
             if any(x is None for x in (f_no, f_dp, m_no, m_dp)):
                 continue
             rows.append(C.paired_mean(
                 (f_no - f_dp) - (m_no - m_dp), f"[eps={eps:g}] {m} loses less accuracy than full FT under DP-SGD",
                 "under DP the gap to full FT narrows or reverses: noise grows with the trained dimension",
-                direction=+1, comparison=f"drop(full) - drop({m})", seed=int(dp_seeds[0])))
+                direction=+1, comparison=f"drop(full) - drop({m})", seed=int(seeds[0])))
     # 4. stability: PEFT's gap to full FT does not fall by more than `tol` when clients are sampled / drop out
     (bp, bd) = s["stability"][0]
     for p, d in s["stability"][1:]:
@@ -943,8 +977,9 @@ def make_figures(summary: pd.DataFrame, metrics: pd.DataFrame, s: dict) -> dict:
     het_base = (main["partition"] == part) & ((main["alpha"].isna()) if alpha is None else (main["alpha"] == alpha))
     stab_base = (main["participation"] == p) & (main["dropout"] == d)
     if dp_levels(s):
+        dp_seeds = set(s["dp_seeds"]) | set(s["clip_seeds"] or ())
         dpm = summary[(summary["task"] == s["tasks"][0]) & summary["method"].isin(s["dp_methods"])
-                      & summary["seed"].isin(s["dp_seeds"])
+                      & summary["seed"].isin(dp_seeds)
                       & _base_mask(summary.assign(dp_epsilon_target=np.nan), s)].copy()
         dpm["variant"] = [variant(m, s["depth"]) for m in dpm["method"]]
         no_dp = dpm[dpm["dp_epsilon_target"].isna()].set_index(["method", "seed"])
