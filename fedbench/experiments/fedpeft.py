@@ -79,7 +79,7 @@ class FedPEFTSettings(Settings):
     dp_seeds: tuple[int, ...] = (0,)
     dp_first_seed_methods: tuple[str, ...] = ()         # of dp_methods: run on dp_seeds[0] only (time)
     clip_methods: tuple[str, ...] | None = None         # the clip-only control's methods (None: dp_methods),
-    clip_seeds: tuple[int, ...] | None = None           # on these seeds (None: dp_seeds)
+    clip_seeds: tuple[int, ...] | None = None           # on these seeds (None: dp_seeds); resolved by validation
     lr_grid: dict = field(default_factory=lambda: {k: list(v) for k, v in _LR_GRID.items()})
     dp_lr_grid: dict = field(default_factory=lambda: {k: list(v) for k, v in _DP_LR_GRID.items()})
     validation_samples: int = 300                       # train-split examples outside the clients' (lr search)
@@ -143,9 +143,7 @@ def dp_seeds_for(s: dict, method: str, eps: float) -> list[int]:
     if method not in s["dp_methods"]:
         return []
     if math.isinf(eps):
-        methods = s["dp_methods"] if s["clip_methods"] is None else s["clip_methods"]
-        seeds = s["dp_seeds"] if s["clip_seeds"] is None else s["clip_seeds"]
-        return list(seeds) if s["clip_only"] and method in methods else []
+        return list(s["clip_seeds"]) if s["clip_only"] and method in s["clip_methods"] else []
     return list(s["dp_seeds"][:1]) if method in s["dp_first_seed_methods"] else list(s["dp_seeds"])
 
 
@@ -206,12 +204,16 @@ def validate_settings(s: dict) -> dict:
     if s["clip_methods"] is not None:
         check_list("clip_methods", s["clip_methods"], lambda m: m in TUNERS,
                    f"None (= dp_methods) or a list of methods from {TUNERS.names()}", nonempty=False)
+    else:
+        s["clip_methods"] = list(s["dp_methods"])
     is_seed = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
     check_list("seeds", s["seeds"], is_seed, "a non-empty list of integers >= 0")
     for key in ("axis_seeds", "task_seeds", "dp_seeds"):
         check_list(key, s[key], is_seed, "a non-empty list of integers >= 0")
     if s["clip_seeds"] is not None:
         check_list("clip_seeds", s["clip_seeds"], is_seed, "None (= dp_seeds) or a non-empty list of integers >= 0")
+    else:
+        s["clip_seeds"] = list(s["dp_seeds"])
     if not isinstance(s["clip_only"], bool):
         raise ConfigError("clip_only", s["clip_only"], "true or false")
     v = s["validation_samples"]
@@ -386,8 +388,7 @@ def protocol_table(profile: str = "quick") -> pd.DataFrame:
                 f"eps {', '.join(f'{e:g}' for e in x['dp_epsilons'])} + clipping only, delta {x['dp_delta']:g}, "
                 f"{len(x['dp_methods'])} methods x {len(x['dp_seeds'])} seed(s)"
                 + (f" ({', '.join(x['dp_first_seed_methods'])}: 1 seed)" if x["dp_first_seed_methods"] else "")
-                + (f"; clip only: {', '.join(x['clip_methods'] if x['clip_methods'] is not None else x['dp_methods'])}"
-                   f" x {len(x['clip_seeds'] if x['clip_seeds'] is not None else x['dp_seeds'])} seed(s)"
+                + (f"; clip only: {', '.join(x['clip_methods'])} x {len(x['clip_seeds'])} seed(s)"
                    if x["clip_only"] else ""))
 
     def axes(x):
@@ -765,7 +766,7 @@ def headline_table(summary: pd.DataFrame, s: dict) -> pd.DataFrame:
 def axis_table(summary: pd.DataFrame, s: dict, axis: str) -> pd.DataFrame:
     """Accuracy (mean ± std over axis seeds) of each axis method at every level of one axis, others at base."""
     (part, alpha), (p, d) = s["heterogeneity"][0], s["stability"][0]
-    methods, seeds = ((s["dp_methods"], [*s["dp_seeds"], *(s["clip_seeds"] or ())]) if axis == "dp"
+    methods, seeds = ((s["dp_methods"], [*s["dp_seeds"], *s["clip_seeds"]]) if axis == "dp"
                       else (s["axis_methods"], s["axis_seeds"]))
     df = summary[(summary["task"] == s["tasks"][0]) & summary["method"].isin(methods)
                  & summary["seed"].isin(seeds)]
@@ -977,9 +978,8 @@ def make_figures(summary: pd.DataFrame, metrics: pd.DataFrame, s: dict) -> dict:
     het_base = (main["partition"] == part) & ((main["alpha"].isna()) if alpha is None else (main["alpha"] == alpha))
     stab_base = (main["participation"] == p) & (main["dropout"] == d)
     if dp_levels(s):
-        dp_seeds = set(s["dp_seeds"]) | set(s["clip_seeds"] or ())
         dpm = summary[(summary["task"] == s["tasks"][0]) & summary["method"].isin(s["dp_methods"])
-                      & summary["seed"].isin(dp_seeds)
+                      & summary["seed"].isin([*s["dp_seeds"], *s["clip_seeds"]])
                       & _base_mask(summary.assign(dp_epsilon_target=np.nan), s)].copy()
         dpm["variant"] = [variant(m, s["depth"]) for m in dpm["method"]]
         no_dp = dpm[dpm["dp_epsilon_target"].isna()].set_index(["method", "seed"])
