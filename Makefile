@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MPLBACKEND ?= Agg
 
-.PHONY: setup test unit notebooks-smoke reproduce bench lab clean-venv
+.PHONY: setup test unit notebooks-smoke reproduce complete bench lab clean-venv
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ test: setup
 
 reproduce: setup
 	$(PY) tools/run_notebooks.py --profile $(PROFILE) $(if $(ONLY),--only $(ONLY))
+
+# the profile variants that put back what quick cuts to fit 12 minutes (configs/*/quick-complete.yaml); each
+# loads the runs quick already finished where it shares quick's run store
+complete: setup
+	for f in configs/*/quick-complete.yaml; do echo "== $$f"; $(VENV)/bin/fedbench run $$f || exit 1; done
 
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

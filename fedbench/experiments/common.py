@@ -10,6 +10,17 @@ Profiles are YAML files a user can read and copy, ``configs/<experiment>/{smoke,
     settings:          # the experiment's own parameters (its grid, seeds, methods, ...)
       seeds: [0, 1]
 
+A profile may also extend another of its experiment and write its outputs to a folder of its own, so
+that a variant (more seeds, more methods under an axis) shares the run store with the profile it extends
+and reruns only the runs it adds, without overwriting that profile's results::
+
+    experiment: fedpeft
+    profile: quick              # what it is run as (and what check_profile allows)
+    extends: quick              # start from configs/fedpeft/quick.yaml: its base, then these keys over it
+    results: quick-complete     # outputs under results/fedpeft/quick-complete/
+    settings:                   # each key replaces the extended profile's (base: merged field by field)
+      axis_methods: [full, head, lora, ia3, bitfit, adapter]
+
 :func:`resolve_profile` reads one, applies overrides (a dotted key such as ``fl.dropout`` changes ``base``;
 any other key a setting) and validates both: the base as an ExperimentConfig, the settings by the
 experiment's typed :class:`Settings` class, each bad value a ConfigError naming the field.
@@ -41,12 +52,17 @@ def check_profile(profile: str) -> str:
     return profile
 
 
-def output_dir(experiment: str, profile: str) -> Path:
+def output_dir(experiment: str, profile: str, path: str | Path | None = None) -> Path:
     """results/<experiment>/ for the quick profile (the committed one), results/<experiment>/<profile>/
-    for smoke (git-ignored) and full."""
+    for smoke (git-ignored) and full; results/<experiment>/<results>/ for a profile file (`path`) that names
+    its own ``results`` folder."""
     check_profile(profile)
     d = results_root() / experiment
-    d = d if profile == "quick" else d / profile
+    folder = read_profile_file(path)["results"] if path is not None else None
+    if folder is not None:
+        d = d / folder
+    else:
+        d = d if profile == "quick" else d / profile
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -68,18 +84,57 @@ def profile_path(experiment: str, profile: str) -> Path:
     return configs_root() / experiment / f"{check_profile(profile)}.yaml"
 
 
+PROFILE_KEYS = ("experiment", "profile", "extends", "results", "base", "settings")
+
+
 def read_profile_file(path: str | Path) -> dict:
-    """A profile YAML as a dict with keys experiment, profile, base (dict or None), settings (dict)."""
+    """A profile YAML as a dict with keys experiment, profile, results (folder name or None), base (dict or
+    None), settings (dict); an ``extends`` profile is read first and this file's keys laid over it."""
     import yaml
     path = Path(path)
     if not path.exists():
         raise ConfigError("profile", str(path), "an existing configs/<experiment>/<profile>.yaml file")
     d = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(d) - {"experiment", "profile", "base", "settings"})
+    unknown = sorted(set(d) - set(PROFILE_KEYS))
     if unknown:
-        raise ConfigError(unknown[0], d[unknown[0]], "one of the profile keys experiment, profile, base, settings")
-    return {"experiment": d.get("experiment"), "profile": d.get("profile"), "base": d.get("base"),
-            "settings": dict(d.get("settings") or {})}
+        raise ConfigError(unknown[0], d[unknown[0]], f"one of the profile keys {', '.join(PROFILE_KEYS)}")
+    results = d.get("results")
+    if results is not None:
+        _check_folder(results)
+    out = {"experiment": d.get("experiment"), "profile": d.get("profile"), "results": results,
+           "base": d.get("base"), "settings": dict(d.get("settings") or {})}
+    parent = d.get("extends")
+    if parent is None:
+        return out
+    if parent not in PROFILES:
+        raise ConfigError("extends", parent, f"one of the experiment's profiles {list(PROFILES)}")
+    if out["experiment"] is None:
+        raise ConfigError("experiment", None, "the experiment's name (a profile with extends names its experiment)")
+    if results is None:       # or it would overwrite the outputs of the profile it was run as
+        raise ConfigError("results", None, "a folder name of its own for a profile with extends")
+    sibling = path.parent / f"{parent}.yaml"     # configs/<experiment>/<parent>.yaml beside this file
+    up = read_profile_file(sibling if sibling.exists() else profile_path(out["experiment"], parent))
+    if up["experiment"] != out["experiment"]:
+        raise ConfigError("extends", parent, f"a profile of {out['experiment']!r} (that file is {up['experiment']!r}'s)")
+    base = up["base"] if out["base"] is None else _merge(up["base"] or {}, out["base"])
+    return {**out, "profile": out["profile"] or parent, "base": base,
+            "settings": {**up["settings"], **out["settings"]}}
+
+
+def _check_folder(name) -> None:
+    import re
+    ok = isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None
+    ok = ok and name not in PROFILES and name != "runs"
+    if not ok:
+        raise ConfigError("results", name, "a folder name (letters, digits, '-', '_', '.'), not a profile name or 'runs'")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`base` with `over` laid over it, nested dicts merged key by key (a base config's sections)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_profiles(experiment: str) -> dict[str, dict]:
