@@ -66,3 +66,12 @@ def test_a_bad_profile_file_names_its_key(tmp_path, text, field):
     with pytest.raises(ConfigError) as e:
         read_profile_file(write(tmp_path, text))
     assert e.value.field_name == field
+
+
+def test_a_variant_s_protocol_preamble_names_what_it_changes(tmp_path):
+    from fedbench.experiments.common import variant_note
+    p = write(tmp_path, "experiment: fedpeft\nextends: quick\nresults: more-seeds\n"
+                        "base: {fl: {rounds: 3}}\nsettings: {seeds: [0, 1, 2, 3]}\n")
+    note = variant_note(p)
+    assert "`more-seeds`" in note and "`quick` profile" in note and "`seeds`" in note and "`base.fl`" in note
+    assert variant_note(QUICK) == "" and variant_note(None) == ""

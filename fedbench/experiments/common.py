@@ -121,6 +121,21 @@ def read_profile_file(path: str | Path) -> dict:
             "settings": {**up["settings"], **out["settings"]}}
 
 
+def variant_note(path: str | Path | None) -> str:
+    """A Markdown preamble for a variant's PROTOCOL.md (what it changes of the profile it extends); "" for a
+    plain profile. The protocol table under it compares the plain profiles."""
+    if path is None:
+        return ""
+    import yaml
+    d = yaml.safe_load(Path(path).read_text()) or {}
+    if d.get("extends") is None:
+        return ""
+    changed = sorted(d.get("settings") or {}) + [f"base.{k}" for k in sorted(d.get("base") or {})]
+    return (f"> `{d['results']}`: a variant of the `{d['extends']}` profile (`{Path(path).name}`) that sets "
+            f"{', '.join(f'`{k}`' for k in changed) or 'nothing'} (values in that file). The table below "
+            f"describes the plain profiles.\n\n")
+
+
 def _check_folder(name) -> None:
     import re
     ok = isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None

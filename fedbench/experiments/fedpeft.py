@@ -30,7 +30,7 @@ import pandas as pd
 
 from fedbench.config import ConfigError, ExperimentConfig, PeftConfig
 from fedbench.experiments.common import (Settings, check_list, output_dir, resolve_profile, runs_root, save_figure,
-                                         save_table)
+                                         save_table, variant_note)
 from fedbench.registry import TUNERS
 
 EXPERIMENT = "fedpeft"
@@ -719,7 +719,7 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
     save_table(claims, out, "claims.csv")
     from fedbench.results import atomic_write_text
     tables["protocol"] = protocol_table()
-    atomic_write_text(out / "PROTOCOL.md", protocol_markdown(tables["protocol"]))
+    atomic_write_text(out / "PROTOCOL.md", variant_note(path) + protocol_markdown(tables["protocol"]))
     figures = make_figures(summary, metrics, s)
     for name, fig in figures.items():
         save_figure(fig, out, name)

@@ -56,7 +56,7 @@ import torch
 from fedbench import merging
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.experiments.common import (Settings, TableRunStore, check_list, is_int, is_number, output_dir,
-                                         resolve_profile, save_figure, save_table)
+                                         resolve_profile, save_figure, save_table, variant_note)
 from fedbench.fl.seeding import derive_seed, rng_for
 from fedbench.registry import MERGES
 
@@ -807,7 +807,7 @@ def run(profile: str = "quick", path=None, verbose: bool = True, **overrides) ->
                      (claims, "claims.csv"), (protocol, "protocol.csv")]:
         save_table(df, out, name)
     from fedbench.results import atomic_write_text
-    atomic_write_text(out / "PROTOCOL.md", protocol_markdown(protocol, claims, tabs["finetune"]))
+    atomic_write_text(out / "PROTOCOL.md", variant_note(path) + protocol_markdown(protocol, claims, tabs["finetune"]))
     figures = make_figures(summary, tabs, r)
     for name, fig in figures.items():
         save_figure(fig, out, name)
