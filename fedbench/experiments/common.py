@@ -88,8 +88,9 @@ PROFILE_KEYS = ("experiment", "profile", "extends", "results", "base", "settings
 
 
 def read_profile_file(path: str | Path) -> dict:
-    """A profile YAML as a dict with keys experiment, profile, results (folder name or None), base (dict or
-    None), settings (dict); an ``extends`` profile is read first and this file's keys laid over it."""
+    """A profile YAML as a dict with keys experiment, profile, extends, results (folder name or None), base
+    (dict or None), settings (dict); an ``extends`` profile is read first and this file's keys laid over it
+    (then ``changed`` lists the keys this file sets)."""
     import yaml
     path = Path(path)
     if not path.exists():
@@ -101,9 +102,9 @@ def read_profile_file(path: str | Path) -> dict:
     results = d.get("results")
     if results is not None:
         _check_folder(results)
-    out = {"experiment": d.get("experiment"), "profile": d.get("profile"), "results": results,
-           "base": d.get("base"), "settings": dict(d.get("settings") or {})}
     parent = d.get("extends")
+    out = {"experiment": d.get("experiment"), "profile": d.get("profile"), "extends": parent, "results": results,
+           "base": d.get("base"), "settings": dict(d.get("settings") or {})}
     if parent is None:
         return out
     if parent not in PROFILES:
@@ -117,22 +118,19 @@ def read_profile_file(path: str | Path) -> dict:
     if up["experiment"] != out["experiment"]:
         raise ConfigError("extends", parent, f"a profile of {out['experiment']!r} (that file is {up['experiment']!r}'s)")
     base = up["base"] if out["base"] is None else _merge(up["base"] or {}, out["base"])
-    return {**out, "profile": out["profile"] or parent, "base": base,
+    changed = sorted(out["settings"]) + [f"base.{k}" for k in sorted(out["base"] or {})]   # for variant_note
+    return {**out, "profile": out["profile"] or parent, "base": base, "changed": changed,
             "settings": {**up["settings"], **out["settings"]}}
 
 
 def variant_note(path: str | Path | None) -> str:
     """A Markdown preamble for a variant's PROTOCOL.md (what it changes of the profile it extends); "" for a
     plain profile. The protocol table under it compares the plain profiles."""
-    if path is None:
+    d = read_profile_file(path) if path is not None else {"extends": None}
+    if d["extends"] is None:
         return ""
-    import yaml
-    d = yaml.safe_load(Path(path).read_text()) or {}
-    if d.get("extends") is None:
-        return ""
-    changed = sorted(d.get("settings") or {}) + [f"base.{k}" for k in sorted(d.get("base") or {})]
     return (f"> `{d['results']}`: a variant of the `{d['extends']}` profile (`{Path(path).name}`) that sets "
-            f"{', '.join(f'`{k}`' for k in changed) or 'nothing'} (values in that file). The table below "
+            f"{', '.join(f'`{k}`' for k in d['changed']) or 'nothing'} (values in that file). The table below "
             f"describes the plain profiles.\n\n")
 
 

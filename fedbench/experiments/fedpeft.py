@@ -147,6 +147,11 @@ def dp_seeds_for(s: dict, method: str, eps: float) -> list[int]:
     return list(s["dp_seeds"][:1]) if method in s["dp_first_seed_methods"] else list(s["dp_seeds"])
 
 
+def dp_table_seeds(s: dict) -> list[int]:
+    """Every seed some privacy level runs on (the dp table and figure read these; each row keeps its own)."""
+    return [*s["dp_seeds"], *s["clip_seeds"]]
+
+
 def heterogeneity_label(partition: str, alpha: float | None) -> str:
     return "iid" if partition == "iid" else f"dirichlet-{float(alpha)}"
 
@@ -766,7 +771,7 @@ def headline_table(summary: pd.DataFrame, s: dict) -> pd.DataFrame:
 def axis_table(summary: pd.DataFrame, s: dict, axis: str) -> pd.DataFrame:
     """Accuracy (mean ± std over axis seeds) of each axis method at every level of one axis, others at base."""
     (part, alpha), (p, d) = s["heterogeneity"][0], s["stability"][0]
-    methods, seeds = ((s["dp_methods"], [*s["dp_seeds"], *s["clip_seeds"]]) if axis == "dp"
+    methods, seeds = ((s["dp_methods"], dp_table_seeds(s)) if axis == "dp"
                       else (s["axis_methods"], s["axis_seeds"]))
     df = summary[(summary["task"] == s["tasks"][0]) & summary["method"].isin(methods)
                  & summary["seed"].isin(seeds)]
@@ -979,7 +984,7 @@ def make_figures(summary: pd.DataFrame, metrics: pd.DataFrame, s: dict) -> dict:
     stab_base = (main["participation"] == p) & (main["dropout"] == d)
     if dp_levels(s):
         dpm = summary[(summary["task"] == s["tasks"][0]) & summary["method"].isin(s["dp_methods"])
-                      & summary["seed"].isin([*s["dp_seeds"], *s["clip_seeds"]])
+                      & summary["seed"].isin(dp_table_seeds(s))
                       & _base_mask(summary.assign(dp_epsilon_target=np.nan), s)].copy()
         dpm["variant"] = [variant(m, s["depth"]) for m in dpm["method"]]
         no_dp = dpm[dpm["dp_epsilon_target"].isna()].set_index(["method", "seed"])
