@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbench.errors import ConfigError
+from fedbench.options import normalize as normalize_options
 from fedbench.registry import AGGREGATORS, ATTACKS, LORA_SEMANTICS, STRATEGIES, TUNERS
 
 # Component names (tuners, aggregators, LoRA semantics, strategies, attacks) live in fedbench.registry;
@@ -235,6 +236,10 @@ class FLConfig:
     attack_scale: float = -4.0          # scale: the attacker sends global + attack_scale * its update
     attack_sigma: float = 1.0           # gaussian: the attacker's update is N(0, sigma^2) noise
     eval_every: int = 1
+    # the strategy's and the aggregator's own settings, validated by the options class each registers
+    # (fedbench.options); normalised to every option with its default, so they key the run like any field
+    options: dict = field(default_factory=dict)
+    aggregator_options: dict = field(default_factory=dict)
 
     def validate(self, prefix: str = "fl") -> None:
         _registered(f"{prefix}.strategy", self.strategy, STRATEGIES)
@@ -263,6 +268,9 @@ class FLConfig:
         _check(self.attack == "none" or self.attack_fraction > 0, f"{prefix}.attack_fraction", self.attack_fraction,
                f"a fraction > 0 when fl.attack={self.attack!r} (0 attackers would run no attack)")
         _positive_int(f"{prefix}.eval_every", self.eval_every)
+        self.options = normalize_options(STRATEGIES.entry(self.strategy), self.options, f"{prefix}.options")
+        self.aggregator_options = normalize_options(AGGREGATORS.entry(self.aggregator), self.aggregator_options,
+                                                    f"{prefix}.aggregator_options")
         if self.lora_aggregation != "factors":
             # stacking / SVD define the exact product average; a robust or adaptive rule on top of it
             # (median of stacked factors, Adam on re-factorised bases) has no clear meaning
@@ -343,8 +351,15 @@ class ExperimentConfig:
         return config_hash(self.to_dict())
 
     def replace(self, **changes) -> "ExperimentConfig":
-        """A copy with dotted-path changes, e.g. ``cfg.replace(**{"peft.rank": 4, "seed": 1})``."""
+        """A copy with dotted-path changes, e.g. ``cfg.replace(**{"peft.rank": 4, "seed": 1})``.
+
+        Options belong to their component: a change of ``fl.strategy`` (``fl.aggregator``) that does not also
+        set ``fl.options`` (``fl.aggregator_options``) whole starts the new component from its default options,
+        with any ``fl.options.<name>`` changes on top."""
         d = self.to_dict()
+        for component, options in OPTION_FIELDS:
+            if component in changes and changes[component] != _get_dotted(d, component) and options not in changes:
+                d["fl"][options.split(".")[1]] = {}
         for dotted, value in changes.items():
             node = d
             *parents, leaf = dotted.split(".")
@@ -352,10 +367,20 @@ class ExperimentConfig:
                 if p not in node or not isinstance(node[p], dict):
                     raise ConfigError(dotted, value, "a dotted path to an existing config field")
                 node = node[p]
-            if leaf not in node:
+            # an option may be named before it exists (the component's options class validates the name)
+            if leaf not in node and ".".join(parents) not in dict(OPTION_FIELDS).values():
                 raise ConfigError(dotted, value, "a dotted path to an existing config field")
             node[leaf] = value
         return ExperimentConfig.from_dict(d)
+
+
+OPTION_FIELDS = (("fl.strategy", "fl.options"), ("fl.aggregator", "fl.aggregator_options"))
+
+
+def _get_dotted(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
 
 
 def config_hash(d: dict) -> str:

@@ -73,6 +73,10 @@ from fedbench.fl import configurator as CF  # noqa: E402
 from fedbench.fl.server import run_federated, validation_indices  # noqa: E402
 
 
+# the configurator's options: the strategy's, in the run config (fl.options)
+OPTS = {"width_step": 4, "max_width": 8, "time_threshold": 0.2, "expand": 4, "validation_samples": 16}
+
+
 def tiny(**changes) -> ExperimentConfig:
     cfg = ExperimentConfig.from_dict({
         "name": "afn", "seed": 1,
@@ -80,26 +84,21 @@ def tiny(**changes) -> ExperimentConfig:
                  "max_test_samples": 24, "max_length": 12},
         "peft": {"method": "adapter", "adapter_width": 4, "depth": 1},
         "train": {"local_steps": 1, "batch_size": 4, "lr": 0.01},
-        "fl": {"strategy": "autofednlp", "clients_per_round": 3, "rounds": 7},
+        "fl": {"strategy": "autofednlp", "clients_per_round": 3, "rounds": 7, "options": OPTS},
     })
     return cfg.replace(**changes) if changes else cfg
 
 
-OPTS = CF.ConfiguratorOptions(width_step=4, max_width=8, time_threshold=0.2, expand=4, validation_samples=16)
-
-
 @pytest.fixture(scope="module")
 def data():
-    base = prepare_data(tiny())
-    return A.ConfiguratorData(**{f: getattr(base, f) for f in ("train", "test", "client_indices", "test_indices",
-                                                               "class_names", "pad_id")}, configurator=OPTS)
+    return prepare_data(tiny())
 
 
 def test_a_period_gives_each_group_the_rounds_its_budget_fits_in_simulated_time_order(data):
     run = FederatedRun(tiny(), data)
     st = run.strategy
     assert st.configs == [(1, 4), (2, 4), (1, 8)]            # current, deeper, wider
-    budget = OPTS.time_threshold * (OPTS.expand * 1 + 1)
+    budget = OPTS["time_threshold"] * (OPTS["expand"] * 1 + 1)
     times = [st.round_time(c) for c in st.configs]
     counts = [max(1, int(budget // t)) for t in times]
     assert [st.plan.count(g) for g in range(3)] == counts
@@ -176,34 +175,28 @@ def test_resume_from_a_checkpoint_mid_period_and_across_a_decision_is_bit_identi
         assert res.predictions["prediction"].tolist() == ref.predictions["prediction"].tolist()
 
 
-def horizon_data(data, horizon_s):
-    import dataclasses
-    return dataclasses.replace(data, configurator=dataclasses.replace(OPTS, horizon_s=horizon_s))
-
-
 def test_a_horizon_ends_the_run_on_the_configurators_clock_and_resume_runs_nothing_more(data, tmp_path):
     free = run_federated(tiny(**{"fl.rounds": 12}), data)
     sim = free.rounds["sim_s"].to_numpy()
     stop = 5                                                   # end on the clock of the 5th round
     h = float(sim[stop - 1]) - 1e-3
     assert sim[stop - 2] < h                                   # (the round before is still short of it)
-    hd = horizon_data(data, h)
-    cfg = tiny(**{"fl.rounds": 12})                            # fl.rounds is only the cap
-    res = run_federated(cfg, hd)
+    cfg = tiny(**{"fl.rounds": 12, "fl.options.horizon_s": h})     # fl.rounds is only the cap
+    res = run_federated(cfg, data)
     assert len(res.rounds) == stop and res.rounds["sim_s"].iloc[-1] >= h > res.rounds["sim_s"].iloc[-2]
     pd.testing.assert_frame_equal(res.rounds.drop(columns="wall_s"),
                                   free.rounds.iloc[:stop].drop(columns="wall_s"), check_exact=True)
     assert res.predictions is not None                         # the stop round is the last: scored with predictions
     # a checkpoint of the stop round (a run killed before its result was saved) resumes to the same result
     ck = tmp_path / "ck"
-    run_federated(cfg, hd, checkpoint_dir=ck)
-    again = run_federated(cfg, hd, checkpoint_dir=ck)
+    run_federated(cfg, data, checkpoint_dir=ck)
+    again = run_federated(cfg, data, checkpoint_dir=ck)
     assert len(again.rounds) == stop
     assert again.predictions["prediction"].tolist() == res.predictions["prediction"].tolist()
     # without a horizon the loop runs fl.rounds; a bad horizon is a config error before any work
     assert len(run_federated(tiny(**{"fl.rounds": 6}), data).rounds) == 6
-    with pytest.raises(ConfigError, match="horizon_s"):
-        FederatedRun(tiny(), horizon_data(data, -1.0))
+    with pytest.raises(ConfigError, match="fl.options.horizon_s"):
+        tiny(**{"fl.options.horizon_s": -1.0})
 
 
 def test_flower_stops_where_the_in_process_loop_stops(data):
@@ -212,11 +205,11 @@ def test_flower_stops_where_the_in_process_loop_stops(data):
 
     from fedbench.engines import flower as fl_engine
     h = float(run_federated(tiny(**{"fl.rounds": 8}), data).rounds["sim_s"].iloc[3]) - 1e-3
-    cfg, hd = tiny(**{"fl.rounds": 8}), horizon_data(data, h)
-    ref = run_federated(cfg, hd)
-    fl_engine.client_runtime(cfg, hd)
+    cfg = tiny(**{"fl.rounds": 8, "fl.options.horizon_s": h})
+    ref = run_federated(cfg, data)
+    fl_engine.client_runtime(cfg, data)
     grid = LocalGrid(cfg.data.num_clients)
-    run = fl_engine.server_main(grid, cfg, data=hd)
+    run = fl_engine.server_main(grid, cfg, data=data)
     assert len(run.records) == len(ref.rounds) == 4
     from flwr.common import MessageType
     trained = sum(r["clients_sampled"] - r["clients_dropped"] for r in run.records)
@@ -237,8 +230,10 @@ def test_the_strategy_rejects_tuners_without_depth_and_width():
         tiny(**{"peft.method": "head", "peft.depth": None})
     with pytest.raises(ConfigError, match="peft.depth"):
         tiny(**{"peft.depth": None})
-    with pytest.raises(ConfigError, match="device"):
-        CF.ConfiguratorOptions(device="moon").validate()
+    with pytest.raises(ConfigError, match="fl.options.device"):
+        tiny(**{"fl.options.device": "moon"})
+    with pytest.raises(ConfigError, match="fl.options.widht_step"):
+        tiny(**{"fl.options": {"widht_step": 4}})
 
 
 def test_the_clock_prices_compute_and_both_directions_of_the_network():

@@ -403,8 +403,10 @@ def test_update_clustering_clusters_what_changed_this_round(tiny):
     from fedbench.experiments import fl_tac
     from fedbench.fl import FederatedRun
     s, base, pool, _ = tiny
-    data = fl_tac.task_data(s, base, pool, seed=0, cluster_on="update")
-    run = FederatedRun(_cfg(tiny, "fl_tac_update"), data, pool.caches)
+    data = fl_tac.task_data(s, base, pool, seed=0)
+    cfg = _cfg(tiny, "fl_tac_update")
+    assert cfg.fl.options["cluster_on"] == "update"          # the server's option is in the run config
+    run = FederatedRun(cfg, data, pool.caches)
     run.run_round(1)
     st = run.strategy
     plan = run.select_clients(2)

@@ -156,10 +156,9 @@ def test_task_clients_freeze_the_head_and_take_per_client_steps():
     cfg = ExperimentConfig(data=DataConfig(task="rt_sentiment", num_clients=2, partition="iid", max_train_samples=16,
                                            max_test_samples=8, max_length=16),
                            peft=PeftConfig(method="full"), train=TrainConfig(local_steps=2, batch_size=4),
-                           fl=FLConfig(strategy="task_clients", rounds=1))
+                           fl=FLConfig(strategy="task_clients", rounds=1, options={"client_steps": [None, 1]}))
     run = FederatedRun(cfg)
     head = run.global_model.state["classifier.weight"].clone()
-    run.strategy.client_steps = {1: 1}
     ins = run.configure(run.select_clients(1))
     assert all(not k.startswith("classifier.") for k in ins[0].send_keys)
     ups = [run.client_update(c, 1, ins[c]) for c in (0, 1)]
@@ -216,13 +215,12 @@ def test_task_clients_take_a_per_client_learning_rate():
                                                max_train_samples=16, max_test_samples=8, max_length=16),
                                peft=PeftConfig(method="lora", rank=2), train=TrainConfig(local_steps=2, batch_size=4,
                                                                                         lr=lr),
-                               fl=FLConfig(strategy="task_clients", rounds=1))
+                               fl=FLConfig(strategy="task_clients", rounds=1, options={"client_lrs": client_lrs}))
         run = FederatedRun(cfg)
-        run.strategy.client_lrs = client_lrs
         ins = run.configure(run.select_clients(1))
         return [run.client_update(c, 1, ins[c]).state for c in (0, 1)], ins
 
-    (a0, a1), ins = updates(1e-3, {1: 3e-2})
+    (a0, a1), ins = updates(1e-3, [None, 3e-2])
     assert ins[1].options == {"lr": 3e-2} and ins[0].options == {}
     (b0, b1), _ = updates(3e-2, None)
     (c0, c1), _ = updates(1e-3, None)

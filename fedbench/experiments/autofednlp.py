@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 
 from fedbench.config import ConfigError, ExperimentConfig, config_hash
-from fedbench.fl.server import FederatedData
 from fedbench.experiments.common import (Settings, check_list, check_seeds, is_int, is_number, output_dir,
                                          resolve_profile, runs_root, save_table, select_lr)
 
@@ -96,14 +95,13 @@ class AutoFedNlpSettings(Settings):
         self.adapter_lr_grid = tuple(sorted(float(x) for x in self.adapter_lr_grid))
         self.seeds = check_seeds("seeds", self.seeds)
 
-    def options(self, cache: bool = True):
-        """The configurator's options; the no-cache control (``cache=False``) runs ``cache_rounds`` rounds, the
-        configurator itself until the fixed configurations' horizon."""
-        from fedbench.fl.configurator import ConfiguratorOptions
-        return ConfiguratorOptions(depth_step=self.depth_step, width_step=self.width_step, max_width=self.max_width,
-                                   time_threshold=float(self.time_threshold), expand=self.expand, device=self.device,
-                                   validation_samples=self.validation_samples, cache=cache,
-                                   horizon_s=float(self.horizon_s) if cache else None)
+    def options(self, cache: bool = True) -> dict:
+        """The configurator's options (``fl.options`` of its runs); the no-cache control (``cache=False``) runs
+        ``cache_rounds`` rounds, the configurator itself until the fixed configurations' horizon."""
+        return {"depth_step": self.depth_step, "width_step": self.width_step, "max_width": self.max_width,
+                "time_threshold": float(self.time_threshold), "expand": self.expand, "device": self.device,
+                "validation_samples": self.validation_samples, "cache": cache,
+                "horizon_s": float(self.horizon_s) if cache else None}
 
 
 def settings_for(profile: str = "quick", path=None, **overrides):
@@ -131,7 +129,7 @@ def run_config(s: AutoFedNlpSettings, base: ExperimentConfig, method: str, seed:
     if lr is not None:
         ch["train.lr"] = float(lr)
     if method.startswith("autofednlp"):
-        ch.update({"fl.strategy": "autofednlp",
+        ch.update({"fl.strategy": "autofednlp", "fl.options": s.options(cache=method == "autofednlp"),
                    "fl.rounds": s.rounds if method == "autofednlp" else s.cache_rounds})
     elif method == "full_ft":
         ch.update({"fl.strategy": "fedavg", "peft.method": "full", "peft.depth": None, "fl.rounds": s.full_rounds})
@@ -147,10 +145,9 @@ def run_config(s: AutoFedNlpSettings, base: ExperimentConfig, method: str, seed:
 # -- runs ---------------------------------------------------------------------------------------------------
 
 def _store_root(s: AutoFedNlpSettings, method: str, split: str = "test") -> Path:
-    """The run store of `method`: the core's (keyed by the run config) inside a folder keyed by what the config
-    does not say: the configurator's options, the split evaluated, and this module's schema."""
-    opts = dataclasses.asdict(s.options(cache=method != "autofednlp_nocache")) if method.startswith("autofednlp") else {}
-    return runs_root() / EXPERIMENT / config_hash({"schema": SCHEMA, "split": split, "options": opts})
+    """The run store of `method`: the core's (keyed by the run config, the configurator's options included)
+    inside a folder keyed by what the config does not say: the split evaluated, and this module's schema."""
+    return runs_root() / EXPERIMENT / config_hash({"schema": SCHEMA, "split": split})
 
 
 class _Runner:
@@ -208,21 +205,12 @@ class _Runner:
         data, train_cache, test_cache = self.seed_data(seed)
         if split == "val":
             data, test_cache = self.val_data(seed, cfg)
-        if method.startswith("autofednlp"):
-            data = ConfiguratorData(**{f.name: getattr(data, f.name) for f in dataclasses.fields(data)},
-                                    configurator=self.s.options(cache=method == "autofednlp"))
         t0 = time.perf_counter()
         res = run_cached(cfg, data=data, root=root, caches=(train_cache, test_cache))
         if self.progress:
             print(f"[autofednlp] {method:<20} seed {seed}{'' if lr is None else f' lr {lr:g}'} ({split}): "
                   f"{time.perf_counter() - t0:5.1f} s, final accuracy {res.summary['final_accuracy']:.3f}", flush=True)
         return load_run(run_key(cfg), root)
-
-
-@dataclass
-class ConfiguratorData(FederatedData):
-    """FederatedData plus the configurator's options (read by the strategy's ``attach``)."""
-    configurator: object = None
 
 
 # -- the experiment -----------------------------------------------------------------------------------------

@@ -508,18 +508,6 @@ class SharedCaches:
         return self.pool[key]
 
 
-@dataclass
-class HeldRun:
-    """What a validation run of the lr search keeps so that, if its lr is chosen, the same training need not
-    run again for the reported (test) run of that cell: the global model after every round the test run
-    evaluates, the per-round records and the client store (DP ledgers). Nothing here was evaluated on test."""
-    snapshots: dict           # round -> GlobalModel (cloned tensors)
-    records: list
-    rejections: list
-    cumulative_bytes: int
-    store: object
-
-
 def _clone_global(gm):
     from fedbench.fl.strategy import GlobalModel
     clone = lambda d: type(d)((k, v.detach().clone()) for k, v in d.items())  # noqa: E731
@@ -528,7 +516,7 @@ def _clone_global(gm):
 
 def search_run(cfg, test_cfg, data, caches, checkpoint_dir):
     """:func:`fedbench.fl.server.run_federated` of the validation config `cfg` (the same round loop and
-    checkpoints), also keeping (:class:`HeldRun`) the global model at each round `test_cfg` evaluates. `test_cfg`
+    checkpoints), also keeping (:class:`fedbench.fl.server.HeldRun`) the global model at each round `test_cfg` evaluates. `test_cfg`
     is `cfg` but for ``fl.eval_every``: evaluation does not touch the training, so its training is this one.
     A run resumed from a checkpoint keeps nothing (its earlier rounds' models are gone): (result, None)."""
     from fedbench.fl.server import run_federated
@@ -544,31 +532,16 @@ def search_run(cfg, test_cfg, data, caches, checkpoint_dir):
     result = run_federated(cfg, data, caches=caches, checkpoint_dir=checkpoint_dir, after_round=keep)
     if not last or set(snapshots) != evaluated:       # resumed: the earlier rounds' models are gone
         return result, None
-    run = last[0]
-    return result, HeldRun(snapshots, [dict(r) for r in run.records], list(run.rejections), run.cumulative_bytes,
-                           run.store)
+    return result, last[0].hold(snapshots)
 
 
-def replay_on_test(test_cfg, held: HeldRun, data, caches):
+def replay_on_test(test_cfg, held, data, caches):
     """The RunResult :func:`run_federated` gives for `test_cfg`, from a held validation run of the same
-    training: the test split is evaluated (for the first time) at the rounds `test_cfg` evaluates, on the
-    global model held from those rounds; every other record (bytes, losses, epsilon) is the training's own."""
+    training (:meth:`fedbench.fl.server.FederatedRun.replay`): the test split is evaluated (for the first time)
+    at the rounds `test_cfg` evaluates, on the global model held from those rounds; every other record (bytes,
+    losses, epsilon) is the training's own."""
     from fedbench.fl.server import FederatedRun
-    run = FederatedRun(test_cfg, data, caches)
-    run.records = [dict(r) for r in held.records]
-    run.rejections, run.cumulative_bytes, run.store = list(held.rejections), held.cumulative_bytes, held.store
-    rounds, every = test_cfg.fl.rounds, test_cfg.fl.eval_every
-    for rec in run.records:
-        r = int(rec["round"])
-        if r % every == 0 or r == rounds:
-            run.global_model = held.snapshots[r]
-            ev = run.evaluate_global(predictions=r == rounds)
-            rec.update(accuracy=ev["accuracy"], loss=ev["loss"])
-            if r == rounds and "predictions" in ev:
-                run.final_predictions = ev["predictions"]
-        else:
-            rec.update(accuracy=float("nan"), loss=float("nan"))
-    return run.result()
+    return FederatedRun(test_cfg, data, caches).replay(held)
 
 
 def _same_training(cfg, test_cfg) -> bool:
@@ -581,7 +554,7 @@ class Runner:
     prepared data and the frozen-prefix caches between runs.
 
     A validation run given the `test_cfg` of the same training (:func:`tune` passes the reported cell's config
-    at that lr) is held (:class:`HeldRun`); once the lr is chosen (:meth:`keep_only`), the reported run of that
+    at that lr) is held (:class:`fedbench.fl.server.HeldRun`); once the lr is chosen (:meth:`keep_only`), the reported run of that
     config is replayed from it on test (:func:`replay_on_test`) instead of trained again. The replay gives the
     run :func:`run_federated` gives (tested), so whether a run was replayed or trained never shows in a number.
     """
@@ -589,7 +562,7 @@ class Runner:
     def __init__(self, s: dict):
         methods = {*s["methods"], *s["task_methods"], *s["axis_methods"], *s["dp_methods"]}
         self.s, self.data, self.caches = s, {}, SharedCaches([m for m in METHODS if m in methods])
-        self.held: dict[str, HeldRun] = {}          # run key of the test config -> held validation run
+        self.held: dict = {}          # run key of the test config -> held validation run
 
     def engine(self, evaluation: str) -> str:
         return "inprocess" if evaluation == "test" else f"inprocess/validation-{self.s['validation_samples']}"

@@ -133,9 +133,16 @@ def run_config(s: FlTacSettings, base: ExperimentConfig, method: str, seed: int,
                validate: bool = True) -> ExperimentConfig:
     """The run of `method` at `seed` and `lr`; `validate`: it also scores the validation split (the runs that
     choose a learning rate; the name says so, as what the run records depends on it)."""
+    from fedbench.fl.clustering import embedding_method
     name = f"fl_tac-{method}-{data_key(s)}" + ("" if validate else "-noval")
+    strategy = STRATEGY[method]
+    options = {}
+    if strategy == "fl_tac":        # the server's clustering: the strategy's options (part of the run config)
+        options = {"k": s.k, "k_max": s.k_max, "n_init": s.n_init, "silhouette_n_init": s.silhouette_n_init,
+                   "cluster_on": "update" if method == "fl_tac_update" else "adapter", "silhouette": True,
+                   "embedding": embedding_method(s.embedding)}
     return base.replace(**{"seed": int(seed), "name": name, "train.lr": float(lr),
-                           "fl.strategy": STRATEGY[method], "data.task": s.tasks[0]})
+                           "fl.strategy": strategy, "fl.options": options, "data.task": s.tasks[0]})
 
 
 # -- data: one pool for every seed (data_seed); the partition and the scoring owners are drawn per seed ----------
@@ -251,12 +258,11 @@ def fill_caches(pool: Pool, base: ExperimentConfig) -> tuple:
     return caches
 
 
-def task_data(s: FlTacSettings, base: ExperimentConfig, pool: Pool, seed: int, cluster_on: str = "adapter",
-              heads: bool = False, validate: bool = True):
+def task_data(s: FlTacSettings, base: ExperimentConfig, pool: Pool, seed: int, heads: bool = False,
+              validate: bool = True):
     """The federation of a seed. `heads`: the task-head arm (one head per task); `validate`: score the
     validation split at the end (only the runs that choose a learning rate need it)."""
     from fedbench.data import partition_per_task
-    from fedbench.fl.clustering import embedding_method
     from fedbench.fl.task_clusters import MultiTaskData, draw_owners
     K = base.data.num_clients
     parts = partition_per_task([len(r) for r in pool.task_train], K, base.data.alpha,
@@ -273,8 +279,6 @@ def task_data(s: FlTacSettings, base: ExperimentConfig, pool: Pool, seed: int, c
         class_names=names, pad_id=pool.pad_id, tasks=list(s.tasks), task_clients=task_clients,
         task_test=pool.task_test, task_val=pool.task_val if validate else [],
         test_owner=draw_owners(pool.task_test, task_clients, seed, 1), val_owner=val_owner if validate else [],
-        cluster={"k": s.k, "k_max": s.k_max, "n_init": s.n_init, "silhouette_n_init": s.silhouette_n_init,
-                 "cluster_on": cluster_on, "silhouette": True, "embedding": embedding_method(s.embedding)},
         head_rows=rows)
 
 
@@ -286,8 +290,7 @@ class _Runner:
     def get(self, method: str, seed: int, lr: float, validate: bool = True):
         from fedbench.fl.server import run_cached
         cfg = run_config(self.s, self.base, method, seed, lr, validate)
-        on = "update" if method == "fl_tac_update" else "adapter"
-        key = (seed, on, method in HEADS, validate)
+        key = (seed, method in HEADS, validate)
         t0 = time.perf_counter()
         from fedbench.results import load_run, run_key
         done = load_run(run_key(cfg), runs_root())
@@ -296,7 +299,7 @@ class _Runner:
                 self.pool = prepare_pool(self.s, self.base)
                 fill_caches(self.pool, self.base)
             if key not in self.data:
-                self.data[key] = task_data(self.s, self.base, self.pool, seed, on, method in HEADS, validate)
+                self.data[key] = task_data(self.s, self.base, self.pool, seed, method in HEADS, validate)
             done = run_cached(cfg, self.data[key], root=runs_root(), caches=self.pool.caches)
             if self.progress:
                 print(f"[fl_tac] {method:<14} seed {seed} lr {lr:g}: {time.perf_counter() - t0:.0f} s, "

@@ -56,6 +56,8 @@ LABELS = {"lorm": "LoRM (closed-form factor, rank r)", "fedit": "FedIT (factor a
 STRATEGY = {"lorm": ("lorm", "factors"), "fedit": ("continual", "factors"), "product_svd": ("continual", "svd"),
             "regmean_svd": ("regmean", "svd"), "product_stack": ("continual", "stack"),
             "regmean_dense": ("regmean", "stack"), "full_top": ("continual", "factors")}
+# methods that train something else than the profile's LoRA: full fine-tuning of the top layer + the head
+PEFT = {"full_top": {"peft.method": "full", "peft.depth": 1}}
 
 
 @dataclass
@@ -111,12 +113,16 @@ def settings_for(profile: str = "quick", path=None, **overrides):
 
 def run_config(s: LormSettings, base: ExperimentConfig, method: str, seed: int, lr: float) -> ExperimentConfig:
     """The core config of one federated (or joint) run."""
+    from fedbench.options import option_fields
+    from fedbench.registry import STRATEGIES
     strategy, semantics = STRATEGY.get(method, ("continual", "factors"))
+    # the closed-form solves' ridge and LoRM's merge diagnostic, for the strategies that take them
+    options = {k: v for k, v in (("ridge", float(s.ridge)), ("merge_check", bool(s.merge_check)))
+               if k in option_fields(STRATEGIES, strategy)}
     changes = {"seed": int(seed), "name": f"lorm-{method}", "data.task": s.dataset, "train.lr": float(lr),
                "fl.rounds": s.num_tasks * s.rounds_per_task, "fl.eval_every": s.rounds_per_task,
-               "fl.strategy": strategy, "fl.lora_aggregation": semantics}
-    if method == "full_top":
-        changes.update({"peft.method": "head", "peft.depth": None})
+               "fl.strategy": strategy, "fl.lora_aggregation": semantics, "fl.options": options}
+    changes.update(PEFT.get(method, {}))
     return base.replace(**changes)
 
 
@@ -223,16 +229,6 @@ def run_one(s: LormSettings, cfg: ExperimentConfig, method: str, data, caches) -
     if method == "joint":
         return run_joint(s, cfg, data, caches, t0)
     run = FederatedRun(cfg, data, caches)
-    if method == "full_top":          # unfreeze the top layer: the strategy's trainable state changes with it
-        from fedbench.models.tuners import _frozen_prefix
-        from fedbench.registry import STRATEGIES
-        run.model.layers[-1].requires_grad_(True)
-        run.model.frozen_prefix = _frozen_prefix(run.model)
-        run.strategy = STRATEGIES.get(cfg.fl.strategy)(cfg, run.model)
-        run.strategy.attach(data)
-        run.global_model = run.strategy.initial_model(run.model)
-    run.strategy.ridge = float(s.ridge)
-    run.strategy.merge_check = bool(s.merge_check) and method == "lorm"
     for r in range(1, cfg.fl.rounds + 1):
         run.run_round(r)
     rounds = pd.DataFrame(run.records)

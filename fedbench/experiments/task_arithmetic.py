@@ -294,7 +294,7 @@ def fit_probe_heads(run, td: TaskData) -> None:
     with torch.no_grad():
         model.classifier.weight.copy_(W)
         model.classifier.bias.copy_(b)
-    run.global_model = run.strategy.initial_model(model)     # the head (if trainable: full FT) = the probe
+    run.restart()           # from the model's weights: the head (if trainable: full FT) = the probe
 
 
 class Unit:
@@ -372,35 +372,33 @@ class Unit:
     def set_lr(self, lr: float) -> None:
         """The (validation-chosen) learning rate of every later fine-tune and round of this unit."""
         self.cfg = self.cfg.replace(**{"train.lr": float(lr)})
-        self.run.cfg = self.cfg
+        self.run = self.run.derive(self.cfg, self.g0)
 
     def fine_tunes(self, steps: dict | None = None, lrs: dict | None = None, reuse: dict | None = None):
         """Every task-client's round-1 update from theta_0 (its fine-tune), on the loop's client side.
-        `steps` / `lrs` = {client: local steps / learning rate} (training heterogeneity, the lr search);
-        an update whose (steps, lr) equal those in `reuse` ({client: ((steps, lr), update)}) is taken from it:
-        same start, seed and data, so the same update. Returns (plan, instructions, updates)."""
-        run = self.run
-        run.global_model, run.records, run.cumulative_bytes = self.g0, [], 0
-        run.strategy.client_steps, run.strategy.client_lrs = steps, lrs
-        try:
-            plan = run.select_clients(1)
-            ins = run.configure(plan)
-            updates = []
-            for c in plan.reporting:
-                key = (ins[c].local_steps or self.cfg.train.local_steps, ins[c].options.get("lr", self.cfg.train.lr))
-                if reuse and reuse.get(c, (None,))[0] == key:
-                    updates.append(reuse[c][1])
-                else:
-                    updates.append(run.client_update(c, 1, ins[c]))
-        finally:
-            run.strategy.client_steps, run.strategy.client_lrs = None, None
-        return plan, ins, updates
+        `steps` / `lrs` = {client: local steps / learning rate} (training heterogeneity, the lr search: the
+        task-clients strategy's per-client options); an update whose (steps, lr) equal those in `reuse`
+        ({client: ((steps, lr), update)}) is taken from it: same start, seed and data, so the same update.
+        Returns (run, plan, instructions, updates): `run` is the round's run (this unit's, with the options)."""
+        n = self.cfg.data.num_clients
+        options = {"client_steps": None if steps is None else [steps.get(c) for c in range(n)],
+                   "client_lrs": None if lrs is None else [lrs.get(c) for c in range(n)]}
+        run = self.run.derive(self.cfg.replace(**{"fl.options": options}), self.g0)
+        plan = run.select_clients(1)
+        ins = run.configure(plan)
+        updates = []
+        for c in plan.reporting:
+            key = (ins[c].local_steps or self.cfg.train.local_steps, ins[c].options.get("lr", self.cfg.train.lr))
+            if reuse and reuse.get(c, (None,))[0] == key:
+                updates.append(reuse[c][1])
+            else:
+                updates.append(run.client_update(c, 1, ins[c]))
+        return run, plan, ins, updates
 
     def first_round(self, steps: dict | None = None, lrs: dict | None = None, reuse: dict | None = None):
         """Round 1 of the loop from theta_0: the fine-tunes (:meth:`fine_tunes`) and the aggregated global
         model (one-shot FedAvg)."""
-        plan, ins, updates = self.fine_tunes(steps, lrs, reuse)
-        run = self.run
+        run, plan, ins, updates = self.fine_tunes(steps, lrs, reuse)
         run.finish_round(plan, updates, time.perf_counter(), instructions=ins)
         self.remember(run.global_model, run.final_predictions)
         return updates, run.global_model
@@ -496,7 +494,7 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log, lr: float | None = No
     if len(grid) > 1:
         found = {}
         for lr in grid:
-            cand = u.fine_tunes(lrs={t: lr for t in ids})[2]
+            cand = u.fine_tunes(lrs={t: lr for t in ids})[3]
             found[lr] = cand
             for t, x in enumerate(cand):
                 lr_rows.append({"lr": lr, "task": tasks[t], "steps": x.num_steps, "train_loss": x.train_loss,
@@ -520,7 +518,7 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log, lr: float | None = No
     steps = [x.num_steps for x in updates]
     fedit_tv = None
     if u.modules:
-        g_fit = FedAvg(u.cfg.replace(**{"fl.lora_aggregation": "factors", "fl.strategy": "fedavg"}),
+        g_fit = FedAvg(u.cfg.replace(**{"fl.lora_aggregation": "factors", "fl.strategy": "fedavg", "fl.options": {}}),
                        u.run.model).aggregate(u.g0, updates, 1)
         fedit_tv = OrderedDict((m.base_key, lora_delta(g_fit.state, m) - lora_delta(u.init, m)) for m in u.modules)
     # probe (theta_0 + frozen heads) and individual models
@@ -600,7 +598,7 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log, lr: float | None = No
         h_steps = [x.num_steps for x in h_updates]
         h_fedit = None
         if u.modules:
-            g_hfit = FedAvg(u.cfg.replace(**{"fl.lora_aggregation": "factors", "fl.strategy": "fedavg"}),
+            g_hfit = FedAvg(u.cfg.replace(**{"fl.lora_aggregation": "factors", "fl.strategy": "fedavg", "fl.options": {}}),
                             u.run.model).aggregate(u.g0, h_updates, 1)
             h_fedit = OrderedDict((m.base_key, lora_delta(g_hfit.state, m) - lora_delta(u.init, m))
                                   for m in u.modules)
@@ -717,7 +715,7 @@ def rounds_run(u: Unit, R: int):
     with torch.no_grad():
         run.model.classifier.weight.copy_(u.run.model.classifier.weight)
         run.model.classifier.bias.copy_(u.run.model.classifier.bias)
-    run.global_model = GlobalModel(run.strategy.initial_model(run.model).state, dict(u.zero_base))
+    run.restart(GlobalModel(run.initial_model().state, dict(u.zero_base)))
     for rnd in range(1, R + 1):
         run.run_round(rnd)           # the loop: configure, train every task-client, guard, aggregate, record
     g = run.global_model

@@ -33,8 +33,7 @@ The run ends on the configurator's own clock when ``horizon_s`` is set (``finish
 whose simulated time reaches it, the fixed baselines' horizon, so every method trains for the same simulated
 time; ``fl.rounds`` is then only a cap), otherwise after ``fl.rounds`` loop rounds.
 
-Options (``ConfiguratorOptions``) come from the data the loop is given (``data.configurator``; defaults
-otherwise): the run store keys them beside the config (see :mod:`fedbench.experiments.autofednlp`).
+Options (:class:`ConfiguratorOptions`) are the strategy's: ``fl.options`` of the run config, hashed with it.
 """
 from __future__ import annotations
 
@@ -45,6 +44,7 @@ import numpy as np
 
 from fedbench.errors import ConfigError
 from fedbench.fl.strategy import FedAvg, GlobalModel
+from fedbench.options import Options, check_bool, check_choice, check_int, check_number
 from fedbench.registry import STRATEGIES
 
 
@@ -121,7 +121,8 @@ def round_seconds(device: DeviceProfile, depth: int | None, state_bytes: int, lo
 # -- options ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ConfiguratorOptions:
+class ConfiguratorOptions(Options):
+    """The configurator's own settings (``fl.options`` of ``fl.strategy="autofednlp"``)."""
     depth_step: int = 1
     width_step: int = 8
     max_width: int = 64
@@ -134,18 +135,15 @@ class ConfiguratorOptions:
     # configurations' horizon, so every method gets the same simulated time); None = fl.rounds loop rounds
     horizon_s: float | None = None
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "fl.options") -> None:
         for key in ("depth_step", "width_step", "max_width", "expand", "validation_samples"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(key, v, "an integer >= 1")
-        if not (isinstance(self.time_threshold, (int, float)) and 0 < self.time_threshold < float("inf")):
-            raise ConfigError("time_threshold", self.time_threshold, "a number of seconds > 0")
-        if self.device not in DEVICES:
-            raise ConfigError("device", self.device, f"one of {sorted(DEVICES)}")
-        h = self.horizon_s
-        if h is not None and (isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 < h < float("inf")):
-            raise ConfigError("horizon_s", h, "None or a number of simulated seconds > 0")
+            check_int(f"{prefix}.{key}", getattr(self, key), 1)
+        check_number(f"{prefix}.time_threshold", self.time_threshold, 0, float("inf"), low_open=True,
+                     high_open=True)
+        check_choice(f"{prefix}.device", self.device, sorted(DEVICES))
+        check_bool(f"{prefix}.cache", self.cache)
+        if self.horizon_s is not None:
+            check_number(f"{prefix}.horizon_s", self.horizon_s, 0, float("inf"), low_open=True, high_open=True)
 
 
 def _check(cfg) -> None:
@@ -158,13 +156,12 @@ def _check(cfg) -> None:
         raise ConfigError("fl.lora_aggregation", cfg.fl.lora_aggregation, "'factors' with fl.strategy='autofednlp'")
 
 
-@STRATEGIES.register("autofednlp", check=_check)
+@STRATEGIES.register("autofednlp", check=_check, options=ConfiguratorOptions)
 class AutoFedNLP(FedAvg):
     """The progressive (depth, width) configurator with trial groups and equal-time periods (module docstring)."""
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
-        self.options = ConfiguratorOptions()
         self.num_layers = model.num_layers
         self.num_labels = None
         self.models: dict = {}          # (d, w) -> model (built lazily; same seeds as the loop's model)
@@ -181,10 +178,6 @@ class AutoFedNLP(FedAvg):
 
     # -- setup --------------------------------------------------------------------------------------
     def attach(self, data) -> None:
-        opts = getattr(data, "configurator", None)
-        if opts is not None:
-            self.options = opts if isinstance(opts, ConfiguratorOptions) else ConfiguratorOptions(**opts)
-        self.options.validate()
         self.num_labels = data.num_labels
         self.pad_id = data.pad_id
 

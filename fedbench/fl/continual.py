@@ -40,6 +40,7 @@ from fedbench.fl.aggregators import svd_of_product
 from fedbench.fl.server import FederatedData
 from fedbench.fl.strategy import FedAvg, GlobalModel, check_lora_semantics, has_lora_factors, train_only
 from fedbench.merging import lorm as L
+from fedbench.options import Options, check_bool, check_number
 from fedbench.registry import STRATEGIES
 
 QKV = ("query", "key", "value")
@@ -143,9 +144,6 @@ def _check_regmean(cfg) -> None:
 @STRATEGIES.register("continual", check=_check_continual)
 class Continual(FedAvg):
     """The continual protocol above around FedAvg's rule and LoRA semantics."""
-
-    ridge = 1e-4            # relative ridge of the closed-form solves (LoRM, RegMean); see merging.lorm
-    merge_check = False     # in-process diagnostic: response errors on fit and held-out inputs (lorm)
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
@@ -264,10 +262,6 @@ class Continual(FedAvg):
         idx = self.local_indices(run, ins)
         for gname, g in self.client_grams(run, ins, idx).items():
             update.extras[f"gram/{gname}"] = pack_upper(g)
-        data = run.data
-        if self.merge_check and isinstance(data, TaskSequenceData) and data.task_heldout:
-            held = data.task_heldout[int(ins.options.get("task", 0))][ins.client_id]
-            self._heldout[(ins.round_idx, ins.client_id)] = self.client_grams(run, ins, held)
         return update
 
     @staticmethod
@@ -294,7 +288,28 @@ def _head_keys(strategy, state) -> list[str]:
     return [k for k in state if k not in factors]
 
 
-@STRATEGIES.register("lorm", check=_check_lorm)
+@dataclass(frozen=True)
+class RegMeanOptions(Options):
+    """The closed-form solves' relative ridge (:mod:`fedbench.merging.lorm`; 0 = pseudo-inverse)."""
+    ridge: float = 1e-4
+
+    def validate(self, prefix):
+        check_number(f"{prefix}.ridge", self.ridge, 0, float("inf"), high_open=True)
+
+
+@dataclass(frozen=True)
+class LoRMOptions(RegMeanOptions):
+    """LoRM's ridge and ``merge_check``: record, every round, the response-matching error of LoRM's solve and of
+    the alternatives on the fit inputs and on each client's held-out inputs (an in-process diagnostic; the
+    held-out inputs come from the task data's ``task_heldout``, never sent)."""
+    merge_check: bool = False
+
+    def validate(self, prefix):
+        super().validate(prefix)
+        check_bool(f"{prefix}.merge_check", self.merge_check)
+
+
+@STRATEGIES.register("lorm", check=_check_lorm, options=LoRMOptions)
 class LoRM(Continual):
     """LoRM: one factor per round (B, A, B, ... within a task), solved in closed form from Gram matrices."""
 
@@ -309,7 +324,12 @@ class LoRM(Continual):
                                  options={"task": t, "factor": self.factor(round_idx)}) for c in clients]
 
     def client_update(self, run, ins, store):
-        return self.add_grams(run, ins, super().client_update(run, ins, store))
+        update = self.add_grams(run, ins, super().client_update(run, ins, store))
+        data = run.data
+        if self.options.merge_check and isinstance(data, TaskSequenceData) and data.task_heldout:
+            held = data.task_heldout[int(ins.options.get("task", 0))][ins.client_id]
+            self._heldout[(ins.round_idx, ins.client_id)] = self.client_grams(run, ins, held)
+        return update
 
     def aggregate(self, global_model, updates, round_idx):
         if not updates:
@@ -325,12 +345,12 @@ class LoRM(Continual):
             for m in ms:
                 if factor == "B":
                     solved = L.solve_B([u.state[m.b_key] for u in updates], global_model.state[m.a_key], G,
-                                       weights, self.ridge)
+                                       weights, self.options.ridge)
                     state[m.b_key] = solved.to(global_model.state[m.b_key].dtype)
                 else:
-                    solved = L.solve_A([u.state[m.a_key] for u in updates], G, weights, self.ridge)
+                    solved = L.solve_A([u.state[m.a_key] for u in updates], G, weights, self.options.ridge)
                     state[m.a_key] = solved.to(global_model.state[m.a_key].dtype)
-                if self.merge_check:
+                if self.options.merge_check:
                     self.merge_rows += self._merge_errors(m, gname, factor, round_idx, global_model, state,
                                                           updates, weights, G)
         return self.end_round(GlobalModel(state, global_model.base_delta), round_idx)
@@ -354,7 +374,7 @@ class LoRM(Continual):
         factored = {"lorm": (s * new_state[m.b_key].double(), new_state[m.a_key].double()),
                     "factor_average": (s * b_avg, a_avg),
                     "product_average": (torch.cat([pi * b for pi, b in zip(p, Bs)], 1), torch.cat(As, 0)),
-                    "regmean": L.regmean_factored(Bs, As, G, weights, self.ridge)}
+                    "regmean": L.regmean_factored(Bs, As, G, weights, self.options.ridge)}
         prev = (s * g.state[m.b_key].double(), g.state[m.a_key].double())
         held = [self._heldout.get((round_idx, u.client_id)) for u in updates]
         rows = []
@@ -372,7 +392,8 @@ class LoRM(Continual):
         return rows
 
 
-@STRATEGIES.register("regmean", check=_check_regmean, requires={"fl.lora_aggregation": "svd"})
+@STRATEGIES.register("regmean", check=_check_regmean, requires={"fl.lora_aggregation": "svd"},
+                     options=RegMeanOptions)
 class RegMeanLoRA(Continual):
     """RegMean on the clients' dense LoRA products, re-factorised at rank r (svd) or folded into the base (stack)."""
 
@@ -395,7 +416,7 @@ class RegMeanLoRA(Continual):
                 # the clients' products B_i A_i (unscaled, as lora_svd) merged by RegMean, kept as factors
                 # U V (rank <= clients x r): the same merge as the dense one, at a fraction of the cost
                 U, V = L.regmean_factored([u.state[m.b_key] for u in updates], [u.state[m.a_key] for u in updates],
-                                          G, weights, self.ridge)
+                                          G, weights, self.options.ridge)
                 i = self.lora.modules.index(m)
                 if self.fl.lora_aggregation == "svd":
                     b, a = svd_of_product(U, V, self.rank)

@@ -225,6 +225,17 @@ def update_norm(update: ClientUpdate, reference: dict) -> float:
     return sq ** 0.5
 
 
+@dataclass
+class HeldRun:
+    """A run's training kept to be evaluated again (:meth:`FederatedRun.replay`): the global model after each
+    round of `snapshots` (cloned tensors), the per-round records and the client store (DP ledgers)."""
+    snapshots: dict           # round -> GlobalModel
+    records: list
+    rejections: list
+    cumulative_bytes: int
+    store: object
+
+
 class FederatedRun:
     """One experiment's state: data, the shared model, the strategy, the global model and the client store.
 
@@ -239,8 +250,7 @@ class FederatedRun:
         self.data = data or prepare_data(cfg)
         self.model = build_model(cfg.model, cfg.peft, self.data.num_labels, seed=derive_seed(cfg.seed, "init"))
         self.strategy = STRATEGIES.get(cfg.fl.strategy)(cfg, self.model)
-        if hasattr(self.strategy, "attach"):      # a strategy that reads the run's data (e.g. a task schedule)
-            self.strategy.attach(self.data)
+        self.strategy.attach(self.data)
         self.global_model = self.strategy.initial_model(self.model)
         self.base = LoraBase(self.model)
         # (train, test) frozen-prefix caches; pass shared ones to reuse them across runs on the same data
@@ -262,6 +272,69 @@ class FederatedRun:
         self.final_predictions: dict | None = None
         self.stopped = False             # the strategy ended the run (``strategy.finished``) before fl.rounds
         self._flipped_split = None
+
+    # -- what experiments call: explicit operations instead of writes to the run's fields -------------------
+    def initial_model(self) -> GlobalModel:
+        """The strategy's initial global model from the model's current weights (e.g. after fitting its head)."""
+        return self.strategy.initial_model(self.model)
+
+    def restart(self, global_model: GlobalModel | None = None) -> None:
+        """Start over before round 1 from `global_model` (default: :meth:`initial_model`): no records, no bytes,
+        no predictions, an empty client store."""
+        self.global_model = self.initial_model() if global_model is None else global_model
+        self.records, self.rejections, self.cumulative_bytes = [], [], 0
+        self.final_predictions, self.stopped = None, False
+        self.store = ClientStore()
+
+    def derive(self, cfg, global_model: GlobalModel) -> "FederatedRun":
+        """A run of `cfg` that shares this run's data, model and activation caches (building them is the
+        expensive part), starting from `global_model`. `cfg` may differ from this run's config in how clients
+        train and what the strategy does (``train``, ``fl``, the seed), not in what the data and the model are
+        (``data``, ``model``, ``peft``): a ConfigError says which."""
+        from fedbench.errors import ConfigError
+        for part in ("data", "model", "peft"):
+            if getattr(cfg, part) != getattr(self.cfg, part):
+                raise ConfigError(part, getattr(cfg, part), f"this run's {part} (a derived run shares its data and model)")
+        run = FederatedRun.__new__(FederatedRun)
+        run.__dict__.update(self.__dict__)
+        run.cfg = cfg
+        run.strategy = STRATEGIES.get(cfg.fl.strategy)(cfg, self.model)
+        run.strategy.attach(self.data)
+        run.attack = ATTACKS.entry(cfg.fl.attack)
+        run.attackers = set()
+        if cfg.fl.attack != "none":
+            from fedbench.fl.attacks import select_attackers
+            run.attackers = {int(c) for c in select_attackers(cfg.data.num_clients, cfg.fl.attack_fraction,
+                                                              derive_seed(cfg.seed, "attack"))}
+        run._flipped_split = None
+        run.restart(global_model)
+        return run
+
+    def hold(self, snapshots: dict) -> "HeldRun":
+        """This run's training kept with the global models `snapshots` ({round: GlobalModel}) to evaluate it
+        again elsewhere (:meth:`replay`)."""
+        return HeldRun(snapshots, [dict(r) for r in self.records], list(self.rejections), self.cumulative_bytes,
+                       self.store)
+
+    def replay(self, held: "HeldRun") -> RunResult:
+        """The result this config gives from a held run of the same training (a run of a config that differs at
+        most in what it evaluates: ``fl.eval_every``, the evaluated split): the held global model is evaluated at
+        each round this config evaluates; every other record (bytes, losses, epsilon) is the training's own.
+        Nothing trains."""
+        self.records = [dict(r) for r in held.records]
+        self.rejections, self.cumulative_bytes, self.store = list(held.rejections), held.cumulative_bytes, held.store
+        rounds, every = self.cfg.fl.rounds, self.cfg.fl.eval_every
+        for rec in self.records:
+            r = int(rec["round"])
+            if r % every == 0 or r == rounds:
+                self.global_model = held.snapshots[r]
+                ev = self.evaluate_global(predictions=r == rounds)
+                rec.update(accuracy=ev["accuracy"], loss=ev["loss"])
+                if r == rounds and "predictions" in ev:
+                    self.final_predictions = ev["predictions"]
+            else:
+                rec.update(accuracy=float("nan"), loss=float("nan"))
+        return self.result()
 
     # -- what strategies and engines call ---------------------------------------------------------------
     @property
@@ -389,9 +462,7 @@ class FederatedRun:
                 self.final_predictions = ev["predictions"]
         else:
             rec.update(accuracy=float("nan"), loss=float("nan"))
-        extra = getattr(self.strategy, "round_record", None)   # a strategy's own columns (e.g. its clock)
-        if extra is not None:
-            rec.update(extra(round_idx))
+        rec.update(self.strategy.round_record(round_idx))      # a strategy's own columns (e.g. its clock)
         rec["wall_s"] = time.perf_counter() - t0
         self.records.append(rec)
         return rec
@@ -484,9 +555,7 @@ class FederatedRun:
         if self.cfg.train.dp.enabled:
             eps = self.client_epsilons()
             summary["dp_epsilon_spent"] = float(max(eps.values())) if eps else 0.0
-        extras = getattr(self.strategy, "result_extras", None)    # a strategy's own tables (JSON-able)
-        if extras is not None:
-            summary.update(extras())
+        summary.update(self.strategy.result_extras())          # a strategy's own tables (JSON-able)
         return RunResult(config=self.cfg.to_dict(), rounds=rounds, summary=summary,
                          predictions=self.final_predictions)
 

@@ -20,7 +20,10 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 
+from dataclasses import dataclass
+
 from fedbench.errors import ConfigError
+from fedbench.options import Options, check_per_client
 from fedbench.fl.strategy import FedAvg, GlobalModel, check_lora_semantics, has_lora_factors
 from fedbench.registry import STRATEGIES
 
@@ -61,18 +64,38 @@ class FFALoRA(FedAvg):
 HEAD_PREFIX = "classifier."
 
 
-@STRATEGIES.register("task_clients", check=check_lora_semantics)
+@dataclass(frozen=True)
+class TaskClientsOptions(Options):
+    """Per-client overrides, one entry per client (None: the run's ``train.local_steps`` / ``train.lr``): the
+    training-heterogeneity settings of task arithmetic (tasks fine-tuned for different numbers of steps or at
+    different learning rates) and its learning-rate search."""
+    client_steps: tuple | None = None
+    client_lrs: tuple | None = None
+
+    def validate(self, prefix):
+        check_per_client(f"{prefix}.client_steps", self.client_steps,
+                         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")
+        check_per_client(f"{prefix}.client_lrs", self.client_lrs,
+                         lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 10,
+                         "a learning rate in (0, 10]")
+
+
+def _check_task_clients(cfg) -> None:
+    check_lora_semantics(cfg)
+    for key in ("client_steps", "client_lrs"):
+        v = cfg.fl.options.get(key)
+        if v is not None and len(v) != cfg.data.num_clients:
+            raise ConfigError(f"fl.options.{key}", v, f"one entry per client (data.num_clients="
+                                                      f"{cfg.data.num_clients})")
+
+
+@STRATEGIES.register("task_clients", check=_check_task_clients, options=TaskClientsOptions)
 class TaskClients(FedAvg):
     """One client per task, heads frozen: only the shared encoder's trainable tensors train and travel.
 
-    ``client_steps`` ({client id: local steps}, default none) overrides ``train.local_steps`` per client: the
-    training-heterogeneity setting of task arithmetic (tasks fine-tuned for different numbers of steps);
-    ``client_lrs`` ({client id: learning rate}) overrides ``train.lr`` per client (the learning-rate search
-    and the heterogeneous-learning-rate setting). The lr travels in the instruction's ``options``.
+    ``fl.options.client_steps`` / ``client_lrs`` (:class:`TaskClientsOptions`) override ``train.local_steps`` /
+    ``train.lr`` per client; the lr travels in the instruction's ``options``.
     """
-
-    client_steps: dict | None = None
-    client_lrs: dict | None = None
 
     def encoder_keys(self, global_model) -> tuple[str, ...]:
         return tuple(k for k in global_model.state if not k.startswith(HEAD_PREFIX))
@@ -80,10 +103,11 @@ class TaskClients(FedAvg):
     def configure_round(self, round_idx, clients, global_model):
         keys = self.encoder_keys(global_model)
         down = GlobalModel(OrderedDict((k, global_model.state[k]) for k in keys), global_model.base_delta)
-        steps, lrs = self.client_steps or {}, self.client_lrs or {}
+        steps, lrs = self.options.client_steps, self.options.client_lrs
         return [self.instruction(int(c), round_idx, down, train_keys=keys, send_keys=keys,
-                                 local_steps=steps.get(int(c)),
-                                 options={"lr": float(lrs[int(c)])} if int(c) in lrs else {}) for c in clients]
+                                 local_steps=None if steps is None else steps[int(c)],
+                                 options={} if lrs is None or lrs[int(c)] is None else {"lr": float(lrs[int(c)])})
+                for c in clients]
 
     def train_config(self, run, ins):
         cfg = super().train_config(run, ins)

@@ -36,6 +36,7 @@ from fedbench.fl import aggregators as agg
 from fedbench.fl.aggregators import TooFewUpdates
 from fedbench.fl.seeding import derive_seed
 from fedbench.models.state import state_nbytes
+from fedbench.options import options_of
 from fedbench.registry import AGGREGATORS, LORA_SEMANTICS, STRATEGIES
 
 
@@ -160,6 +161,8 @@ class FedAvg:
     def __init__(self, cfg, model):
         from fedbench.models import lora_modules
         self.cfg = cfg
+        # the strategy's own settings (None when it registers no options class): read here, never set from outside
+        self.options = options_of(STRATEGIES, cfg.fl.strategy, cfg.fl.options, "fl.options")
         self._server_step(cfg.fl, LoraLayout(lora_modules(model) if has_lora_factors(cfg.peft.method) else []),
                           cfg.peft.rank, cfg.seed)
 
@@ -171,6 +174,18 @@ class FedAvg:
         make_opt = spec.facts.get("server_optimizer")
         self.optimizer = make_opt(fl_cfg) if make_opt is not None else None
         self.semantics = LORA_SEMANTICS.get(fl_cfg.lora_aggregation if lora.modules else "factors")
+
+    # -- optional hooks (no-op here; a strategy overrides what it needs, the loop calls every one) --------------
+    def attach(self, data) -> None:
+        """Called once with the run's data before :meth:`initial_model` (e.g. a task schedule read off it)."""
+
+    def round_record(self, round_idx: int) -> dict:
+        """The strategy's own columns of round `round_idx`'s record (e.g. its simulated clock)."""
+        return {}
+
+    def result_extras(self) -> dict:
+        """The strategy's own tables (JSON-able), added to the run's summary."""
+        return {}
 
     # -- server side ----------------------------------------------------------------------------------
     def initial_model(self, model) -> GlobalModel:

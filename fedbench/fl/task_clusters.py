@@ -48,6 +48,7 @@ from fedbench.fl.aggregators import TooFewUpdates, fedavg
 from fedbench.fl.seeding import derive_seed, rng_for
 from fedbench.fl.server import FederatedData
 from fedbench.fl.strategy import FedAvg, GlobalModel
+from fedbench.options import Options, check_bool, check_choice, check_int
 from fedbench.registry import AGGREGATORS, STRATEGIES
 
 log = logging.getLogger("fedbench.fl")
@@ -60,11 +61,8 @@ class MultiTaskData(FederatedData):
     ``client_indices`` (the loop's field) holds every client's rows over all tasks; ``task_clients[t][c]``
     the rows of task t at client c; ``task_test[t]`` / ``task_val[t]`` the test / validation rows of task t
     (validation rows come from the training split and are never trained on); ``test_owner[t]`` /
-    ``val_owner[t]`` the client whose adapter scores each of those rows. ``cluster`` holds the FL-TAC server's
-    options: ``k`` (None = the number of tasks, an int, or "auto" = silhouette), ``k_max``, ``n_init``,
-    ``cluster_on`` ("adapter" or "update"), ``silhouette`` (also record the silhouette k every round),
-    ``embedding`` (record 2-D coordinates of every adapter every round: "umap" or "pca", see
-    :func:`fedbench.fl.clustering.embed_2d`; True = "pca", False = none). ``head_rows[t]`` = (start, stop) of task
+    ``val_owner[t]`` the client whose adapter scores each of those rows (the server's clustering options are
+    the strategy's: ``fl.options``, :class:`ClusterOptions`). ``head_rows[t]`` = (start, stop) of task
     t's classifier rows when every task has its own head; empty: one head shared by every task."""
     tasks: list = field(default_factory=list)
     task_clients: list = field(default_factory=list)
@@ -72,7 +70,6 @@ class MultiTaskData(FederatedData):
     task_val: list = field(default_factory=list)
     test_owner: list = field(default_factory=list)
     val_owner: list = field(default_factory=list)
-    cluster: dict = field(default_factory=dict)
     head_rows: list = field(default_factory=list)
 
 
@@ -96,7 +93,7 @@ def as_multitask(data: FederatedData, seed: int) -> MultiTaskData:
     return MultiTaskData(train=data.train, test=data.test, client_indices=data.client_indices,
                          test_indices=data.test_indices, class_names=data.class_names, pad_id=data.pad_id,
                          tasks=["task"], task_clients=tc, task_test=test, task_val=[],
-                         test_owner=draw_owners(test, tc, seed, 1), val_owner=[], cluster={})
+                         test_owner=draw_owners(test, tc, seed, 1), val_owner=[])
 
 
 def _check(name: str):
@@ -203,23 +200,22 @@ class TaskClusters(FedAvg):
         row = {"round": int(round_idx), "adapters": len(subs)}
         if self.grouping == "kmeans":
             x = self._features(global_model, subs)
-            opts = self.data.cluster
-            k = opts.get("k") or self.n_tasks
-            n_init = int(opts.get("n_init", 10))
-            k_max = opts.get("k_max") or 2 * self.n_tasks
+            opts = self.options
+            k = opts.k or self.n_tasks
+            n_init = int(opts.n_init)
+            k_max = opts.k_max or 2 * self.n_tasks
             seed = derive_seed(self.cfg.seed, "server", round_idx) % 2**32
             sil_k, scores = None, {}
-            if k == "auto" or opts.get("silhouette", False):
+            if k == "auto" or opts.silhouette:
                 sil_k, scores = CL.choose_k_silhouette(x, seed, k_max=int(k_max),
-                                                       n_init=int(opts.get("silhouette_n_init") or n_init))
+                                                       n_init=int(opts.silhouette_n_init or n_init))
             k = sil_k if k == "auto" else min(int(k), len(subs))
             labels = CL.kmeans_labels(x, k, seed, n_init).tolist()
             row.update(k=int(k), k_silhouette=sil_k,
                        ari=CL.adjusted_rand(true, labels), hungarian_accuracy=CL.hungarian_accuracy(true, labels))
             groups = [f"r{round_idx}c{j}" for j in labels]
-            if opts.get("embedding", True):
-                self._embed(x, subs, labels, round_idx, "pca" if opts.get("embedding", True) is True
-                            else opts["embedding"])
+            if opts.embedding != "none":
+                self._embed(x, subs, labels, round_idx, opts.embedding)
         elif self.grouping == "task":
             groups = [f"task{t}" for t in true]
         elif self.grouping == "pair":
@@ -292,7 +288,7 @@ class TaskClusters(FedAvg):
     def _features(self, gm, subs) -> np.ndarray:
         keys = self.cluster_keys
         x = CL.flatten_adapters([s[2] for s in subs], keys=keys)
-        if self.data.cluster.get("cluster_on", "adapter") == "update":
+        if self.options.cluster_on == "update":
             x = x - CL.flatten_adapters([self.slot(gm, self.slot_of(c, t)) for c, t, _, _ in subs], keys=keys)
         return x
 
@@ -433,7 +429,36 @@ def changed_count(prev: list, cur: list) -> int:
     return int(len(prev) - table[r, cidx].sum())
 
 
-@STRATEGIES.register("fl_tac", check=_check("fl_tac"))
+@dataclass(frozen=True)
+class ClusterOptions(Options):
+    """The FL-TAC server's clustering: ``k`` (None = the number of tasks, an integer, or "auto" = the silhouette's
+    choice up to ``k_max``, None = 2 x tasks), k-means restarts ``n_init`` (``silhouette_n_init`` for the
+    silhouette's, None = n_init), ``cluster_on`` what is clustered ("adapter": the adapters, "update": adapter -
+    what was sent for it), ``silhouette`` (also record the silhouette's k every round), ``embedding`` (record
+    2-D coordinates of every adapter every round: "umap", "pca" or "none"; see
+    :func:`fedbench.fl.clustering.embed_2d`)."""
+    k: int | str | None = None
+    k_max: int | None = None
+    n_init: int = 10
+    silhouette_n_init: int | None = None
+    cluster_on: str = "adapter"
+    silhouette: bool = False
+    embedding: str = "pca"
+
+    def validate(self, prefix):
+        if not (self.k is None or self.k == "auto" or (isinstance(self.k, int) and not isinstance(self.k, bool)
+                                                       and self.k >= 1)):
+            raise ConfigError(f"{prefix}.k", self.k, "null (= the number of tasks), an integer >= 1 or 'auto'")
+        for key in ("k_max", "silhouette_n_init"):
+            if getattr(self, key) is not None:
+                check_int(f"{prefix}.{key}", getattr(self, key), 2 if key == "k_max" else 1)
+        check_int(f"{prefix}.n_init", self.n_init, 1)
+        check_choice(f"{prefix}.cluster_on", self.cluster_on, ("adapter", "update"))
+        check_bool(f"{prefix}.silhouette", self.silhouette)
+        check_choice(f"{prefix}.embedding", self.embedding, ("none", "pca", "umap"))
+
+
+@STRATEGIES.register("fl_tac", check=_check("fl_tac"), options=ClusterOptions)
 class FLTAC(TaskClusters):
     """FL-TAC: per-task adapters, k-means on the server, FedAvg per cluster."""
     grouping = "kmeans"
