@@ -105,11 +105,11 @@ class Registry:
 
 TUNERS = Registry("tuner", "peft.method", ("fedbench.models.tuners",),
                   "PEFT methods: which parameters train and travel")
-AGGREGATORS = Registry("aggregator", "fl.aggregator", ("fedbench.fl.aggregators",),
+AGGREGATORS = Registry("aggregator", "fl.aggregator", ("fedbench.merging.aggregators",),
                        "server rules over the clients' states (with a server optimizer where named)")
 LORA_SEMANTICS = Registry("LoRA semantics", "fl.lora_aggregation", ("fedbench.fl.strategy",),
                           "what averaging LoRA factors means", plural="LoRA semantics")
-STRATEGIES = Registry("strategy", "fl.strategy", ("fedbench.fl.strategy", "fedbench.fl.strategies"),
+STRATEGIES = Registry("strategy", "fl.strategy", ("fedbench.fl.strategy", "fedbench.strategies"),
                       "what a round asks of clients and how the server combines their updates",
                       plural="strategies")
 ATTACKS = Registry("attack", "fl.attack", ("fedbench.fl.attacks",), "Byzantine clients: what an attacker sends")

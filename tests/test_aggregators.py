@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedbench.fl import aggregators as agg
+from fedbench.merging import aggregators as agg
 
 
 def _states(n=5, seed=0, shapes=None):

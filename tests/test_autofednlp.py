@@ -69,8 +69,9 @@ from collections import OrderedDict  # noqa: E402
 
 from fedbench.config import ExperimentConfig  # noqa: E402
 from fedbench.fl import FederatedRun, prepare_data  # noqa: E402
-from fedbench.fl import configurator as CF  # noqa: E402
-from fedbench.fl.server import run_federated, validation_indices  # noqa: E402
+from fedbench.strategies import autofednlp as CF  # noqa: E402
+from fedbench.fl.data import validation_indices  # noqa: E402
+from fedbench.fl.server import run_federated  # noqa: E402
 
 
 # the configurator's options: the strategy's, in the run config (fl.options)

@@ -135,7 +135,7 @@ def test_tuning_covers_every_reported_task_method_and_level_on_one_seed():
 
 def test_validation_slice_is_training_data_outside_the_clients_and_never_test():
     from fedbench.fl import prepare_data, prepare_validation
-    from fedbench.fl.server import validation_indices
+    from fedbench.fl.data import validation_indices
     s = settings("smoke")
     cfg = fp.make_config(fp.base_cell(s, "tweet_sentiment", "head", 0), s, lr=0.01)
     used, val = validation_indices(cfg, 24, 30289)

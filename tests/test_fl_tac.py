@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fedbench.config import ConfigError
-from fedbench.fl import clustering as C
+from fedbench.strategies import clustering as C
 
 
 def _blobs(n_per=5, k=3, d=12, spread=0.05, seed=0):
@@ -201,7 +201,7 @@ def _cfg(tiny, method, **changes):
 
 def test_fl_tac_sends_one_adapter_per_task_and_averages_per_cluster(tiny):
     from fedbench.fl import FederatedRun
-    from fedbench.fl.aggregators import fedavg
+    from fedbench.merging.aggregators import fedavg
     _, _, pool, data = tiny
     run = FederatedRun(_cfg(tiny, "fl_tac"), data, pool.caches)
     st = run.strategy
@@ -353,7 +353,7 @@ def _one_round(run):
 def test_task_heads_are_averaged_per_task_never_per_cluster(tiny):
     """k = 1 puts every adapter in one cluster: a per-cluster head average would mix task t's trained rows
     with the untouched rows of the other tasks' adapters; the heads must be the FedAvg over task t's holders."""
-    from fedbench.fl.aggregators import fedavg
+    from fedbench.merging.aggregators import fedavg
     run, data = _heads_run(tiny, "fl_tac_heads", k=1)
     st = run.strategy
     assert data.head_rows == [(0, 2), (2, 4)] and data.num_labels == 4
@@ -380,7 +380,7 @@ def test_task_heads_are_averaged_per_task_never_per_cluster(tiny):
 
 
 def test_fedit_with_task_heads_weights_each_head_by_its_tasks_samples(tiny):
-    from fedbench.fl.aggregators import fedavg
+    from fedbench.merging.aggregators import fedavg
     run, data = _heads_run(tiny, "fedit_heads")
     st = run.strategy
     updates, _ = _one_round(run)
@@ -439,7 +439,7 @@ def test_embedding_is_umap_when_importable_else_pca(monkeypatch):
 
 
 def test_changed_clusters_matches_clusters_across_renumbering():
-    from fedbench.fl.task_clusters import changed_count
+    from fedbench.strategies.fl_tac import changed_count
     assert changed_count([0, 0, 1, 1], [1, 1, 0, 0]) == 0
     assert changed_count([0, 0, 1, 1], [1, 1, 0, 1]) == 1
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedbench.config import ConfigError
+from fedbench.fl.grams import layer_input_grams
 from fedbench.merging import lorm as L
 
 
@@ -137,7 +138,7 @@ def test_regmean_of_low_rank_updates_as_factors_is_the_dense_regmean(ridge):
 
 
 def test_truncated_svd_of_factors_is_the_dense_truncated_svd():
-    from fedbench.fl.aggregators import svd_of_product
+    from fedbench.merging.aggregators import svd_of_product
     rng = np.random.default_rng(3)
     U, V = _t(rng.normal(size=(40, 12))), _t(rng.normal(size=(12, 25)))
     for rank in (3, 12):
@@ -159,7 +160,7 @@ def test_bad_ridge_weights_and_grams_are_config_errors():
         L.solve_A(As, G, weights=[1, 2])
     with pytest.raises(ConfigError, match="G_list"):
         L.regmean(As, G[:2])
-    from fedbench.fl.continual import pack_upper
+    from fedbench.strategies.continual import pack_upper
     from fedbench.models.state import state_nbytes
     g = L.gram(_t(X[0])).float()
     assert L.gram_nbytes(g.shape[0]) == state_nbytes({"g": pack_upper(g)})      # what a client's extras carry
@@ -227,7 +228,7 @@ def _run(tiny, method, rounds=None):
 
 def test_lorm_alternates_per_round_and_only_the_declared_factor_travels(tiny):
     from fedbench.fl import FederatedRun
-    from fedbench.fl.continual import input_groups
+    from fedbench.strategies.continual import input_groups
     from fedbench.experiments import lorm
     s, base, pool, data = tiny
     run = FederatedRun(lorm.run_config(s, base, "lorm", 0, 3e-3), data, pool.caches)
@@ -262,7 +263,7 @@ def test_lorm_alternates_per_round_and_only_the_declared_factor_travels(tiny):
 
 
 def test_the_gram_matrix_is_that_of_the_layer_inputs(tiny):
-    from fedbench.fl.continual import unpack_upper
+    from fedbench.strategies.continual import unpack_upper
     s, base, pool, data = tiny
     run, _ = _run(tiny, "lorm", rounds=1)
     ins = run.configure(run.select_clients(2))[0]
@@ -285,8 +286,8 @@ def test_gram_forward_stops_after_the_last_input_and_gives_the_same_grams(tiny):
     h = model.get_submodule(above).register_forward_pre_hook(lambda mod, args: calls.append(1))
     try:
         kw = dict(cache=pool.caches[0], pad_id=data.pad_id, dtype=torch.float32)
-        only_low = L.layer_input_grams(model, [low], data.train, idx, **kw)
-        both = L.layer_input_grams(model, [low, top], data.train, idx, **kw)
+        only_low = layer_input_grams(model, [low], data.train, idx, **kw)
+        both = layer_input_grams(model, [low, top], data.train, idx, **kw)
         assert calls == []                       # the forward stopped at the last hooked input
         torch.testing.assert_close(only_low[low], both[low], rtol=0, atol=0)     # bit for bit
         from fedbench.fl.client import forward_batch

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedbench.fl import robust
+from fedbench.merging import robust
 
 flwr_agg = pytest.importorskip("flwr.server.strategy.aggregate")
 

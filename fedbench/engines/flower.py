@@ -73,7 +73,8 @@ import torch
 
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.fl.client import ClientUpdate
-from fedbench.fl.server import FederatedData, FederatedRun, RoundPlan
+from fedbench.fl.data import FederatedData
+from fedbench.fl.server import FederatedRun, RoundPlan
 from fedbench.fl.store import ClientStore
 from fedbench.fl.strategy import ClientInstruction
 from fedbench.results import RunResult, run_key

@@ -4,7 +4,7 @@ Every method is a run of :func:`fedbench.fl.server.run_cached` on the profile's 
 sampling, dropout, DP, robust rules, the update guard, checkpoints and Flower reach every method by config:
 
 - ``autofednlp``: the progressive configurator, ``fl.strategy="autofednlp"``
-  (:class:`fedbench.fl.configurator.AutoFedNLP`: trial groups with the baselines' cohort, equal-simulated-time
+  (:class:`fedbench.strategies.autofednlp.AutoFedNLP`: trial groups with the baselines' cohort, equal-simulated-time
   periods, decisions on a validation split carved from the training data, state growth);
 - ``fixed_d{d}_w{w}``: FedAvg with one fixed configuration for the whole run, for each grid point;
 - ``full_ft``: vanilla FedAvg full fine-tuning (FedNLP), every parameter trained and sent, its learning rate
@@ -13,7 +13,7 @@ sampling, dropout, DP, robust rules, the update guard, checkpoints and Flower re
   stack every step: the caching control (measured wall-clock per round vs simulated).
 
 The simulated clock of a fixed configuration's round is
-:func:`fedbench.fl.configurator.round_seconds` on the profile's device (local steps' compute + download and
+:func:`fedbench.strategies.autofednlp.round_seconds` on the profile's device (local steps' compute + download and
 upload of the state); the configurator's comes from its strategy (``sim_s`` in the loop's records).
 
 Target accuracy, fixed before the method under test is looked at: ``target_fraction`` x the best final test
@@ -67,7 +67,7 @@ class AutoFedNlpSettings(Settings):
     seeds: tuple[int, ...] = (0, 1, 2)
 
     def validate(self) -> None:
-        from fedbench.fl.configurator import DEVICES
+        from fedbench.strategies.autofednlp import DEVICES
         for key, low in [("rounds", 1), ("depth_step", 1), ("width_step", 1), ("max_width", 1), ("expand", 0),
                          ("validation_samples", 2), ("max_fixed_rounds", 1), ("full_rounds", 1), ("full_lr_rounds", 1),
                          ("cache_rounds", 0), ("adapter_lr_rounds", 1)]:
@@ -164,7 +164,7 @@ class _Runner:
         never depends on which run came first, and no run pays for a fill another has done (the one-off fill is
         not priced in the simulated clock either, as in the official code)."""
         if seed not in self.data:
-            from fedbench.fl.server import prepare_data
+            from fedbench.fl.data import prepare_data
             from fedbench.models.inputs import ActivationCache
             data = prepare_data(self.base.replace(seed=int(seed)))
             model = self._prefix_model(data)
@@ -183,7 +183,7 @@ class _Runner:
     def val_data(self, seed: int, cfg):
         """(data evaluated on the validation split, its prefix cache at every depth) of `seed`, shared likewise."""
         if seed not in self.val:
-            from fedbench.fl.server import prepare_validation
+            from fedbench.fl.data import prepare_validation
             from fedbench.models.inputs import ActivationCache
             data = prepare_validation(cfg, self.s.validation_samples, self.seed_data(seed)[0])
             cache = ActivationCache(data.test, data.pad_id)
@@ -279,7 +279,7 @@ _CLOCK: dict = {}
 def method_clock(s: AutoFedNlpSettings, cfg: ExperimentConfig, device: str | None = None) -> float:
     """Simulated seconds of one round of the fedavg run `cfg` (a fixed configuration or full FT) on `device`
     (default: the settings'): local steps + the exact trainable state down and up."""
-    from fedbench.fl.configurator import DEVICES, round_seconds
+    from fedbench.strategies.autofednlp import DEVICES, round_seconds
     from fedbench.models import build_model, state_nbytes, trainable_state
     from fedbench.data import load_task
     key = (cfg.peft.method, cfg.peft.depth, cfg.peft.adapter_width, cfg.data.task)
@@ -316,7 +316,7 @@ def tables(s: AutoFedNlpSettings, base, results: dict, lr_sel: pd.DataFrame) -> 
     summary = summarize(trace, s)
     # one round's simulated seconds on every device profile, at the run's final configuration (the measured
     # profile beside the assumed ones)
-    from fedbench.fl.configurator import DEVICES
+    from fedbench.strategies.autofednlp import DEVICES
     for dev in DEVICES:
         summary[f"round_s_{dev}"] = [
             method_clock(s, base.replace(**{"fl.strategy": "fedavg", **(

@@ -1,6 +1,6 @@
 """FL-TAC (Ping et al., 2024, arXiv 2404.15384) on the shared loop: per-task adapters clustered on the server.
 
-Every method is a strategy of :mod:`fedbench.fl.task_clusters` run by :func:`fedbench.fl.server.run_cached`,
+Every method is a strategy of :mod:`fedbench.strategies.fl_tac` run by :func:`fedbench.fl.server.run_cached`,
 so sampling, dropout, DP-SGD, robust rules and the Flower engine reach it by configuration
 (``fedbench run configs/fl_tac/quick.yaml --set fl.dropout=0.3``).
 
@@ -19,7 +19,7 @@ labels), ``local``. An adapter is everything trainable (LoRA factors + the 2-cla
 The task-head arm (labelled ``arm = "task heads"``): ``fedit_heads`` and ``fl_tac_heads`` are FedIT and FL-TAC
 with one classifier head per task (each task's own label count, a class mask per example; the test rows of
 task t are scored with head t), the heads FedAvg'd per task over the clients holding it, never per cluster
-(:mod:`fedbench.fl.task_clusters`). The same schedule as the paper arm: only the heads differ, so the two arms
+(:mod:`fedbench.strategies.fl_tac`). The same schedule as the paper arm: only the heads differ, so the two arms
 side by side show what task identity in the heads is worth to FedIT's one adapter.
 
 The fourth binary task, ``tweet_polarity``, is made here from the offline ``tweet_sentiment`` (negative vs
@@ -89,7 +89,7 @@ class FlTacSettings(Settings):
                 raise ConfigError(key, getattr(self, key), f"an integer >= {low}")
         if self.silhouette_n_init is not None and (not is_int(self.silhouette_n_init) or self.silhouette_n_init < 1):
             raise ConfigError("silhouette_n_init", self.silhouette_n_init, "None (= n_init) or an integer >= 1")
-        from fedbench.fl.clustering import EMBEDDINGS
+        from fedbench.strategies.clustering import EMBEDDINGS
         if self.embedding not in EMBEDDINGS:
             raise ConfigError("embedding", self.embedding, f"one of {list(EMBEDDINGS)}")
         if not is_number(self.min_share) or not 0 <= self.min_share < 1:
@@ -122,7 +122,7 @@ def settings_for(profile: str = "quick", path=None, **overrides):
 
 def data_key(s: FlTacSettings) -> str:
     """What the data and the server options depend on besides the run config (part of every run's name)."""
-    from fedbench.fl.clustering import embedding_method
+    from fedbench.strategies.clustering import embedding_method
     keep = ("tasks", "data_seed", "max_train_per_task", "val_per_task", "max_test_per_task", "min_share", "k",
             "k_max", "n_init", "silhouette_n_init")
     return config_hash({"schema": SCHEMA, "embedding": embedding_method(s.embedding),
@@ -133,7 +133,7 @@ def run_config(s: FlTacSettings, base: ExperimentConfig, method: str, seed: int,
                validate: bool = True) -> ExperimentConfig:
     """The run of `method` at `seed` and `lr`; `validate`: it also scores the validation split (the runs that
     choose a learning rate; the name says so, as what the run records depends on it)."""
-    from fedbench.fl.clustering import embedding_method
+    from fedbench.strategies.clustering import embedding_method
     name = f"fl_tac-{method}-{data_key(s)}" + ("" if validate else "-noval")
     strategy = STRATEGY[method]
     options = {}
@@ -263,7 +263,7 @@ def task_data(s: FlTacSettings, base: ExperimentConfig, pool: Pool, seed: int, h
     """The federation of a seed. `heads`: the task-head arm (one head per task); `validate`: score the
     validation split at the end (only the runs that choose a learning rate need it)."""
     from fedbench.data import partition_per_task
-    from fedbench.fl.task_clusters import MultiTaskData, draw_owners
+    from fedbench.strategies.fl_tac import MultiTaskData, draw_owners
     K = base.data.num_clients
     parts = partition_per_task([len(r) for r in pool.task_train], K, base.data.alpha,
                                seed=derive_seed(seed, "partition"), min_share=s.min_share)
@@ -520,7 +520,7 @@ PROTOCOL = """\
 | budget (optimizer steps per seed, all clients) | - | official: FL-TAC ~31 adapters x 20 x 50 = ~31,000 steps of batch 32 (~1.0 M examples); FedIT 10 clients x 20 x ~50 = ~10,000 steps | compute-matched to the CPU bar (quick): FL-TAC / oracle / local 720-768 steps of batch 8 (~6,000 examples), FedIT 192-222 steps: ~42x fewer steps and ~165x fewer examples than official; full = the official budget (not run) | the quick bar (12 min on 2 cores for every method, 3 seeds); official budget in `full` |
 | LoRA | r = 4 | r 4, alpha 16, dropout 0.05, query/value of every layer | r 4, alpha 16, no dropout, query/value of the top 2 layers (quick; every layer in full), the frozen prefix cached | CPU cost |
 | optimizer, lr | lr 5e-4 (BERT) | AdamW (wd 0.01 default), lr 5e-4, batch 32; a fresh optimizer per (client, task, round) | AdamW (wd 0), fresh per (client, task, round), batch 8 (quick); lr from {5e-4, 1e-3} on a validation split carved from the training data (first seed) for FL-TAC and FedIT; the oracle and local take FL-TAC's | never chosen on test; quick: two grid values for two methods only (CPU budget) |
-| server | k-means, k = tasks, FedAvg per cluster | sklearn KMeans(n_init=10, random_state=seed) on the flattened adapters; FedAvg by samples per cluster; each (client, task) gets its cluster's aggregate | the same (`fedbench.fl.task_clusters`); k-means seed derived per round; silhouette k (k = 2..2T) recorded beside k = T (quick: 3 restarts for the silhouette's k-means, `silhouette_n_init`); a diagnostic (`fl_tac_update`) clusters the round's updates (adapter - what was sent): smoke and full, not quick | CPU budget: the silhouette search was ~8 s of a 54 s FL-TAC run; `fl_tac_update` is ~45 s a seed |
+| server | k-means, k = tasks, FedAvg per cluster | sklearn KMeans(n_init=10, random_state=seed) on the flattened adapters; FedAvg by samples per cluster; each (client, task) gets its cluster's aggregate | the same (`fedbench.strategies.fl_tac`); k-means seed derived per round; silhouette k (k = 2..2T) recorded beside k = T (quick: 3 restarts for the silhouette's k-means, `silhouette_n_init`); a diagnostic (`fl_tac_update`) clusters the round's updates (adapter - what was sent): smoke and full, not quick | CPU budget: the silhouette search was ~8 s of a 54 s FL-TAC run; `fl_tac_update` is ~45 s a seed |
 | adapter-evolution figure | UMAP of the adapters over rounds, colour = task | - | UMAP (umap-learn, `random_state` derived from the run's seed and the round, n_neighbors min(15, n - 1)) of what the server clustered, every round; PCA when umap-learn is absent (or < 5 adapters; smoke uses PCA); `adapter_embedding.csv` holds the plotted coordinates and which embedding | umap-learn is optional (the dev extra); its first fit JIT-compiles for ~15 s |
 | FedIT | one adapter, FedAvg | one shared adapter, tasks in turn, `max(1, local_steps // n_tasks)` steps each | the same (`fedit_tasks`) | - |
 | evaluation | per task | task t scored with the first client's copy of the adapter for t | each test row of task t scored by the adapter of one client holding t, drawn with probability proportional to its samples (the same owners for every method of a seed); the validation split is scored only by the runs that choose the lr (first seed) | every client's adapter counts, at the cost of one pass over the test set |

@@ -1,6 +1,6 @@
 """LoRM (Salami et al., 2024, arXiv 2410.17961) in federated class-incremental learning, on the shared loop.
 
-Every federated method is a strategy of :mod:`fedbench.fl.continual` run by :class:`fedbench.fl.FederatedRun`,
+Every federated method is a strategy of :mod:`fedbench.strategies.continual` run by :class:`fedbench.fl.FederatedRun`,
 so sampling (``fl.clients_per_round``), dropout, DP-SGD (``train.dp``), attacks and the update guard reach
 LoRM by configuration: ``fedbench run configs/lorm/quick.yaml --set fl.dropout=0.3``.
 
@@ -187,7 +187,7 @@ def fill_caches(pool: Pool, model_cfg, top_depths) -> tuple:
 def task_data(s: LormSettings, base: ExperimentConfig, pool: Pool, seed: int):
     """The seed's task sequence: class order, per-task Dirichlet partition, held-out inputs per client."""
     from fedbench.data import partition_dirichlet
-    from fedbench.fl.continual import TaskSchedule, TaskSequenceData
+    from fedbench.strategies.continual import TaskSchedule, TaskSequenceData
     from fedbench.models.inputs import TokenizedSplit
     n_labels = len(pool.class_names)
     order = rng_for(seed, "partition", 10**6).permutation(n_labels)      # the task order, per seed

@@ -1,7 +1,7 @@
 """Task arithmetic is one-shot FedAvg (Tao et al., 2024, arXiv 2411.18607), on MiniLM and offline text tasks.
 
 Every FedAvg round runs on the shared loop (:class:`fedbench.fl.server.FederatedRun`) with the
-``task_clients`` strategy (:mod:`fedbench.fl.strategies`): client t holds task t, and the model is one
+``task_clients`` strategy (:mod:`fedbench.strategies`): client t holds task t, and the model is one
 shared encoder with one head matrix holding every task's rows (``TokenizedSplit.class_mask`` restricts each
 example to its own task's rows: exactly one head per task). The heads are **frozen**: each task's rows are
 a linear probe (logistic regression) fitted on theta_0's features of a probe carve of its training
@@ -195,15 +195,15 @@ def build_data(cfg: ExperimentConfig, tasks, val_samples: int, probe_samples: in
     the fine-tuning data (the task-client's); its test split subsampled to ``data.max_test_samples``; all
     tokenized into one joint split whose class mask gives each example its own task's rows of the head."""
     from fedbench.data import load_task
-    from fedbench.fl.server import FederatedData, _subsample
+    from fedbench.fl.data import FederatedData, subsample
     from fedbench.models import load_tokenizer
     from fedbench.models.inputs import TokenizedSplit, tokenize_split
     tok = load_tokenizer(cfg.model.backbone)
     trains, tests, names, vals_local, probes_local = [], [], [], [], []
     for t, name in enumerate(tasks):
         ds = load_task(name)
-        tr = _subsample(len(ds["train"]), cfg.data.max_train_samples, rng_for(cfg.seed, "subsample", t, 0))
-        te = _subsample(len(ds["test"]), cfg.data.max_test_samples, rng_for(cfg.seed, "subsample", t, 1))
+        tr = subsample(len(ds["train"]), cfg.data.max_train_samples, rng_for(cfg.seed, "subsample", t, 0))
+        te = subsample(len(ds["test"]), cfg.data.max_test_samples, rng_for(cfg.seed, "subsample", t, 1))
         if len(tr) <= val_samples + probe_samples:
             raise ConfigError("val_samples", val_samples, f"val_samples + probe_samples ({probe_samples}) fewer than "
                                                           f"the {len(tr)} training samples of {name}")
@@ -991,7 +991,7 @@ def protocol_table(r: Resolved) -> pd.DataFrame:
         ("TIES / DARE", "mentioned", "not in the code", f"density {list(s.ties_densities)}, drop "
          f"{list(s.dare_drops)}, with the same lambda grid", "extra baselines"),
         ("median", "coordinate-wise median", "torch.median (lower middle for even T)",
-         "mean of the two middle values for even T (fedbench.fl.aggregators.coordinate_median)",
+         "mean of the two middle values for even T (fedbench.merging.aggregators.coordinate_median)",
          "the core's rule; one definition across the suite"),
         ("selection", "validation", "normalised = merged / individual accuracy (note: scaling_coef_search divides "
          "the running sum inside the dataset loop)", f"mean over tasks of merged / individual validation accuracy, "

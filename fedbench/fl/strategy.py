@@ -17,7 +17,7 @@ hooks provide it: sampling and dropout (the loop), DP-SGD and FedProx (``train_c
 rule and server optimizer (:data:`fedbench.registry.AGGREGATORS`), LoRA semantics
 (:data:`fedbench.registry.LORA_SEMANTICS`), the update guard and Byzantine attacks (the loop), the engine.
 
-Adding a strategy: subclass :class:`FedAvg` in :mod:`fedbench.fl.strategies`, override what differs and
+Adding a strategy: subclass :class:`FedAvg` in :mod:`fedbench.strategies`, override what differs and
 register it with ``@STRATEGIES.register("name", check=...)``; ``check(cfg)`` raises a ConfigError for a
 combination the strategy cannot run.
 """
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fedbench.errors import ConfigError
-from fedbench.fl import aggregators as agg
-from fedbench.fl.aggregators import TooFewUpdates
+from fedbench.merging import aggregators as agg
+from fedbench.merging.aggregators import TooFewUpdates
 from fedbench.fl.seeding import derive_seed
 from fedbench.models.state import state_nbytes
 from fedbench.options import options_of

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from fedbench.config import ConfigError
+from fedbench.errors import ConfigError
 
 
 def _f64(x) -> torch.Tensor:
@@ -173,63 +173,3 @@ def gram_nbytes(d_in: int, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of one Gram matrix on the wire: its upper triangle (it is symmetric), in the dtype it travels in
     (float32, as the official code's ``gram_dtype='32'``; the server solves in float64)."""
     return d_in * (d_in + 1) // 2 * torch.empty((), dtype=dtype).element_size()
-
-
-# -- client side: Gram matrices of the inputs of named linear layers ---------------------------------
-
-class _EveryInputSeen(Exception):
-    """Raised by the last forward pre-hook of a batch: nothing above it is needed for the Gram matrices."""
-
-
-@torch.no_grad()
-def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=None, pad_id: int = 0,
-                      batch_size: int = 64, dtype=torch.float64) -> dict[str, torch.Tensor]:
-    """{module name: X^T X} over the non-padding token rows of the inputs each module sees on the examples
-    `indices` of `split`, in `dtype` (float64 by default; the official code accumulates in float32) (forward
-    pre-hooks; eval mode; a fixed batch order, so the sums are deterministic). With an :class:`~fedbench.models.inputs.ActivationCache` the forward starts above the
-    frozen prefix, as training does. The forward stops once every named module has seen its input (the
-    layers above the last one, and the head, are not run: the Gram matrices are the same, bit for bit)."""
-    from fedbench.fl.client import forward_batch
-    from fedbench.models.inputs import batch_order, pad_batch
-    modules = {name: model.get_submodule(name) for name in module_names}
-    out = {name: None for name in module_names}
-    current = {}
-
-    def hook_for(name):
-        def hook(module, args):
-            x = args[0]
-            mask = current["mask"].bool()
-            if x.shape[:2] != mask.shape:
-                raise RuntimeError(f"{name}: input {tuple(x.shape)} does not match the token mask {tuple(mask.shape)}")
-            rows = x[mask].to(dtype)                # padding rows never enter the Gram matrix
-            g = rows.T @ rows
-            out[name] = g if out[name] is None else out[name] + g
-            current["todo"].discard(name)
-            if not current["todo"]:
-                raise _EveryInputSeen
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batch_order(indices, split.lengths, batch_size, rng=None, shuffle=False, bucketing=True):
-            if cache is not None and model.frozen_prefix > 0:
-                cache.ensure(model.frozen_prefix)
-                current["mask"] = cache.get(model, batch)[1]
-            else:
-                current["mask"] = pad_batch([split.input_ids[i] for i in batch], pad_id)[1]
-            current["todo"] = set(modules)
-            try:
-                forward_batch(model, split, batch, cache, pad_id)
-            except _EveryInputSeen:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    for name, m in modules.items():
-        if out[name] is None:
-            d_in = m.in_features if hasattr(m, "in_features") else m.base_layer.in_features
-            out[name] = torch.zeros((d_in, d_in), dtype=dtype)
-    return out

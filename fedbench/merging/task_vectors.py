@@ -24,7 +24,7 @@ dare                drop each entry with probability p, rescale by 1/(1-p); tau 
                     (Yu et al., 2024)
 ==================  ==================================================================================
 
-Sums accumulate in float64 (as :func:`fedbench.fl.aggregators.fedavg` does) and are cast back, so a merge
+Sums accumulate in float64 (as :func:`fedbench.merging.aggregators.fedavg` does) and are cast back, so a merge
 with weights 1/T and one FedAvg round of the same vectors agree to float32 rounding.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Sequence
 
 import torch
 
-from fedbench.config import ConfigError
-from fedbench.fl import aggregators as agg
+from fedbench.errors import ConfigError
+from fedbench.merging import aggregators as agg
 
 TaskVector = "OrderedDict[str, torch.Tensor]"
 
@@ -180,7 +180,7 @@ def fedgma(tvs: Sequence[dict], rho: float, lam: float = 1.0) -> TaskVector:
 def median(tvs: Sequence[dict], lam: float = 1.0) -> TaskVector:
     """Coordinate-wise median of the task vectors (Yin et al., 2018), scaled: tau = lam * median_t tau_t.
 
-    Uses :func:`fedbench.fl.aggregators.coordinate_median`: for an even number of tasks the mean of the
+    Uses :func:`fedbench.merging.aggregators.coordinate_median`: for an even number of tasks the mean of the
     two middle values (Tao et al.'s code takes torch.median, the lower one).
     """
     lam = _lam(lam)

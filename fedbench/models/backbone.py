@@ -69,6 +69,11 @@ def _pretrained_state(name: str) -> tuple[dict, object]:
     return {k: v.clone() for k, v in encoder.state_dict().items()}, encoder.config
 
 
+def pretrained_config(name: str):
+    """The encoder's Hugging Face config (loaded with its weights once per process)."""
+    return _pretrained_state(name)[1]
+
+
 def load_encoder(name: str = BUNDLED_MINILM, dropout: float | None = None) -> nn.Module:
     """A fresh copy of the pretrained encoder (without BERT's pooler: we pool ourselves).
 

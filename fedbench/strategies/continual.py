@@ -36,9 +36,10 @@ import numpy as np
 import torch
 
 from fedbench.errors import ConfigError
-from fedbench.fl.aggregators import svd_of_product
-from fedbench.fl.server import FederatedData
+from fedbench.merging.aggregators import svd_of_product
+from fedbench.fl.data import FederatedData
 from fedbench.fl.strategy import FedAvg, GlobalModel, check_lora_semantics, has_lora_factors, train_only
+from fedbench.fl.grams import layer_input_grams
 from fedbench.merging import lorm as L
 from fedbench.options import Options, check_bool, check_number
 from fedbench.registry import STRATEGIES
@@ -254,7 +255,7 @@ class Continual(FedAvg):
         """{gram name: X^T X} (float32) of every distinct LoRA input on `indices`, with the model as trained."""
         groups = input_groups(self.lora.modules)
         names = [ms[0].name for ms in groups.values()]
-        g = L.layer_input_grams(run.model, names, run.data.train, indices, cache=run.train_cache,
+        g = layer_input_grams(run.model, names, run.data.train, indices, cache=run.train_cache,
                                 pad_id=run.data.pad_id, dtype=torch.float32)
         return OrderedDict((gname, g[ms[0].name]) for gname, ms in groups.items())
 

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 
 from fedbench.errors import ConfigError
-from fedbench.fl import clustering as CL
-from fedbench.fl.aggregators import TooFewUpdates, fedavg
+from fedbench.strategies import clustering as CL
+from fedbench.merging.aggregators import TooFewUpdates, fedavg
 from fedbench.fl.seeding import derive_seed, rng_for
-from fedbench.fl.server import FederatedData
+from fedbench.fl.data import FederatedData
 from fedbench.fl.strategy import FedAvg, GlobalModel
 from fedbench.options import Options, check_bool, check_choice, check_int
 from fedbench.registry import AGGREGATORS, STRATEGIES
@@ -436,7 +436,7 @@ class ClusterOptions(Options):
     silhouette's, None = n_init), ``cluster_on`` what is clustered ("adapter": the adapters, "update": adapter -
     what was sent for it), ``silhouette`` (also record the silhouette's k every round), ``embedding`` (record
     2-D coordinates of every adapter every round: "umap", "pca" or "none"; see
-    :func:`fedbench.fl.clustering.embed_2d`)."""
+    :func:`fedbench.strategies.clustering.embed_2d`)."""
     k: int | str | None = None
     k_max: int | None = None
     n_init: int = 10

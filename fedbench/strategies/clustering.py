@@ -6,7 +6,7 @@ or chosen from the vectors alone by the silhouette score), averages the adapters
 weighted by sample count (FedAvg) and sends every adapter back the aggregate of its cluster.
 
 Nothing here knows about rounds, models or task labels: the FL-TAC strategy on the shared loop
-(:mod:`fedbench.fl.task_clusters`) calls these functions. Task labels enter
+(:mod:`fedbench.strategies.fl_tac`) calls these functions. Task labels enter
 only through the scoring functions :func:`adjusted_rand` and :func:`hungarian_accuracy`, which say how
 well the clusters recover the tasks after the fact.
 """
@@ -20,7 +20,7 @@ from typing import Hashable, Sequence
 import numpy as np
 import torch
 
-from fedbench.fl.aggregators import fedavg
+from fedbench.merging.aggregators import fedavg
 
 
 def flatten_adapters(states: Sequence[dict], keys: Sequence[str] | None = None) -> np.ndarray:
@@ -100,7 +100,7 @@ def choose_k_silhouette(x: np.ndarray, seed: int, k_min: int = 2, k_max: int | N
 def groupwise_fedavg(states: Sequence[dict], weights: Sequence[float], groups: Sequence[Hashable]) -> dict:
     """FedAvg inside each group: {group: sum_{i in group} n_i x_i / sum_{i in group} n_i}.
 
-    The aggregates are built with :func:`fedbench.fl.aggregators.fedavg` over the group's members in
+    The aggregates are built with :func:`fedbench.merging.aggregators.fedavg` over the group's members in
     their given order.
     """
     if not (len(states) == len(weights) == len(groups)):

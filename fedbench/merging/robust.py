@@ -1,6 +1,6 @@
 """Byzantine-robust aggregation rules: Krum, Multi-Krum and Bulyan as small pure functions.
 
-Same conventions as :mod:`fedbench.fl.aggregators`: each rule takes the clients' states (dicts with
+Same conventions as :mod:`fedbench.merging.aggregators`: each rule takes the clients' states (dicts with
 the same keys and shapes) and optionally their weights, and returns a new ``OrderedDict`` with the
 keys and dtypes of ``states[0]``. Distances, medians and means are computed in float64. Inputs are
 never modified.

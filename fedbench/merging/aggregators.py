@@ -196,8 +196,8 @@ def trimmed_mean_rule(states, weights, fl_cfg):
     return trimmed_mean(states, trim_ratio=fl_cfg.trim_ratio)
 
 
-# Byzantine-robust rules (fedbench.fl.robust): they need f = fl.num_malicious and enough clients per round
-from fedbench.fl import robust as _robust  # noqa: E402
+# Byzantine-robust rules (fedbench.merging.robust): they need f = fl.num_malicious and enough clients per round
+from fedbench.merging import robust as _robust  # noqa: E402
 
 
 class TooFewUpdates(ValueError):

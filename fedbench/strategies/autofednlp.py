@@ -318,15 +318,15 @@ class AutoFedNLP(FedAvg):
 
     def validation_data(self):
         """`validation_samples` rows of the task's training split outside the clients' subsample
-        (:func:`fedbench.fl.server.validation_indices`), tokenized once; their prefix outputs are cached per
+        (:func:`fedbench.fl.data.validation_indices`), tokenized once; their prefix outputs are cached per
         depth in one fixed order (so a decision never depends on the history of the cache)."""
         if self.val is None:
             from fedbench.data import load_task
-            from fedbench.fl.server import _text_encoder, validation_indices
+            from fedbench.fl.data import text_encoder, validation_indices
             from fedbench.models.inputs import ActivationCache
             ds = load_task(self.cfg.data.task)["train"]
             _, idx = validation_indices(self.cfg, self.options.validation_samples, len(ds))
-            encode, pad_id = _text_encoder(self.cfg)
+            encode, pad_id = text_encoder(self.cfg)
             split = encode(ds.select(idx))
             self.val = (split, np.arange(len(idx)), ActivationCache(split, pad_id), pad_id)
         return self.val
