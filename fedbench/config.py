@@ -15,7 +15,7 @@ from typing import Any
 
 from fedbench.errors import ConfigError
 from fedbench.options import normalize as normalize_options
-from fedbench.registry import AGGREGATORS, ATTACKS, LORA_SEMANTICS, STRATEGIES, TUNERS
+from fedbench.registry import AGGREGATORS, ATTACKS, FEDERATIONS, LORA_SEMANTICS, STRATEGIES, TUNERS
 
 # Component names (tuners, aggregators, LoRA semantics, strategies, attacks) live in fedbench.registry;
 # these few choices are local to one field each.
@@ -78,9 +78,16 @@ class DataConfig:
     max_train_samples: int | None = None    # seeded subsample of the train split before partitioning
     max_test_samples: int | None = None     # seeded subsample of the test split used for evaluation
     max_length: int = 64                    # tokens per example after truncation
+    # what the run's data is beyond one task (fedbench.registry.FEDERATIONS): "single" = data.task cut into
+    # clients; others (multitask, ...) take typed options, normalised and hashed like fl.options
+    federation: str = "single"
+    federation_options: dict = field(default_factory=dict)
 
     def validate(self, prefix: str = "data") -> None:
         from fedbench.data import HUB_TASKS, OFFLINE_TASKS
+        _registered(f"{prefix}.federation", self.federation, FEDERATIONS)
+        self.federation_options = normalize_options(FEDERATIONS.entry(self.federation), self.federation_options,
+                                                    f"{prefix}.federation_options")
         _choice(f"{prefix}.task", self.task, tuple(OFFLINE_TASKS) + tuple(HUB_TASKS))
         _positive_int(f"{prefix}.num_clients", self.num_clients)
         _choice(f"{prefix}.partition", self.partition, PARTITIONS)
@@ -307,7 +314,7 @@ class ExperimentConfig:
                    f"at most data.num_clients={self.data.num_clients}")
         # combinations: the strategy, the aggregator and the tuner each say what they need of the rest
         for registry, name in ((STRATEGIES, self.fl.strategy), (AGGREGATORS, self.fl.aggregator),
-                               (TUNERS, self.peft.method)):
+                               (TUNERS, self.peft.method), (FEDERATIONS, self.data.federation)):
             check = registry.entry(name).facts.get("check")
             if check is not None:
                 check(self)
@@ -359,7 +366,8 @@ class ExperimentConfig:
         d = self.to_dict()
         for component, options in OPTION_FIELDS:
             if component in changes and changes[component] != _get_dotted(d, component) and options not in changes:
-                d["fl"][options.split(".")[1]] = {}
+                section, name = options.split(".")
+                d[section][name] = {}
         for dotted, value in changes.items():
             node = d
             *parents, leaf = dotted.split(".")
@@ -374,7 +382,8 @@ class ExperimentConfig:
         return ExperimentConfig.from_dict(d)
 
 
-OPTION_FIELDS = (("fl.strategy", "fl.options"), ("fl.aggregator", "fl.aggregator_options"))
+OPTION_FIELDS = (("fl.strategy", "fl.options"), ("fl.aggregator", "fl.aggregator_options"),
+                 ("data.federation", "data.federation_options"))
 
 
 def _get_dotted(d: dict, dotted: str):

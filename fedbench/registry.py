@@ -115,10 +115,12 @@ STRATEGIES = Registry("strategy", "fl.strategy", ("fedbench.fl.strategy", "fedbe
 ATTACKS = Registry("attack", "fl.attack", ("fedbench.fl.attacks",), "Byzantine clients: what an attacker sends")
 MERGES = Registry("merge", "method", ("fedbench.merging.task_vectors",), "one-shot merges of task vectors")
 
+FEDERATIONS = Registry("federation", "data.federation", ("fedbench.fl.data", "fedbench.fl.federations"),
+                       "what a run's data is: one task cut into clients, or several tasks (multitask, task sequence)")
 EXPERIMENTS = Registry("experiment", "experiment", ("fedbench.experiments",),
                        "paper experiments: fedbench run configs/<experiment>/<profile>.yaml")
 
-REGISTRIES = (TUNERS, AGGREGATORS, LORA_SEMANTICS, STRATEGIES, ATTACKS, MERGES, EXPERIMENTS)
+REGISTRIES = (TUNERS, AGGREGATORS, LORA_SEMANTICS, STRATEGIES, ATTACKS, MERGES, FEDERATIONS, EXPERIMENTS)
 
 
 def format_registries() -> str:

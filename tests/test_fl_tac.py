@@ -187,9 +187,9 @@ TINY = {"tasks": ["rt_sentiment", "sms_spam"], "max_train_per_task": 30, "val_pe
 def tiny():
     from fedbench.experiments import fl_tac
     s, base = fl_tac.settings_for("smoke", **TINY)
-    pool = fl_tac.prepare_pool(s, base)
-    fl_tac.fill_caches(pool, base)
-    return s, base, pool, fl_tac.task_data(s, base, pool, seed=0)
+    from fedbench.fl.data import build_data
+    pool = fl_tac.pool_of(s, base, caches=True)
+    return s, base, pool, build_data(fl_tac.run_config(s, base, "fl_tac", 0, 1e-3))
 
 
 def _cfg(tiny, method, **changes):
@@ -334,11 +334,11 @@ def _heads_run(tiny, method, k=None):
     """A run of the task-head arm (one head per task) on the tiny federation; `k` forces FL-TAC's k."""
     from fedbench.experiments import fl_tac
     from fedbench.fl import FederatedRun
+    from fedbench.fl.data import build_data
     s, base, pool, _ = tiny
-    data = fl_tac.task_data(s, base, pool, seed=0, heads=True)
-    if k is not None:
-        data.cluster = {**data.cluster, "k": k}
-    return FederatedRun(_cfg(tiny, method), data, pool.caches), data
+    data = build_data(fl_tac.run_config(s, base, "fl_tac_heads", 0, 1e-3))
+    cfg = _cfg(tiny, method) if k is None else _cfg(tiny, method, **{"fl.options.k": k})
+    return FederatedRun(cfg, data, pool.caches), data
 
 
 def _one_round(run):
@@ -402,8 +402,7 @@ def test_fedit_with_task_heads_weights_each_head_by_its_tasks_samples(tiny):
 def test_update_clustering_clusters_what_changed_this_round(tiny):
     from fedbench.experiments import fl_tac
     from fedbench.fl import FederatedRun
-    s, base, pool, _ = tiny
-    data = fl_tac.task_data(s, base, pool, seed=0)
+    s, base, pool, data = tiny
     cfg = _cfg(tiny, "fl_tac_update")
     assert cfg.fl.options["cluster_on"] == "update"          # the server's option is in the run config
     run = FederatedRun(cfg, data, pool.caches)
@@ -465,8 +464,8 @@ def test_bad_parameters_name_field_and_allowed_values():
 
 def test_tweet_polarity_is_tweet_sentiment_without_neutral():
     from fedbench.data import load_task
-    from fedbench.experiments import fl_tac
-    ds, src = fl_tac.load_binary("tweet_polarity"), load_task("tweet_sentiment")
+    from fedbench.fl.federations import load_binary
+    ds, src = load_binary("tweet_polarity"), load_task("tweet_sentiment")
     lab = src["test"].with_format("numpy")["label"][:]
     assert len(ds["test"]) == int((lab != 1).sum()) >= 1000
     assert set(ds["test"].with_format("numpy")["label"][:].tolist()) == {0, 1}

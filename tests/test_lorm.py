@@ -210,10 +210,13 @@ TINY = {"max_train_per_class": 6, "max_test_per_class": 2, "num_tasks": 2, "roun
 def tiny():
     """(settings, base, pool, data of seed 0) on the smoke profile, shrunk."""
     from fedbench.experiments import lorm
+    from fedbench.fl.data import build_data
+    from fedbench.fl.federations import TaskSequenceOptions, sequence_pool
     s, base = lorm.settings_for("smoke", **TINY)
-    pool = lorm.prepare_pool(s, base)
-    lorm.fill_caches(pool, base.model, [base.peft.depth, 1])
-    return s, base, pool, lorm.task_data(s, base, pool, 0)
+    lorm.shared_caches(s, base)
+    o = TaskSequenceOptions.from_dict(lorm.federation(s), "data.federation_options")
+    pool = sequence_pool(o, s.dataset, base.model.backbone, base.data.max_length)
+    return s, base, pool, build_data(lorm.run_config(s, base, "lorm", 0, 3e-3))
 
 
 def _run(tiny, method, rounds=None):

@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedbench.config import ConfigError, ExperimentConfig, config_hash
+from fedbench.config import ConfigError, ExperimentConfig
+from fedbench.fl.federations import BINARY, binary_tasks
 from fedbench.experiments.common import (Settings, check_list, check_seeds, check_subset, is_int, is_number, output_dir,
                                          resolve_profile, runs_root, save_figure, save_table)
 from fedbench.fl.seeding import derive_seed, rng_for
 
 EXPERIMENT = "fl_tac"
-SCHEMA = 4
 METHODS = ("fl_tac", "fl_tac_update", "fedit", "oracle", "local", "fedit_heads", "fl_tac_heads")
 STRATEGY = {"fl_tac": "fl_tac", "fl_tac_update": "fl_tac", "fedit": "fedit_tasks", "oracle": "fl_tac_oracle",
             "local": "fl_tac_local", "fedit_heads": "fedit_tasks", "fl_tac_heads": "fl_tac"}
@@ -50,12 +50,10 @@ LABELS = {"fl_tac": "FL-TAC (k-means, k = T)", "fl_tac_update": "FL-TAC clusteri
           "local": "local only", "fedit_heads": "FedIT + task heads", "fl_tac_heads": "FL-TAC + task heads"}
 HEADS = ("fedit_heads", "fl_tac_heads")             # the task-head arm; every other method: one shared head
 ARM = {m: "task heads" if m in HEADS else "shared head" for m in METHODS}
-DERIVED = {"tweet_polarity": ("tweet_sentiment", {0: 0, 2: 1})}     # name -> (source task, {source label: label})
 # the methods that train per-task adapters exactly as FL-TAC does take its lr (chosen on validation); the lr
 # grid runs only for fl_tac and fedit (each extra grid value for every method would cost a fourth seed)
 LR_FROM = {"fl_tac_update": "fl_tac", "oracle": "fl_tac", "local": "fl_tac", "fedit_heads": "fedit",
            "fl_tac_heads": "fl_tac"}
-BINARY = ("rt_sentiment", "subjectivity", "sms_spam", "tweet_polarity")
 
 
 @dataclass
@@ -77,9 +75,7 @@ class FlTacSettings(Settings):
     evolution_panels: int = 4
 
     def validate(self) -> None:
-        from fedbench.data import list_tasks
-        ok = sorted([t.name for t in list_tasks() if t.offline and t.modality == "text" and t.num_classes == 2]
-                    + list(DERIVED))
+        ok = binary_tasks()
         check_list("tasks", self.tasks, lambda t: t in ok, f"at least 2 distinct binary offline text tasks from {ok}")
         if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
             raise ConfigError("tasks", self.tasks, f"at least 2 distinct binary offline text tasks from {ok}")
@@ -120,187 +116,56 @@ def settings_for(profile: str = "quick", path=None, **overrides):
     return s, base
 
 
-def data_key(s: FlTacSettings) -> str:
-    """What the data and the server options depend on besides the run config (part of every run's name)."""
-    from fedbench.strategies.clustering import embedding_method
-    keep = ("tasks", "data_seed", "max_train_per_task", "val_per_task", "max_test_per_task", "min_share", "k",
-            "k_max", "n_init", "silhouette_n_init")
-    return config_hash({"schema": SCHEMA, "embedding": embedding_method(s.embedding),
-                        **{k: getattr(s, k) for k in keep}})[:12]
+def federation(s: FlTacSettings, method: str, validate: bool) -> dict:
+    """The run's data: the multitask federation of the profile's tasks (``data.federation_options``)."""
+    return {"tasks": list(s.tasks), "data_seed": s.data_seed, "max_train_per_task": s.max_train_per_task,
+            "val_per_task": s.val_per_task, "max_test_per_task": s.max_test_per_task, "min_share": s.min_share,
+            "heads": method in HEADS, "validation": bool(validate)}
 
 
 def run_config(s: FlTacSettings, base: ExperimentConfig, method: str, seed: int, lr: float,
                validate: bool = True) -> ExperimentConfig:
-    """The run of `method` at `seed` and `lr`; `validate`: it also scores the validation split (the runs that
-    choose a learning rate; the name says so, as what the run records depends on it)."""
+    """The run of `method` at `seed` and `lr`, whole: its data (the multitask federation), the strategy and its
+    clustering options. `validate`: it also scores the validation split (the runs that choose a learning rate)."""
+    from fedbench.options import option_fields
+    from fedbench.registry import STRATEGIES
     from fedbench.strategies.clustering import embedding_method
-    name = f"fl_tac-{method}-{data_key(s)}" + ("" if validate else "-noval")
     strategy = STRATEGY[method]
-    options = {}
-    if strategy == "fl_tac":        # the server's clustering: the strategy's options (part of the run config)
-        options = {"k": s.k, "k_max": s.k_max, "n_init": s.n_init, "silhouette_n_init": s.silhouette_n_init,
-                   "cluster_on": "update" if method == "fl_tac_update" else "adapter", "silhouette": True,
-                   "embedding": embedding_method(s.embedding)}
-    return base.replace(**{"seed": int(seed), "name": name, "train.lr": float(lr),
-                           "fl.strategy": strategy, "fl.options": options, "data.task": s.tasks[0]})
+    clustering = {"k": s.k, "k_max": s.k_max, "n_init": s.n_init, "silhouette_n_init": s.silhouette_n_init,
+                  "cluster_on": "update" if method == "fl_tac_update" else "adapter", "silhouette": True,
+                  "embedding": embedding_method(s.embedding)}
+    # the server's clustering, for the strategies that cluster (part of the run config)
+    options = {k: v for k, v in clustering.items() if k in option_fields(STRATEGIES, strategy)}
+    return base.replace(**{"seed": int(seed), "name": f"fl_tac-{method}", "train.lr": float(lr),
+                           "fl.strategy": strategy, "fl.options": options, "data.task": s.tasks[0],
+                           "data.federation": "multitask", "data.federation_options": federation(s, method, validate)})
 
 
-# -- data: one pool for every seed (data_seed); the partition and the scoring owners are drawn per seed ----------
-
-@dataclass
-class Pool:
-    train: object
-    test: object
-    task_train: list        # [task] -> rows of train (the clients' share)
-    task_val: list          # [task] -> rows of train (validation)
-    task_test: list         # [task] -> rows of test
-    pad_id: int
-    caches: tuple = None
-    classes: list = None    # [task] -> its number of classes
-    heads: tuple = None     # (train, test) with one head per task: labels offset, class masks (head_splits)
-
-
-def num_classes(name: str, ds) -> int:
-    if name in DERIVED:
-        return len(set(DERIVED[name][1].values()))
-    return int(ds["train"].features["label"].num_classes)
-
-
-def head_splits(pool: Pool) -> tuple:
-    """(train, test) for the task-head arm: task t's labels shifted to its own rows of one classifier
-    (``head_rows``) and a class mask keeping each example on them: one head per task, each with its own label
-    count. The token ids are the pool's (its activation caches serve both arms)."""
-    import torch
-    from fedbench.models.inputs import TokenizedSplit
-    if pool.heads is None:
-        rows = head_rows(pool.classes)
-        out = []
-        for split, per_task in ((pool.train, [np.concatenate([a, b]) for a, b in zip(pool.task_train, pool.task_val)]),
-                                (pool.test, pool.task_test)):
-            labels, mask = split.labels.clone(), torch.zeros((len(split), rows[-1][1]), dtype=torch.bool)
-            for t, ix in enumerate(per_task):
-                ix = torch.as_tensor(np.asarray(ix, dtype=np.int64))
-                labels[ix] += rows[t][0]
-                mask[ix, rows[t][0]:rows[t][1]] = True
-            out.append(TokenizedSplit(split.input_ids, labels, class_mask=mask))
-        pool.heads = tuple(out)
-    return pool.heads
-
-
-def head_rows(classes: list) -> list:
-    """(start, stop) of each task's rows in the one classifier of the task-head arm."""
-    ends = np.cumsum([0, *classes]).tolist()
-    return [(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:])]
-
-
-def load_binary(name: str):
-    """A binary task as a DatasetDict (a derived one built from its source)."""
-    from fedbench.data import load_task
-    if name not in DERIVED:
-        return load_task(name)
-    src, relabel = DERIVED[name]
-    ds = load_task(src)
-    out = {}
-    for split in ("train", "test"):
-        lab = ds[split].with_format("numpy")["label"][:]
-        keep = np.flatnonzero(np.isin(lab, list(relabel))).tolist()
-        part = ds[split].select(keep)
-        out[split] = part.map(lambda b: {"label": [relabel[int(x)] for x in b["label"]]}, batched=True,
-                              features=None, load_from_cache_file=False, keep_in_memory=True)
-    return out
-
-
-def _pick(n: int, k: int, rng) -> np.ndarray:
-    return np.arange(n) if k >= n else np.sort(rng.choice(n, size=k, replace=False))
-
-
-def prepare_pool(s: FlTacSettings, base: ExperimentConfig) -> Pool:
-    import torch
-    from fedbench.models import load_tokenizer
-    from fedbench.models.inputs import TokenizedSplit, tokenize_split
-    tok = load_tokenizer(base.model.backbone)
-    trains, tests, tt, tv, te, classes = [], [], [], [], [], []
-    n_tr = n_te = 0
-    for t, name in enumerate(s.tasks):
-        ds = load_binary(name)
-        classes.append(num_classes(name, ds))
-        n = len(ds["train"])
-        rows = _pick(n, s.max_train_per_task + s.val_per_task, rng_for(s.data_seed, "subsample", t, 0))
-        val = np.zeros(len(rows), dtype=bool)
-        val[rng_for(s.data_seed, "subsample", t, 2).choice(len(rows), size=min(s.val_per_task, len(rows) - 1),
-                                                             replace=False)] = True
-        test_rows = _pick(len(ds["test"]), s.max_test_per_task, rng_for(s.data_seed, "subsample", t, 1))
-        trains.append(tokenize_split(ds["train"].select(rows.tolist()), tok, base.data.max_length,
-                                     cache_key=f"fl_tac:{name}:train:{s.data_seed}:{len(rows)}"))
-        tests.append(tokenize_split(ds["test"].select(test_rows.tolist()), tok, base.data.max_length,
-                                    cache_key=f"fl_tac:{name}:test:{s.data_seed}:{len(test_rows)}"))
-        tt.append(n_tr + np.flatnonzero(~val))
-        tv.append(n_tr + np.flatnonzero(val))
-        te.append(n_te + np.arange(len(test_rows)))
-        n_tr, n_te = n_tr + len(rows), n_te + len(test_rows)
-
-    def joint(parts):
-        return TokenizedSplit([x for p in parts for x in p.input_ids], torch.cat([p.labels for p in parts]))
-    return Pool(joint(trains), joint(tests), tt, tv, te, tok.pad_token_id or 0, classes=classes)
-
-
-def fill_caches(pool: Pool, base: ExperimentConfig) -> tuple:
-    """Frozen-prefix activations of every example, up front in one fixed order (reruns bit-identical)."""
-    from fedbench.config import PeftConfig
-    from fedbench.models import build_model
-    from fedbench.models.inputs import ActivationCache
-    caches = (ActivationCache(pool.train, pool.pad_id), ActivationCache(pool.test, pool.pad_id))
-    model = build_model(base.model, PeftConfig(method="head"), 2, seed=0)
-    depth = base.peft.depth or model.num_layers
-    for cache in caches:
-        cache.fill_depths(model, np.arange(len(cache.split)), [model.num_layers - depth])
-    pool.caches = caches
-    return caches
-
-
-def task_data(s: FlTacSettings, base: ExperimentConfig, pool: Pool, seed: int, heads: bool = False,
-              validate: bool = True):
-    """The federation of a seed. `heads`: the task-head arm (one head per task); `validate`: score the
-    validation split at the end (only the runs that choose a learning rate need it)."""
-    from fedbench.data import partition_per_task
-    from fedbench.strategies.fl_tac import MultiTaskData, draw_owners
-    K = base.data.num_clients
-    parts = partition_per_task([len(r) for r in pool.task_train], K, base.data.alpha,
-                               seed=derive_seed(seed, "partition"), min_share=s.min_share)
-    task_clients = [[pool.task_train[t][p] for p in parts[t]] for t in range(len(s.tasks))]
-    clients = [np.sort(np.concatenate([tc[c] for tc in task_clients])) for c in range(K)]
-    train, test, names, rows = pool.train, pool.test, [str(c) for c in range(max(pool.classes))], []
-    if heads:
-        (train, test), rows = head_splits(pool), head_rows(pool.classes)
-        names = [f"{name}:{c}" for name, n in zip(s.tasks, pool.classes) for c in range(n)]
-    val_owner = draw_owners(pool.task_val, task_clients, seed, 2)
-    return MultiTaskData(
-        train=train, test=test, client_indices=clients, test_indices=np.concatenate(pool.task_test),
-        class_names=names, pad_id=pool.pad_id, tasks=list(s.tasks), task_clients=task_clients,
-        task_test=pool.task_test, task_val=pool.task_val if validate else [],
-        test_owner=draw_owners(pool.task_test, task_clients, seed, 1), val_owner=val_owner if validate else [],
-        head_rows=rows)
+def pool_of(s: FlTacSettings, base: ExperimentConfig, caches: bool = False):
+    """The profile's pool (every task's subsample, tokenized), with its prefilled activation caches if asked."""
+    from fedbench.fl.federations import MultiTaskOptions, multitask_pool, pool_caches
+    o = MultiTaskOptions.from_dict(federation(s, "fl_tac", True), "data.federation_options")
+    pool = multitask_pool(o, base.model.backbone, base.data.max_length)
+    if caches:
+        pool_caches(pool, base.model, base.peft.depth)
+    return pool
 
 
 class _Runner:
     def __init__(self, s, base, progress):
         self.s, self.base, self.progress = s, base, progress
-        self.pool, self.data = None, {}
 
     def get(self, method: str, seed: int, lr: float, validate: bool = True):
+        from fedbench.fl.data import build_data
         from fedbench.fl.server import run_cached
-        cfg = run_config(self.s, self.base, method, seed, lr, validate)
-        key = (seed, method in HEADS, validate)
-        t0 = time.perf_counter()
         from fedbench.results import load_run, run_key
+        cfg = run_config(self.s, self.base, method, seed, lr, validate)
+        t0 = time.perf_counter()
         done = load_run(run_key(cfg), runs_root())
         if done is None:
-            if self.pool is None:
-                self.pool = prepare_pool(self.s, self.base)
-                fill_caches(self.pool, self.base)
-            if key not in self.data:
-                self.data[key] = task_data(self.s, self.base, self.pool, seed, method in HEADS, validate)
-            done = run_cached(cfg, self.data[key], root=runs_root(), caches=self.pool.caches)
+            # the run's data from its config alone; the pool and its caches are shared by every run of the profile
+            caches = pool_of(self.s, self.base, caches=True).caches
+            done = run_cached(cfg, build_data(cfg), root=runs_root(), caches=caches)
             if self.progress:
                 print(f"[fl_tac] {method:<14} seed {seed} lr {lr:g}: {time.perf_counter() - t0:.0f} s, "
                       f"test acc {done.summary['final_accuracy']:.3f}, val {val_accuracy(done):.3f}", flush=True)
@@ -357,9 +222,7 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
             row["chosen"] = row["lr"] == best
         for seed in s.seeds:        # only the first seed's runs score the validation split (they chose the lr)
             per_run[(method, seed)] = (*runner.get(method, seed, best, validate=seed == s.seeds[0]), best)
-    if runner.pool is None:
-        runner.pool = prepare_pool(s, base)
-    result = tables(s, base, per_run, pd.DataFrame(lr_rows), runner.pool)
+    result = tables(s, base, per_run, pd.DataFrame(lr_rows), pool_of(s, base))
     result.out = out
     for name in ("summary", "clustering", "accuracy_rounds", "partition", "lr_selection", "claims", "runs"):
         save_table(getattr(result, name), out, f"{name}.csv")

@@ -111,6 +111,24 @@ def settings_for(profile: str = "quick", path=None, **overrides):
     return prof.settings, base
 
 
+def federation(s: LormSettings) -> dict:
+    """The run's data: the class-incremental task sequence of ``dataset`` (``data.federation_options``)."""
+    return {"data_seed": s.data_seed, "num_tasks": s.num_tasks, "max_train_per_class": s.max_train_per_class,
+            "max_test_per_class": s.max_test_per_class, "val_fraction": s.val_fraction,
+            "rounds_per_task": s.rounds_per_task}
+
+
+def shared_caches(s: LormSettings, base: ExperimentConfig) -> tuple:
+    """The pool's activation caches at every depth the methods train from (the LoRA methods the top
+    ``peft.depth`` layers, full_top the top one), filled once up front and shared by every run."""
+    from fedbench.fl.federations import TaskSequenceOptions, sequence_pool, sequence_pool_caches
+    o = TaskSequenceOptions.from_dict(federation(s), "data.federation_options")
+    pool = sequence_pool(o, s.dataset, base.model.backbone, base.data.max_length)
+    if pool.caches is None:
+        sequence_pool_caches(pool, base.model, [base.peft.depth or 1, 1])
+    return pool.caches
+
+
 def run_config(s: LormSettings, base: ExperimentConfig, method: str, seed: int, lr: float) -> ExperimentConfig:
     """The core config of one federated (or joint) run."""
     from fedbench.options import option_fields
@@ -121,104 +139,13 @@ def run_config(s: LormSettings, base: ExperimentConfig, method: str, seed: int, 
                if k in option_fields(STRATEGIES, strategy)}
     changes = {"seed": int(seed), "name": f"lorm-{method}", "data.task": s.dataset, "train.lr": float(lr),
                "fl.rounds": s.num_tasks * s.rounds_per_task, "fl.eval_every": s.rounds_per_task,
-               "fl.strategy": strategy, "fl.lora_aggregation": semantics, "fl.options": options}
+               "fl.strategy": strategy, "fl.lora_aggregation": semantics, "fl.options": options,
+               "data.federation": "task_sequence", "data.federation_options": federation(s)}
     changes.update(PEFT.get(method, {}))
     return base.replace(**changes)
 
 
 # -- data: one train and one test split for every seed; the task order is drawn per seed ----------------
-
-@dataclass
-class Pool:
-    """The fixed subsample (``data_seed``), tokenized once: every seed's task sequence is a view of it."""
-    train: object
-    test: object
-    train_class: np.ndarray        # label of each train row
-    val: np.ndarray                # bool per train row: carved out for validation
-    test_class: np.ndarray
-    class_names: list
-    pad_id: int
-    caches: tuple = None           # (train, test) ActivationCaches shared by every run
-
-
-def _pick(rows: np.ndarray, k: int, rng) -> np.ndarray:
-    return np.sort(rows) if k >= len(rows) else np.sort(rng.choice(rows, size=k, replace=False))
-
-
-def prepare_pool(s: LormSettings, base: ExperimentConfig) -> Pool:
-    from fedbench.data import load_task
-    from fedbench.models import load_tokenizer
-    from fedbench.models.inputs import tokenize_split
-    ds = load_task(s.dataset)
-    tr = ds["train"].with_format("numpy")["label"][:]
-    te = ds["test"].with_format("numpy")["label"][:]
-    names = list(ds["train"].features["label"].names)
-    train_rows, test_rows, val = [], [], []
-    for c in range(len(names)):
-        rows = _pick(np.flatnonzero(tr == c), s.max_train_per_class, rng_for(s.data_seed, "subsample", c, 0))
-        n_val = max(1, int(round(s.val_fraction * len(rows))))
-        v = np.zeros(len(rows), dtype=bool)
-        v[rng_for(s.data_seed, "subsample", c, 2).choice(len(rows), size=n_val, replace=False)] = True
-        train_rows.append(rows)
-        val.append(v)
-        test_rows.append(_pick(np.flatnonzero(te == c), s.max_test_per_class, rng_for(s.data_seed, "subsample", c, 1)))
-    train_rows, test_rows = np.concatenate(train_rows), np.concatenate(test_rows)
-    tok = load_tokenizer(base.model.backbone)
-    train = tokenize_split(ds["train"].select(train_rows.tolist()), tok, base.data.max_length)
-    test = tokenize_split(ds["test"].select(test_rows.tolist()), tok, base.data.max_length)
-    return Pool(train, test, tr[train_rows], np.concatenate(val), te[test_rows], names, tok.pad_token_id or 0)
-
-
-def fill_caches(pool: Pool, model_cfg, top_depths) -> tuple:
-    """Frozen-prefix activations of every example at each depth, computed up front in one fixed order, so a
-    cached value never depends on which run touched it first (reruns are bit-identical); every depth in one
-    pass (:meth:`~fedbench.models.inputs.ActivationCache.fill_depths`)."""
-    from fedbench.models import build_model
-    from fedbench.models.inputs import ActivationCache
-    from fedbench.config import PeftConfig
-    caches = (ActivationCache(pool.train, pool.pad_id), ActivationCache(pool.test, pool.pad_id))
-    model = build_model(model_cfg, PeftConfig(method="head"), len(pool.class_names), seed=0)
-    for cache in caches:
-        cache.fill_depths(model, np.arange(len(cache.split)), [model.num_layers - d for d in top_depths])
-    pool.caches = caches
-    return caches
-
-
-def task_data(s: LormSettings, base: ExperimentConfig, pool: Pool, seed: int):
-    """The seed's task sequence: class order, per-task Dirichlet partition, held-out inputs per client."""
-    from fedbench.data import partition_dirichlet
-    from fedbench.strategies.continual import TaskSchedule, TaskSequenceData
-    from fedbench.models.inputs import TokenizedSplit
-    n_labels = len(pool.class_names)
-    order = rng_for(seed, "partition", 10**6).permutation(n_labels)      # the task order, per seed
-    groups = [sorted(int(c) for c in g) for g in np.array_split(order, s.num_tasks)]
-    own = torch.zeros((len(pool.train), n_labels), dtype=torch.bool)
-    K = base.data.num_clients
-    task_clients, task_test, task_val, task_held = [], [], [], []
-    for t, classes in enumerate(groups):
-        in_task = np.isin(pool.train_class, classes)
-        own[torch.as_tensor(np.flatnonzero(in_task))[:, None], torch.as_tensor(classes)[None, :]] = True
-        rows = np.flatnonzero(in_task & ~pool.val)
-        parts = partition_dirichlet(pool.train_class[rows], K, base.data.alpha,
-                                    seed=derive_seed(seed, "partition", t), min_size=2)
-        task_clients.append([rows[p] for p in parts])
-        vrows = np.flatnonzero(in_task & pool.val)
-        task_val.append(vrows)
-        # held-out inputs of client i: validation rows, each given to a client drawn with the clients' shares
-        # of its class in training (so each client's held-out inputs follow its own class mix)
-        counts = np.array([[np.sum(pool.train_class[rows[p]] == c) for c in classes] for p in parts], dtype=float)
-        rng = rng_for(seed, "subsample", t, 3)
-        owner = np.array([rng.choice(K, p=counts[:, classes.index(int(pool.train_class[r]))] /
-                                     counts[:, classes.index(int(pool.train_class[r]))].sum()) for r in vrows])
-        task_held.append([vrows[owner == i] for i in range(K)])
-        task_test.append(np.flatnonzero(np.isin(pool.test_class, classes)))
-    train = TokenizedSplit(pool.train.input_ids, pool.train.labels, class_mask=own)
-    clients = [np.sort(np.concatenate([tc[i] for tc in task_clients])) for i in range(K)]
-    return TaskSequenceData(train=train, test=pool.test, client_indices=clients,
-                            test_indices=np.concatenate(task_test), class_names=pool.class_names, pad_id=pool.pad_id,
-                            schedule=TaskSchedule(s.rounds_per_task, s.num_tasks), class_groups=groups,
-                            task_clients=task_clients, task_test=task_test, task_val=task_val, task_heldout=task_held)
-
 
 # -- one run ----------------------------------------------------------------------------------------------
 
@@ -357,20 +284,18 @@ class LormResult:
 class _Runner:
     def __init__(self, s, base, progress):
         self.s, self.base, self.progress = s, base, progress
-        self.pool, self.data = None, {}
+        self.data = {}
 
     def get(self, method: str, seed: int, lr: float) -> tuple[dict, str]:
         cfg = run_config(self.s, self.base, method, seed, lr)
         key = run_key(self.s, cfg, method)
         res = STORE.load(key)
         if res is None:
-            if self.pool is None:
-                self.pool = prepare_pool(self.s, self.base)
-                # the LoRA methods train the top peft.depth layers, full_top the top one
-                fill_caches(self.pool, self.base.model, [self.base.peft.depth or 1, 1])
-            if seed not in self.data:
-                self.data[seed] = task_data(self.s, self.base, self.pool, seed)
-            res = run_one(self.s, cfg, method, self.data[seed], self.pool.caches)
+            from fedbench.fl.data import build_data
+            caches = shared_caches(self.s, self.base)
+            if seed not in self.data:        # the run's data from its config (every method of a seed: the same)
+                self.data[seed] = build_data(cfg)
+            res = run_one(self.s, cfg, method, self.data[seed], caches)
             STORE.save(key, res)
             if self.progress:
                 m = cl_metrics(accuracy_matrix(res["accuracy"], self.s.num_tasks))

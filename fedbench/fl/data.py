@@ -14,6 +14,8 @@ import numpy as np
 from fedbench.fl.seeding import derive_seed, rng_for
 from fedbench.models import load_tokenizer
 from fedbench.models.inputs import TokenizedSplit, tokenize_split
+from fedbench.options import options_of
+from fedbench.registry import FEDERATIONS
 
 
 @dataclass
@@ -25,6 +27,9 @@ class FederatedData:
     test_indices: np.ndarray             # the test examples evaluated each round
     class_names: list[str]
     pad_id: int
+    # the run fills its activation caches with every example up front, in one fixed order (a federation whose
+    # experiment shares prefilled caches across runs: a run built from the config alone computes the same values)
+    prefill: bool = False
 
     @property
     def num_labels(self) -> int:
@@ -131,3 +136,14 @@ def image_encoder(cfg):
                           f"an image backbone for the image task {cfg.data.task!r} (this is a text encoder)")
     mean, std = image_normalization(cfg.model.backbone)
     return (lambda ds: image_split(ds, config.image_size, config.num_channels, mean, std)), 0
+
+
+def build_data(cfg) -> FederatedData:
+    """The data of the run `cfg`: its federation (``data.federation``, :data:`fedbench.registry.FEDERATIONS`)
+    built with its options. The one entry point for the loop, the experiments and Flower's workers."""
+    opts = options_of(FEDERATIONS, cfg.data.federation, cfg.data.federation_options, "data.federation_options")
+    build = FEDERATIONS.get(cfg.data.federation)
+    return build(cfg) if opts is None else build(cfg, opts)
+
+
+FEDERATIONS.register("single", prepare_data, doc="data.task subsampled and cut into data.num_clients clients")

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from fedbench.fl.client import ClientUpdate, evaluate
-from fedbench.fl.data import FederatedData, prepare_data
+from fedbench.fl.data import FederatedData, build_data
 from fedbench.fl.seeding import derive_seed, rng_for
 from fedbench.fl.store import ClientStore
 from fedbench.fl.strategy import ClientInstruction, GlobalModel
@@ -131,7 +131,7 @@ class FederatedRun:
                  caches: tuple[ActivationCache, ActivationCache] | None = None,
                  use_activation_cache: bool = True):
         self.cfg = cfg
-        self.data = data or prepare_data(cfg)
+        self.data = data or build_data(cfg)
         self.model = build_model(cfg.model, cfg.peft, self.data.num_labels, seed=derive_seed(cfg.seed, "init"))
         self.strategy = STRATEGIES.get(cfg.fl.strategy)(cfg, self.model)
         self.strategy.attach(self.data)
@@ -139,8 +139,7 @@ class FederatedRun:
         self.base = LoraBase(self.model)
         # (train, test) frozen-prefix caches; pass shared ones to reuse them across runs on the same data
         # and backbone (the frozen layers are the pretrained ones whatever the method)
-        self.train_cache, self.test_cache = caches or (ActivationCache(self.data.train, self.data.pad_id),
-                                                       ActivationCache(self.data.test, self.data.pad_id))
+        self.train_cache, self.test_cache = caches or self._new_caches()
         if not use_activation_cache:   # run the whole stack every step (the benchmark's baseline)
             self.train_cache = self.test_cache = None
         self.store = ClientStore()
@@ -156,6 +155,13 @@ class FederatedRun:
         self.final_predictions: dict | None = None
         self.stopped = False             # the strategy ended the run (``strategy.finished``) before fl.rounds
         self._flipped_split = None
+
+    def _new_caches(self) -> tuple[ActivationCache, ActivationCache]:
+        caches = (ActivationCache(self.data.train, self.data.pad_id), ActivationCache(self.data.test, self.data.pad_id))
+        if self.data.prefill and self.model.frozen_prefix > 0:     # every example, one fixed order (FederatedData)
+            for cache in caches:
+                cache.fill_depths(self.model, np.arange(len(cache.split)), [self.model.frozen_prefix])
+        return caches
 
     # -- what experiments call: explicit operations instead of writes to the run's fields -------------------
     def initial_model(self) -> GlobalModel:

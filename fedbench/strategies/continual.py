@@ -37,7 +37,7 @@ import torch
 
 from fedbench.errors import ConfigError
 from fedbench.merging.aggregators import svd_of_product
-from fedbench.fl.data import FederatedData
+from fedbench.fl.federations import TaskSchedule, TaskSequenceData
 from fedbench.fl.strategy import FedAvg, GlobalModel, check_lora_semantics, has_lora_factors, train_only
 from fedbench.fl.grams import layer_input_grams
 from fedbench.merging import lorm as L
@@ -45,42 +45,6 @@ from fedbench.options import Options, check_bool, check_number
 from fedbench.registry import STRATEGIES
 
 QKV = ("query", "key", "value")
-
-
-@dataclass
-class TaskSchedule:
-    rounds_per_task: int
-    num_tasks: int
-
-    def task_of(self, round_idx: int) -> int:
-        return (int(round_idx) - 1) // self.rounds_per_task
-
-    def round_in_task(self, round_idx: int) -> int:
-        return (int(round_idx) - 1) % self.rounds_per_task
-
-
-@dataclass
-class TaskSequenceData(FederatedData):
-    """A class-incremental task sequence on one train and one test split (the loop's ``FederatedData``).
-
-    ``train.class_mask`` restricts each training example to its own task's classes. ``client_indices`` (the
-    loop's field) holds every client's rows over all tasks; the task's rows are ``task_clients[t][c]``."""
-    schedule: TaskSchedule = None
-    class_groups: list = field(default_factory=list)          # [task] -> class ids
-    task_clients: list = field(default_factory=list)          # [task][client] -> rows of train
-    task_test: list = field(default_factory=list)             # [task] -> rows of test
-    task_val: list = field(default_factory=list)              # [task] -> rows of train (validation, never trained)
-    task_heldout: list = field(default_factory=list)          # [task][client] -> rows of train (merge check)
-
-    def seen_mask(self, t: int) -> torch.Tensor:
-        mask = torch.zeros(self.num_labels, dtype=torch.bool)
-        mask[[c for g in self.class_groups[:t + 1] for c in g]] = True
-        return mask
-
-    def seen_view(self, split, t: int):
-        """`split` scored over the classes of tasks 0..t (the task id is never given)."""
-        from fedbench.models.inputs import TokenizedSplit
-        return TokenizedSplit(split.input_ids, split.labels, class_mask=self.seen_mask(t).expand(len(split), -1))
 
 
 def input_groups(modules) -> "OrderedDict[str, list]":

@@ -46,54 +46,12 @@ from fedbench.errors import ConfigError
 from fedbench.strategies import clustering as CL
 from fedbench.merging.aggregators import TooFewUpdates, fedavg
 from fedbench.fl.seeding import derive_seed, rng_for
-from fedbench.fl.data import FederatedData
+from fedbench.fl.federations import MultiTaskData, as_multitask
 from fedbench.fl.strategy import FedAvg, GlobalModel
 from fedbench.options import Options, check_bool, check_choice, check_int
 from fedbench.registry import AGGREGATORS, STRATEGIES
 
 log = logging.getLogger("fedbench.fl")
-
-
-@dataclass
-class MultiTaskData(FederatedData):
-    """Several tasks in one train and one test split (one shared label space: every task binary here).
-
-    ``client_indices`` (the loop's field) holds every client's rows over all tasks; ``task_clients[t][c]``
-    the rows of task t at client c; ``task_test[t]`` / ``task_val[t]`` the test / validation rows of task t
-    (validation rows come from the training split and are never trained on); ``test_owner[t]`` /
-    ``val_owner[t]`` the client whose adapter scores each of those rows (the server's clustering options are
-    the strategy's: ``fl.options``, :class:`ClusterOptions`). ``head_rows[t]`` = (start, stop) of task
-    t's classifier rows when every task has its own head; empty: one head shared by every task."""
-    tasks: list = field(default_factory=list)
-    task_clients: list = field(default_factory=list)
-    task_test: list = field(default_factory=list)
-    task_val: list = field(default_factory=list)
-    test_owner: list = field(default_factory=list)
-    val_owner: list = field(default_factory=list)
-    head_rows: list = field(default_factory=list)
-
-
-def draw_owners(rows_per_task: list, task_clients: list, seed: int, stream: int) -> list:
-    """For each task, one client per row, drawn with probability proportional to the client's samples of it."""
-    out = []
-    for t, rows in enumerate(rows_per_task):
-        counts = np.array([len(p) for p in task_clients[t]], dtype=float)
-        rng = rng_for(seed, "subsample", 10**6 + t, stream)
-        out.append(rng.choice(len(counts), size=len(rows), p=counts / counts.sum()).astype(np.int64)
-                   if len(rows) else np.zeros(0, dtype=np.int64))
-    return out
-
-
-def as_multitask(data: FederatedData, seed: int) -> MultiTaskData:
-    """A plain one-task FederatedData viewed as a federation of one task (every strategy runs on any data)."""
-    if isinstance(data, MultiTaskData):
-        return data
-    tc = [[np.asarray(ix) for ix in data.client_indices]]
-    test = [np.asarray(data.test_indices)]
-    return MultiTaskData(train=data.train, test=data.test, client_indices=data.client_indices,
-                         test_indices=data.test_indices, class_names=data.class_names, pad_id=data.pad_id,
-                         tasks=["task"], task_clients=tc, task_test=test, task_val=[],
-                         test_owner=draw_owners(test, tc, seed, 1), val_owner=[])
 
 
 def _check(name: str):
