@@ -3,6 +3,7 @@
     fedbench run configs/fedpeft/quick.yaml --set fl.aggregator=median   # a whole paper experiment (its profile)
     fedbench run my_run.yaml --set peft.rank=4 --engine flower        # one federated run (an ExperimentConfig)
     fedbench list                                                     # tuners, aggregators, strategies, ...
+    fedbench export configs/fl_tac/quick.yaml --method fl_tac --seed 0 > run.yaml   # one paper run, alone
 
 A bad value, at load time or while building (e.g. ``peft.depth=99`` on a 6-layer backbone), is one line
 naming the field, the value and what is allowed, with exit code 2 and no traceback.
@@ -88,6 +89,30 @@ def _run(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    """One run of a paper experiment as a config that runs alone (``fedbench run RUN.yaml``, Flower included)."""
+    import importlib
+
+    from fedbench.config import ConfigError
+    from fedbench.experiments.common import read_profile_file
+    from fedbench.registry import EXPERIMENTS
+    try:
+        profile = read_profile_file(args.config)
+        entry = EXPERIMENTS.entry(profile["experiment"], "experiment")
+        if not entry.facts.get("exports"):
+            exporting = [e.name for e in EXPERIMENTS if e.facts.get("exports")]
+            raise ConfigError("experiment", entry.name, f"an experiment whose runs export as configs: {exporting}")
+        module = importlib.import_module(entry.obj)
+        kw = {k: v for k, v in (("method", args.method), ("seed", args.seed), ("lr", args.lr)) if v is not None}
+        cfg = module.export(profile=profile["profile"] or "quick", path=args.config, **kw, **_parse_sets(args.set))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"fedbench export: {e}", file=sys.stderr)
+        return 2
+    import yaml
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return 0
+
+
 def _cmd_results(args) -> int:
     from fedbench.results import load_results
     df = load_results(args.results)
@@ -123,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
                                                      "results/runs)")
     run.add_argument("--force", action="store_true", help="recompute even if this config has a finished run")
     run.set_defaults(fn=_cmd_run)
+    exp = sub.add_parser("export", help="write one run of a paper experiment as a run config (YAML on stdout) that "
+                                        "`fedbench run` and Flower run alone")
+    exp.add_argument("config", help="the experiment's profile, e.g. configs/fl_tac/quick.yaml")
+    exp.add_argument("--method", default=None, help="the experiment's method (default: its headline method)")
+    exp.add_argument("--seed", type=int, default=None)
+    exp.add_argument("--lr", type=float, default=None, help="default: the lr the profile chose on validation")
+    exp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a profile setting or field")
+    exp.set_defaults(fn=_cmd_export)
     res = sub.add_parser("results", help="list finished runs")
     res.add_argument("--results", default=None)
     res.set_defaults(fn=_cmd_results)

@@ -9,6 +9,8 @@ shared loop, so every core condition (e.g. ``fl.dropout`` or ``train.dp.enabled`
 """
 from fedbench.registry import EXPERIMENTS
 
+# exports: `fedbench export` can write one of its runs as a config that runs alone (its runs are their configs)
+EXPORTS = ("quickstart", "fl_tac", "autofednlp", "lorm")
 for _name, _notebook, _doc in [
         ("quickstart", "00_quickstart", "LoRA FedAvg on one offline task vs a linear probe"),
         ("fedpeft", "01_fedpeft", "FedPEFT: which parameters to train and send (arXiv 2210.01708)"),
@@ -17,4 +19,5 @@ for _name, _notebook, _doc in [
         ("lorm", "04_lorm", "LoRM: closed-form LoRA merges in federated class-incremental learning"),
         ("task_arithmetic", "05_task_arithmetic", "task arithmetic is one-shot FedAvg (task-clients on the loop)"),
         ("robustness", "06_robustness", "robust rules under Byzantine clients and NaN faults")]:
-    EXPERIMENTS.register(_name, f"fedbench.experiments.{_name}", notebook=_notebook, doc=_doc)
+    EXPERIMENTS.register(_name, f"fedbench.experiments.{_name}", notebook=_notebook, doc=_doc,
+                         exports=_name in EXPORTS)

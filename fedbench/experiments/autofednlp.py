@@ -31,8 +31,9 @@ import numpy as np
 import pandas as pd
 
 from fedbench.config import ConfigError, ExperimentConfig, config_hash
-from fedbench.experiments.common import (Settings, check_list, check_seeds, is_int, is_number, output_dir,
-                                         resolve_profile, runs_root, save_table, select_lr)
+from fedbench.experiments.common import (Settings, check_list, check_method, check_seeds, check_subset, chosen_lr,
+                                         is_int, is_number, no_lr, output_dir, resolve_profile, runs_root,
+                                         save_table, select_lr)
 
 EXPERIMENT = "autofednlp"
 SCHEMA = 3         # what a stored run computes: part of every run's store root (3: caches filled once per seed)
@@ -140,6 +141,21 @@ def run_config(s: AutoFedNlpSettings, base: ExperimentConfig, method: str, seed:
         rounds = min(s.max_fixed_rounds, max(1, int(np.ceil(s.horizon_s / method_clock(s, cfg) - 1e-9))))
         return cfg.replace(**{"fl.rounds": rounds})
     return base.replace(**ch)
+
+
+def export(profile: str = "quick", path=None, method: str = "autofednlp", seed: int = 0, lr: float | None = None,
+           **overrides) -> ExperimentConfig:
+    """One reported run as a config that runs alone (``fedbench export``): `method` (autofednlp, full_ft or
+    fixed_d<d>_w<w>) at `seed`, at `lr` or the lr the profile chose on validation (full FT's, or the one adapter lr;
+    an untuned adapter lr is the base's)."""
+    s, base = settings_for(profile, path, **overrides)
+    check_method(method, tuple(methods_for(s)))
+    if lr is None:
+        lr = (chosen_lr(EXPERIMENT, profile, path, method="full_ft") if method == "full_ft" else
+              chosen_lr(EXPERIMENT, profile, path, applies_to="every adapter run"))
+        if lr is None and (method == "full_ft" or s.adapter_lr_grid):
+            raise no_lr(profile, method)
+    return run_config(s, base, method, int(seed), lr)
 
 
 # -- runs ---------------------------------------------------------------------------------------------------

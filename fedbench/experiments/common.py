@@ -67,6 +67,34 @@ def output_dir(experiment: str, profile: str, path: str | Path | None = None) ->
     return d
 
 
+def chosen_lr(experiment: str, profile: str, path=None, **match) -> float | None:
+    """The learning rate a profile's last run chose on validation for the ``lr_selection.csv`` rows matching
+    `match` (column = value), read from its outputs; None if it has not run or chose none there."""
+    import pandas as pd
+    name = read_profile_file(path)["results"] if path is not None else None
+    folder = results_root() / experiment
+    folder = folder / name if name else (folder if profile == "quick" else folder / profile)
+    f = folder / "lr_selection.csv"
+    if not f.exists():
+        return None
+    rows = pd.read_csv(f)
+    rows = rows[rows["chosen"].astype(bool)]
+    for col, value in match.items():
+        rows = rows[rows[col] == value]
+    return float(rows["lr"].iloc[0]) if len(rows) else None
+
+
+def check_method(method: str, allowed) -> str:
+    if method not in allowed:
+        raise ConfigError("--method", method, f"one of {list(allowed)}")
+    return method
+
+
+def no_lr(profile: str, method: str):
+    return ConfigError("--lr", None, f"a learning rate for {method!r}: profile {profile!r} has no chosen one yet "
+                                     f"(its lr_selection.csv is written when it runs)")
+
+
 def runs_root() -> Path:
     """The per-config run store (git-ignored): a finished config is loaded, not recomputed."""
     return results_root() / "runs"

@@ -781,15 +781,8 @@ def dp_support_table(summary: pd.DataFrame, s: dict) -> pd.DataFrame:
     """Whether and how DP-SGD runs with each method: every method is supported by fedbench.fl.privacy
     (the clipped update of each is checked exact against one-example autograd in tests/test_privacy.py);
     the mechanism follows from the trainable-parameter count; and whether this profile ran it."""
-    how = {
-        "full": "position/token-type ids given a batch dimension for Opacus",
-        "head": "classifier trained on cached frozen features",
-        "bitfit": "every bias of the encoder + head",
-        "adapter": "adapter Linear layers + head",
-        "prompt": "soft prompt looked up per example so Opacus sees a batch dimension",
-        "lora": "peft LoRA A/B Linear layers + head (Opacus issue #820: update checked exact in tests)",
-        "ia3": "(IA)^3 scaling vectors as modules of their own, with an exact grad sampler + head",
-    }
+    from fedbench.registry import TUNERS
+    how = {m: TUNERS.entry(m).opacus for m in METHODS}      # what DP-SGD's per-sample gradients go through
     rows = []
     for m in METHODS:
         g = summary[summary["method"] == m]

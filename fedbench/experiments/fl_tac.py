@@ -37,8 +37,9 @@ import pandas as pd
 
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.fl.federations import BINARY, binary_tasks
-from fedbench.experiments.common import (Settings, check_list, check_seeds, check_subset, is_int, is_number, output_dir,
-                                         resolve_profile, runs_root, save_figure, save_table)
+from fedbench.experiments.common import (Settings, check_list, check_method, check_seeds, check_subset, chosen_lr,
+                                         is_int, is_number, no_lr, output_dir, resolve_profile, runs_root,
+                                         save_figure, save_table)
 from fedbench.fl.seeding import derive_seed, rng_for
 
 EXPERIMENT = "fl_tac"
@@ -149,6 +150,18 @@ def pool_of(s: FlTacSettings, base: ExperimentConfig, caches: bool = False):
     if caches:
         pool_caches(pool, base.model, base.peft.depth)
     return pool
+
+
+def export(profile: str = "quick", path=None, method: str = "fl_tac", seed: int = 0, lr: float | None = None,
+           **overrides) -> ExperimentConfig:
+    """One reported run as a config that runs alone (``fedbench export``): `method` at `seed`, at `lr` or the lr
+    the profile chose on validation (its ``lr_selection.csv``)."""
+    s, base = settings_for(profile, path, **overrides)
+    check_method(method, METHODS)
+    lr = lr if lr is not None else chosen_lr(EXPERIMENT, profile, path, method=LR_FROM.get(method, method))
+    if lr is None:
+        raise no_lr(profile, method)
+    return run_config(s, base, method, int(seed), float(lr), validate=int(seed) == s.seeds[0])
 
 
 class _Runner:

@@ -39,8 +39,9 @@ import pandas as pd
 import torch
 
 from fedbench.config import ConfigError, ExperimentConfig, config_hash
-from fedbench.experiments.common import (Settings, TableRunStore, check_list, check_seeds, check_subset, is_int,
-                                         is_number, output_dir, resolve_profile, save_figure, save_table)
+from fedbench.experiments.common import (Settings, TableRunStore, check_list, check_method, check_seeds,
+                                         check_subset, chosen_lr, is_int, is_number, no_lr, output_dir,
+                                         resolve_profile, save_figure, save_table)
 from fedbench.experiments.common import select_lr as common_select_lr
 from fedbench.fl.seeding import derive_seed, rng_for
 
@@ -279,6 +280,18 @@ class LormResult:
     correct: dict = field(default_factory=dict)      # method -> (n_seeds, n_test) 0/1
     out: Path = None
     figures: dict = field(default_factory=dict)
+
+
+def export(profile: str = "quick", path=None, method: str = "lorm", seed: int = 0, lr: float | None = None,
+           **overrides) -> ExperimentConfig:
+    """One reported federated run as a config that runs alone (``fedbench export``): `method` at `seed`, at `lr` or
+    the lr the profile chose on validation. ``joint`` (centralised) is not a federated run."""
+    s, base = settings_for(profile, path, **overrides)
+    check_method(method, tuple(m for m in METHODS if m != "joint"))
+    lr = lr if lr is not None else chosen_lr(EXPERIMENT, profile, path, method=method)
+    if lr is None:
+        raise no_lr(profile, method)
+    return run_config(s, base, method, int(seed), float(lr))
 
 
 class _Runner:

@@ -36,6 +36,17 @@ def make_config(profile: str = "quick", path=None, **overrides) -> ExperimentCon
     return settings_for(profile, path, **overrides).base
 
 
+def export(profile: str = "quick", path=None, method: str = "fedavg", seed: int | None = None, lr: float | None = None,
+           **overrides) -> ExperimentConfig:
+    """The quickstart's federated run as a config that runs alone (``fedbench export``); `seed` / `lr` replace
+    the profile's. (Its other arm, the linear probe, is not a federated run.)"""
+    from fedbench.experiments.common import check_method
+    check_method(method, ("fedavg",))
+    cfg = make_config(profile, path, **overrides)
+    changes = {k: v for k, v in (("seed", seed), ("train.lr", lr)) if v is not None}
+    return cfg.replace(**changes) if changes else cfg
+
+
 def linear_probe(data, model_cfg: ModelConfig, seed: int) -> dict:
     """Logistic regression on frozen mean-pooled encoder features, trained on all clients' data pooled.
     Returns its test accuracy and per-example correctness on ``data.test_indices`` (in that order)."""

@@ -19,11 +19,6 @@ from functools import lru_cache
 
 from fedbench.config import ConfigError
 
-# Used where the tuner registry (fedbench.registry.TUNERS, facts takes_depth / fields) has no entry:
-# PEFT methods that take `peft.depth` (the top `depth` layers), and those that read `peft.target_modules`
-# ('ia3' places itself by the backbone's model type: peft's defaults)
-DEPTH_METHODS = ("lora", "adapter", "ia3")
-TARGET_METHODS = ("lora",)
 
 # text model types whose AutoModel has BERT's layout, which EncoderClassifier relies on: embeddings with
 # word_embeddings, encoder.encoder.layer[i] = attention.self.{query,key,value}, attention.output.dense,
@@ -198,23 +193,16 @@ def _check_modality(cfg, facts: BackboneFacts) -> None:
                           f"backbone ({facts.model_type})")
 
 
-def _tuner_facts(method: str) -> dict | None:
-    """The registry's facts about a PEFT method, or None (no registry, or the method is not in it)."""
-    try:
-        from fedbench.registry import TUNERS
-        return dict(TUNERS.entry(method).facts)
-    except (ImportError, ConfigError):      # no registry yet, or a name it lacks
-        return None
-
-
 def takes_depth(method: str) -> bool:
-    facts = _tuner_facts(method)
-    return bool(facts["takes_depth"]) if facts and "takes_depth" in facts else method in DEPTH_METHODS
+    """Whether the tuner trains only the top ``peft.depth`` layers (the tuner registry's fact)."""
+    from fedbench.registry import TUNERS
+    return bool(TUNERS.entry(method, "peft.method").facts.get("takes_depth", False))
 
 
 def reads_target_modules(method: str) -> bool:
-    facts = _tuner_facts(method)
-    return "target_modules" in facts["fields"] if facts and "fields" in facts else method in TARGET_METHODS
+    """Whether the tuner reads ``peft.target_modules`` (its registry entry's ``fields``)."""
+    from fedbench.registry import TUNERS
+    return "target_modules" in TUNERS.entry(method, "peft.method").facts.get("fields", ())
 
 
 def _check_peft(peft, facts: BackboneFacts) -> None:

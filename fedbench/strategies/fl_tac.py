@@ -74,9 +74,14 @@ def _pair(c: int, t: int) -> str:
 
 
 class TaskClusters(FedAvg):
-    """The shared machinery; ``grouping`` decides how the server groups the adapters it receives."""
+    """The shared machinery; :meth:`groups` (each subclass's one rule) decides whose adapters are averaged."""
 
-    grouping = "kmeans"          # kmeans | task | pair | shared (FedIT: one adapter per client)
+    shared_adapter = False       # FedIT: one adapter per client, trained on its tasks in turn
+    average_heads = True         # task heads FedAvg'd per task over its holders (local training keeps its own)
+
+    def groups(self, gm: GlobalModel, subs: list, round_idx: int) -> list[str]:
+        """The group of each (client, task, adapter, samples) of `subs`: adapters of a group are averaged."""
+        raise NotImplementedError
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
@@ -127,7 +132,7 @@ class TaskClusters(FedAvg):
         for c in clients:
             c = int(c)
             tasks = self.tasks_of(c)
-            if self.grouping == "shared":
+            if self.shared_adapter:
                 slots, names = {"shared": self.slot_of(c, 0)}, ["shared"]
             else:
                 slots, names = {f"task{t}": self.slot_of(c, t) for t in tasks}, [f"task{t}" for t in tasks]
@@ -154,48 +159,15 @@ class TaskClusters(FedAvg):
             for t, st, n in self._unpack(u):
                 subs.append((u.client_id, t, st, n))
         states, weights = [s[2] for s in subs], [float(s[3]) for s in subs]
-        true = [s[1] for s in subs]
-        row = {"round": int(round_idx), "adapters": len(subs)}
-        if self.grouping == "kmeans":
-            x = self._features(global_model, subs)
-            opts = self.options
-            k = opts.k or self.n_tasks
-            n_init = int(opts.n_init)
-            k_max = opts.k_max or 2 * self.n_tasks
-            seed = derive_seed(self.cfg.seed, "server", round_idx) % 2**32
-            sil_k, scores = None, {}
-            if k == "auto" or opts.silhouette:
-                sil_k, scores = CL.choose_k_silhouette(x, seed, k_max=int(k_max),
-                                                       n_init=int(opts.silhouette_n_init or n_init))
-            k = sil_k if k == "auto" else min(int(k), len(subs))
-            labels = CL.kmeans_labels(x, k, seed, n_init).tolist()
-            row.update(k=int(k), k_silhouette=sil_k,
-                       ari=CL.adjusted_rand(true, labels), hungarian_accuracy=CL.hungarian_accuracy(true, labels))
-            groups = [f"r{round_idx}c{j}" for j in labels]
-            if opts.embedding != "none":
-                self._embed(x, subs, labels, round_idx, opts.embedding)
-        elif self.grouping == "task":
-            groups = [f"task{t}" for t in true]
-        elif self.grouping == "pair":
-            groups = [f"pair{c}_{t}" for c, t, _, _ in subs]
-        else:
-            groups = ["shared"] * len(subs)
-        if self.grouping == "kmeans":
-            pairs = [_pair(c, t) for c, t, _, _ in subs]
-            cur = dict(zip(pairs, labels))
-            common = [p for p in pairs if p in self.prev_labels]
-            row["changed_clusters"] = (changed_count([self.prev_labels[p] for p in common], [cur[p] for p in common])
-                                       if common else None)
-            self.prev_labels = cur
-            self.cluster_rows.append(row)
+        groups = self.groups(global_model, subs, round_idx)
         aggregates = self._group_average(states, weights, groups, round_idx)
         for (c, t, _, _), g in zip(subs, groups):
-            if self.grouping == "shared":
+            if self.shared_adapter:
                 for tt in range(self.n_tasks):
                     self.assign[_pair(c, tt)] = g
             else:
                 self.assign[_pair(c, t)] = g
-        if self.grouping == "shared":        # every client (reporting or not) receives the new average
+        if self.shared_adapter:              # every client (reporting or not) receives the new average
             self.assign = {p: "shared" for p in self.assign}
         state = OrderedDict((k, v) for k, v in global_model.state.items() if k.startswith("init/"))
         live = set(self.assign.values())
@@ -205,7 +177,7 @@ class TaskClusters(FedAvg):
                 state[k] = v
         for g, agg in aggregates.items():
             state.update((f"{g}/{k}", agg[k]) for k in self.keys)
-        if self.task_heads and self.grouping != "pair":
+        if self.task_heads and self.average_heads:
             heads = self._task_heads(global_model, updates, round_idx)
             for name in dict.fromkeys(k.split("/", 1)[0] for k in state):     # every slot, init included
                 state.update((f"{name}/{k}", heads[k]) for k in self.head_keys)
@@ -274,7 +246,7 @@ class TaskClusters(FedAvg):
         tasks = [int(t) for t in ins.options.get("tasks", self.tasks_of(c))]
         adapters = store.setdefault("adapters", {})
         base = run.cfg.train if ins.local_steps is None else run.cfg.train.with_steps(ins.local_steps)
-        shared = self.grouping == "shared"
+        shared = self.shared_adapter
         steps = max(1, (base.local_steps or 1) // max(1, len(tasks))) if shared else base.local_steps
         cfg = base.with_steps(steps) if steps else base
         state_out, extras, losses, n_steps, n_all, eps = OrderedDict(), {}, [], 0, 0, []
@@ -321,8 +293,7 @@ class TaskClusters(FedAvg):
         from fedbench.fl.client import evaluate
         idx, lab, pred, losses = [], [], [], []
         for t, (rows, own) in enumerate(zip(rows_per_task, owners)):
-            slots = np.array([self.slot_of(int(c), t) if self.grouping != "shared" else self.slot_of(int(c), 0)
-                              for c in own])
+            slots = np.array([self.slot_of(int(c), 0 if self.shared_adapter else t) for c in own])
             for s in sorted(set(slots.tolist())):
                 sel = np.asarray(rows)[slots == s]
                 run.load(GlobalModel(self.slot(gm, s)))
@@ -419,22 +390,58 @@ class ClusterOptions(Options):
 @STRATEGIES.register("fl_tac", check=_check("fl_tac"), options=ClusterOptions)
 class FLTAC(TaskClusters):
     """FL-TAC: per-task adapters, k-means on the server, FedAvg per cluster."""
-    grouping = "kmeans"
+
+    def groups(self, gm, subs, round_idx):
+        """k-means over the adapters (or their updates), k = the number of tasks by default (ClusterOptions);
+        each round's clustering is scored against the true tasks (ARI, Hungarian accuracy, changed clusters)."""
+        true = [t for _, t, _, _ in subs]
+        row = {"round": int(round_idx), "adapters": len(subs)}
+        x = self._features(gm, subs)
+        opts = self.options
+        k = opts.k or self.n_tasks
+        n_init = int(opts.n_init)
+        k_max = opts.k_max or 2 * self.n_tasks
+        seed = derive_seed(self.cfg.seed, "server", round_idx) % 2**32
+        sil_k = None
+        if k == "auto" or opts.silhouette:
+            sil_k, _ = CL.choose_k_silhouette(x, seed, k_max=int(k_max), n_init=int(opts.silhouette_n_init or n_init))
+        k = sil_k if k == "auto" else min(int(k), len(subs))
+        labels = CL.kmeans_labels(x, k, seed, n_init).tolist()
+        row.update(k=int(k), k_silhouette=sil_k,
+                   ari=CL.adjusted_rand(true, labels), hungarian_accuracy=CL.hungarian_accuracy(true, labels))
+        if opts.embedding != "none":
+            self._embed(x, subs, labels, round_idx, opts.embedding)
+        pairs = [_pair(c, t) for c, t, _, _ in subs]
+        cur = dict(zip(pairs, labels))
+        common = [p for p in pairs if p in self.prev_labels]
+        row["changed_clusters"] = (changed_count([self.prev_labels[p] for p in common], [cur[p] for p in common])
+                                   if common else None)
+        self.prev_labels = cur
+        self.cluster_rows.append(row)
+        return [f"r{round_idx}c{j}" for j in labels]
 
 
 @STRATEGIES.register("fl_tac_oracle", check=_check("fl_tac_oracle"))
 class TaskOracle(TaskClusters):
     """Per-task FedAvg with the true task labels (what perfect clustering gives)."""
-    grouping = "task"
+
+    def groups(self, gm, subs, round_idx):
+        return [f"task{t}" for _, t, _, _ in subs]
 
 
 @STRATEGIES.register("fl_tac_local", check=_check("fl_tac_local"))
 class TaskLocal(TaskClusters):
     """Every (client, task) adapter trains alone; the server returns it unchanged."""
-    grouping = "pair"
+    average_heads = False
+
+    def groups(self, gm, subs, round_idx):
+        return [f"pair{c}_{t}" for c, t, _, _ in subs]
 
 
 @STRATEGIES.register("fedit_tasks", check=_check("fedit_tasks"))
 class FedITTasks(TaskClusters):
     """FedIT as in the official code: one adapter per client, local_steps // n_tasks steps on each task in turn."""
-    grouping = "shared"
+    shared_adapter = True
+
+    def groups(self, gm, subs, round_idx):
+        return ["shared"] * len(subs)

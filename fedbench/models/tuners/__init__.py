@@ -2,7 +2,9 @@
 
 One module per method, each with ``apply(model, cfg)``, registered in :data:`fedbench.registry.TUNERS` with
 the facts the rest of fedbench asks about it: whether it takes ``peft.depth`` (top layers only), which
-``PeftConfig`` fields it reads, and what Opacus needs for per-sample gradients. :func:`apply_peft` looks
+``PeftConfig`` fields it reads, and what DP-SGD's per-sample gradients go through (``opacus``: one line, shown by
+``fedbench list`` and FedPEFT's DP support table; the mechanism, hooks or ghost clipping, follows from the size:
+:func:`fedbench.fl.privacy.clipping_mode`). :func:`apply_peft` looks
 ``cfg.method`` up there. The classifier head trains with every method (a new task needs its head).
 
 Adding a tuner: a module here with ``apply(model, cfg)``, one ``TUNERS.register(...)`` line below, and the
@@ -17,13 +19,13 @@ from fedbench.registry import TUNERS
 
 TUNERS.register("full", selective.apply_full, doc="full fine-tuning: every parameter (with `depth`: every parameter "
                 "of the top `depth` layers + the head)", takes_depth=True, fields=("depth",),
-                opacus="position/token-type ids given a batch dimension; ghost clipping (22.7M parameters)")
+                opacus="position/token-type ids given a batch dimension for Opacus")
 TUNERS.register("head", selective.apply_head, doc="the classifier head only (a linear probe)", takes_depth=False,
                 fields=(),
                 opacus="classifier trained on cached frozen features")
 TUNERS.register("bitfit", selective.apply_bitfit, doc="BitFit: every bias + the head (Ben Zaken et al. 2022; "
                 "with `depth`: the biases of the top `depth` layers)", takes_depth=True, fields=("depth",),
-                opacus="every bias of the encoder + head (Opacus' own Linear/LayerNorm samplers)")
+                opacus="every bias of the encoder + head")
 TUNERS.register("lora", lora.apply, doc="LoRA through peft on the top `depth` layers (Hu et al. 2022)",
                 takes_depth=True, has_lora_factors=True,
                 fields=("rank", "lora_alpha", "lora_dropout", "target_modules", "depth"),

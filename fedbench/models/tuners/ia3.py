@@ -47,8 +47,9 @@ ADAPTER_NAME = "default"
 # what the tuner registry records about this method
 TAKES_DEPTH = True
 CONFIG_FIELDS = ("depth",)
-OPACUS_NOTE = ("vectors scaled through fedbench's IA3Scale module with its own exact grad sampler (Opacus has "
-               "none, and peft's ParameterDict is never called); ghost clipping falls back to it")
+# peft's ParameterDict is never called, so the vectors are scaled through fedbench's IA3Scale module, which has
+# its own exact grad sampler (Opacus has none); ghost clipping falls back to it
+OPACUS_NOTE = "(IA)^3 scaling vectors as modules of their own, with an exact grad sampler + head"
 
 # (target modules, feedforward modules) for backbones peft's IA3 table lacks; peft's table comes first.
 # ViT (transformers 5 names): BERT's placement, key/value -> k_proj/v_proj, attention.output.dense ->
