@@ -39,8 +39,6 @@ class Options:
 
     @classmethod
     def from_dict(cls, d: Any, prefix: str) -> "Options":
-        if d is None:
-            d = {}
         if not isinstance(d, dict):
             raise ConfigError(prefix, d, f"a mapping of option names to values: {field_names(cls)}")
         unknown = sorted(set(d) - set(field_names(cls)))
@@ -72,7 +70,7 @@ def normalize(entry, value, prefix: str) -> dict:
     without an ``options`` fact takes none (an empty mapping)."""
     cls = entry.facts.get("options")
     if cls is None:
-        if value not in (None, {}):
+        if value != {}:
             raise ConfigError(prefix, value, f"{{}} ({entry.name!r} takes no options)")
         return {}
     return cls.from_dict(value, prefix).to_dict()

@@ -39,9 +39,13 @@ LEAVES = dict(_leaves())
 DEFAULTS = ExperimentConfig().to_dict()
 
 
+OPTION_MAPPINGS = {"fl.options", "fl.aggregator_options", "data.federation_options"}   # a component's typed options
+
+
 def _dict_leaves(d, prefix=""):
     for k, v in d.items():
-        yield from (_dict_leaves(v, prefix + k + ".") if isinstance(v, dict) else [prefix + k])
+        leaf = isinstance(v, dict) and prefix + k not in OPTION_MAPPINGS
+        yield from (_dict_leaves(v, prefix + k + ".") if leaf else [prefix + k])
 
 
 # fields holding a fraction / a bounded number: a value just out of their range
@@ -93,6 +97,8 @@ def _bad_values(dotted, hint):
         default = _dotted_get(DEFAULTS, dotted)
         out += [("empty-list", []), ("empty-str-item", [""]), ("bare-str", default[0]), ("int", 3),
                 ("int-item", [3]), ("unknown-name", ["no-such-name"])]
+    elif base is dict:          # the default component takes no options: any option is unknown to it
+        out += [("str", "x"), ("list", [1]), ("unknown-option", {"no_such_option": 1})]
     else:
         pytest.fail(f"no bad values for {dotted}: {hint!r}; add its type to _bad_values")
     if not _optional(hint):
