@@ -1,4 +1,3 @@
-import json
 
 from fedbench.cli import main
 from fedbench.config import DataConfig, ExperimentConfig, FLConfig, PeftConfig, TrainConfig

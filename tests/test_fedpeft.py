@@ -359,12 +359,12 @@ def test_a_held_search_run_replays_on_test_as_the_run_trained_for_it(tmp_results
                  dp_methods=["head"], dp_epsilons=[8.0], clip_only=False, rounds=3, axis_eval_every=2)
     c = fp.base_cell(s, "tweet_sentiment", method, 0, dp_epsilon=eps)
     lr = s["lr_grid"][method][0]
-    val_cfg, test_cfg = fp.make_config(c, s, lr=lr, eval_every=3), fp.make_config(c, s, lr=lr)
+    val_cfg, test_cfg = fp.make_config(c, s, lr=lr, eval_every=3, validation=True), fp.make_config(c, s, lr=lr)
     assert val_cfg.hash() != test_cfg.hash() and fp._same_training(val_cfg, test_cfg)
     runner = fp.Runner(s)
-    runner.run(val_cfg, "validation", test_cfg=test_cfg)
+    runner.run(val_cfg, test_cfg=test_cfg)
     assert set(runner.held) == {run_key(test_cfg, "inprocess")}
-    replayed, cached = runner.run(test_cfg, "test")
+    replayed, cached = runner.run(test_cfg)
     assert not cached and not runner.held
     fresh = fp.Runner(s)
     data = fresh._data(test_cfg, "test")
@@ -373,6 +373,10 @@ def test_a_held_search_run_replays_on_test_as_the_run_trained_for_it(tmp_results
     assert {k: v for k, v in replayed.summary.items() if k != "wall_s"} == \
         {k: v for k, v in direct.summary.items() if k != "wall_s"}
     assert np.array_equal(replayed.correct, direct.correct)
+    # and the reported run is its config: built from the config alone (data, prefilled caches), the same run
+    alone = run_federated(test_cfg)
+    pd.testing.assert_frame_equal(alone.rounds.drop(columns="wall_s"), direct.rounds.drop(columns="wall_s"))
+    assert np.array_equal(alone.correct, direct.correct)
     evaluated = direct.rounds["accuracy"].notna().tolist()
     assert evaluated == ([True, True, True] if eps is None else [False, True, True])
     if eps is not None:
@@ -384,7 +388,7 @@ def test_a_validation_run_of_another_training_is_not_held(tmp_results):
                  dp_methods=[], rounds=2)
     c = fp.base_cell(s, "tweet_sentiment", "head", 0)
     runner = fp.Runner(s)
-    runner.run(fp.make_config(c, s, lr=0.01, eval_every=2), "validation", test_cfg=fp.make_config(c, s, lr=0.03))
+    runner.run(fp.make_config(c, s, lr=0.01, eval_every=2, validation=True), test_cfg=fp.make_config(c, s, lr=0.03))
     assert not runner.held
 
 

@@ -6,7 +6,7 @@ import torch
 from fedbench.config import DataConfig, ExperimentConfig, FLConfig, PeftConfig, TrainConfig
 from fedbench.fl import FederatedRun, evaluate, prepare_data, run_federated, sample_clients, train_client
 from fedbench.fl.seeding import derive_seed
-from fedbench.models import lora_delta, lora_modules, state_nbytes, trainable_state
+from fedbench.models import lora_delta, lora_modules, state_nbytes
 
 
 def tiny(method="lora", **changes):

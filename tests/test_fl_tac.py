@@ -400,7 +400,6 @@ def test_fedit_with_task_heads_weights_each_head_by_its_tasks_samples(tiny):
 
 
 def test_update_clustering_clusters_what_changed_this_round(tiny):
-    from fedbench.experiments import fl_tac
     from fedbench.fl import FederatedRun
     s, base, pool, data = tiny
     cfg = _cfg(tiny, "fl_tac_update")

@@ -77,7 +77,7 @@ from fedbench.fl.data import FederatedData
 from fedbench.fl.server import FederatedRun, RoundPlan
 from fedbench.fl.store import ClientStore
 from fedbench.fl.strategy import ClientInstruction
-from fedbench.results import RunResult, run_key
+from fedbench.results import RunResult
 
 log = logging.getLogger("fedbench.engines.flower")
 

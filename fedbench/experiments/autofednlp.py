@@ -30,13 +30,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedbench.config import ConfigError, ExperimentConfig, config_hash
-from fedbench.experiments.common import (Settings, check_list, check_method, check_seeds, check_subset, chosen_lr,
+from fedbench.config import ConfigError, ExperimentConfig
+from fedbench.experiments.common import (Settings, check_list, check_method, check_seeds, chosen_lr,
                                          is_int, is_number, no_lr, output_dir, resolve_profile, runs_root,
                                          save_table, select_lr)
 
 EXPERIMENT = "autofednlp"
-SCHEMA = 3         # what a stored run computes: part of every run's store root (3: caches filled once per seed)
 NUM_LAYERS = 6     # the bundled MiniLM
 
 
@@ -126,7 +125,9 @@ def run_config(s: AutoFedNlpSettings, base: ExperimentConfig, method: str, seed:
                lr: float | None = None) -> ExperimentConfig:
     """The core config of one run (`method`: autofednlp[_nocache], full_ft or fixed_d{d}_w{w}); `lr`: full FT's,
     or the adapters' (None: base train.lr)."""
-    ch = {"seed": int(seed), "name": f"autofednlp-{method}", "fl.eval_every": 1}
+    # every run prefills its caches at every depth (the runs of a seed share them: FederatedData.prefill)
+    ch = {"seed": int(seed), "name": f"autofednlp-{method}", "fl.eval_every": 1,
+          "data.federation_options": {"validation": None, "prefill": True}}
     if lr is not None:
         ch["train.lr"] = float(lr)
     if method.startswith("autofednlp"):
@@ -160,10 +161,10 @@ def export(profile: str = "quick", path=None, method: str = "autofednlp", seed: 
 
 # -- runs ---------------------------------------------------------------------------------------------------
 
-def _store_root(s: AutoFedNlpSettings, method: str, split: str = "test") -> Path:
-    """The run store of `method`: the core's (keyed by the run config, the configurator's options included)
-    inside a folder keyed by what the config does not say: the split evaluated, and this module's schema."""
-    return runs_root() / EXPERIMENT / config_hash({"schema": SCHEMA, "split": split})
+def val_config(s: AutoFedNlpSettings, cfg: ExperimentConfig, method: str) -> ExperimentConfig:
+    """`cfg`'s learning-rate search run: fewer rounds, evaluated on the validation carve of the training split."""
+    return cfg.replace(**{"fl.rounds": s.full_lr_rounds if method == "full_ft" else s.adapter_lr_rounds,
+                          "data.federation_options.validation": s.validation_samples})
 
 
 class _Runner:
@@ -212,8 +213,8 @@ class _Runner:
         from fedbench.fl.server import run_cached
         cfg = run_config(self.s, self.base, method, seed, lr)
         if split == "val":
-            cfg = cfg.replace(**{"fl.rounds": self.s.full_lr_rounds if method == "full_ft" else self.s.adapter_lr_rounds})
-        root = _store_root(self.s, method, split)
+            cfg = val_config(self.s, cfg, method)
+        root = runs_root()
         from fedbench.results import load_run, run_key
         done = load_run(run_key(cfg), root)
         if done is not None:

@@ -284,9 +284,12 @@ def build_cells(s: dict) -> list[Cell]:
     return out
 
 
-def make_config(c: Cell, s: dict, lr: float | None = None, eval_every: int | None = None) -> ExperimentConfig:
+def make_config(c: Cell, s: dict, lr: float | None = None, eval_every: int | None = None,
+                validation: bool = False) -> ExperimentConfig:
     """The profile's base config with this cell's task, method, partition, participation, dropout and DP, at
-    learning rate `lr` (default: the one chosen on validation for the cell's task, method and privacy level)."""
+    learning rate `lr` (default: the one chosen on validation for the cell's task, method and privacy level);
+    `validation`: evaluated on the profile's validation carve of the training split instead of the test split.
+    Every run prefills its activation caches (the runs of the experiment share them)."""
     eps = c.dp_epsilon
     if lr is None:
         lr = s["chosen_lr"][lr_key(c)]
@@ -300,7 +303,9 @@ def make_config(c: Cell, s: dict, lr: float | None = None, eval_every: int | Non
         "train.dp.target_epsilon": float(eps) if eps is not None and math.isfinite(eps) else None,
         "train.dp.noise_multiplier": 0.0 if eps is not None and math.isinf(eps) else None,
         "fl.clients_per_round": float(c.participation), "fl.dropout": float(c.dropout),
-        "fl.eval_every": int(eval_every)})
+        "fl.eval_every": int(eval_every),
+        "data.federation_options": {"validation": int(s["validation_samples"]) if validation else None,
+                                    "prefill": True}})
 
 
 def lr_key(c: Cell) -> tuple:
@@ -545,8 +550,10 @@ def replay_on_test(test_cfg, held, data, caches):
 
 
 def _same_training(cfg, test_cfg) -> bool:
-    """Whether `cfg` and `test_cfg` differ at most in ``fl.eval_every`` (so they train identically)."""
-    return cfg.replace(**{"fl.eval_every": test_cfg.fl.eval_every}).hash() == test_cfg.hash()
+    """Whether `cfg` and `test_cfg` differ at most in what they evaluate (``fl.eval_every``, the evaluated
+    split), so they train identically."""
+    return cfg.replace(**{"fl.eval_every": test_cfg.fl.eval_every, "data.federation_options.validation":
+                          test_cfg.data.federation_options["validation"]}).hash() == test_cfg.hash()
 
 
 class Runner:
@@ -564,15 +571,23 @@ class Runner:
         self.s, self.data, self.caches = s, {}, SharedCaches([m for m in METHODS if m in methods])
         self.held: dict = {}          # run key of the test config -> held validation run
 
-    def engine(self, evaluation: str) -> str:
-        return "inprocess" if evaluation == "test" else f"inprocess/validation-{self.s['validation_samples']}"
+    @staticmethod
+    def evaluation(cfg) -> str:
+        """"test", or "validation" for a run evaluated on the validation carve (its config says which)."""
+        return "test" if cfg.data.federation_options["validation"] is None else "validation"
 
     def _data(self, cfg, evaluation: str):
+        """The run's data (what :func:`fedbench.fl.data.build_data` gives for `cfg`), shared by every method run
+        on the same clients."""
+        import dataclasses
+
         from fedbench.config import config_hash
         from fedbench.fl import prepare_data, prepare_validation
-        key = config_hash({"data": cfg.to_dict()["data"], "backbone": cfg.model.backbone, "seed": cfg.seed})
-        if (key, "test") not in self.data:       # shared by every method run on the same clients
-            self.data[(key, "test")] = prepare_data(cfg)
+        d = cfg.to_dict()["data"]
+        d.pop("federation_options")
+        key = config_hash({"data": d, "backbone": cfg.model.backbone, "seed": cfg.seed})
+        if (key, "test") not in self.data:
+            self.data[(key, "test")] = dataclasses.replace(prepare_data(cfg), prefill=True)
         if evaluation != "test" and (key, evaluation) not in self.data:
             self.data[(key, evaluation)] = prepare_validation(cfg, int(self.s["validation_samples"]),
                                                               self.data[(key, "test")])
@@ -584,13 +599,13 @@ class Runner:
         keep = {run_key(c, "inprocess") for c in test_cfgs}
         self.held = {k: v for k, v in self.held.items() if k in keep}
 
-    def run(self, cfg, evaluation: str = "test", test_cfg=None):
-        """(result, whether it was on disk). `evaluation`: "test" (reported runs) or "validation" (lr search:
-        the test split is not loaded into the run). `test_cfg` (validation only): the reported config of the
-        same training, to hold the run for (see the class)."""
+    def run(self, cfg, test_cfg=None):
+        """(result, whether it was on disk). A run on the validation carve (its config says so: the lr search;
+        the test split is not loaded into the run) may be given `test_cfg`, the reported config of the same
+        training, to hold the run for (see the class)."""
         from fedbench.fl.server import run_federated
         from fedbench.results import cached_run, load_run, run_key, save_run
-        engine = self.engine(evaluation)
+        evaluation, engine = self.evaluation(cfg), "inprocess"
         key = run_key(cfg, engine)
         done = load_run(key, runs_root())
         if done is not None:
@@ -622,8 +637,8 @@ def tune(s: dict, runner: Runner, progress: bool = True) -> pd.DataFrame:
     results = []
     todo = tuning_cells(s)
     for i, (c, lr) in enumerate(todo, 1):
-        cfg = make_config(c, s, lr=lr, eval_every=s["base"].fl.rounds)
-        result, cached = runner.run(cfg, "validation", test_cfg=make_config(c, s, lr=lr))
+        cfg = make_config(c, s, lr=lr, eval_every=s["base"].fl.rounds, validation=True)
+        result, cached = runner.run(cfg, test_cfg=make_config(c, s, lr=lr))
         results.append((c, lr, float(result.summary["final_accuracy"])))
         if progress:
             status = "cached" if cached else f"{result.summary['wall_s']:.0f}s"
@@ -644,7 +659,7 @@ def run_cells(cells: list[Cell], s: dict, progress: bool = True, runner: Runner 
     t0 = time.perf_counter()
     for i, c in enumerate(cells, 1):
         cfg = make_config(c, s)
-        result, cached = runner.run(cfg, "test")
+        result, cached = runner.run(cfg)
         done = result if cached else None
         sm = result.summary
         correct[c] = result.correct

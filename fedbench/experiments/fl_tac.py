@@ -27,7 +27,6 @@ positive; neutral rows dropped; label 0 = negative, 1 = positive).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from fedbench.fl.federations import BINARY, binary_tasks
 from fedbench.experiments.common import (Settings, check_list, check_method, check_seeds, check_subset, chosen_lr,
                                          is_int, is_number, no_lr, output_dir, resolve_profile, runs_root,
                                          save_figure, save_table)
-from fedbench.fl.seeding import derive_seed, rng_for
+from fedbench.fl.seeding import derive_seed
 
 EXPERIMENT = "fl_tac"
 METHODS = ("fl_tac", "fl_tac_update", "fedit", "oracle", "local", "fedit_heads", "fl_tac_heads")

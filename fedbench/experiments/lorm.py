@@ -29,7 +29,6 @@ average accuracy on the validation split is used for every seed (ties: the small
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from fedbench.experiments.common import (Settings, TableRunStore, check_list, ch
                                          check_subset, chosen_lr, is_int, is_number, no_lr, output_dir,
                                          resolve_profile, save_figure, save_table)
 from fedbench.experiments.common import select_lr as common_select_lr
-from fedbench.fl.seeding import derive_seed, rng_for
+from fedbench.fl.seeding import derive_seed
 
 EXPERIMENT = "lorm"
 SCHEMA = 3        # version of what a stored run holds and how it is computed: part of every run's key

@@ -463,7 +463,6 @@ def merge(method: str, tvs, w: float, rho: float, steps, seed: int, fedit_tv: di
 
 def compute_unit(r: Resolved, tuning: str, seed: int, log, lr: float | None = None) -> dict:
     """Every table of one (tuning, seed); `lr` given: fine-tune with it (no search; the first seed's choice)."""
-    from fedbench.fl import GlobalModel
     from fedbench.fl.strategy import FedAvg
     from fedbench.models import lora_delta
     start = time.perf_counter()

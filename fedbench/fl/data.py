@@ -14,7 +14,7 @@ import numpy as np
 from fedbench.fl.seeding import derive_seed, rng_for
 from fedbench.models import load_tokenizer
 from fedbench.models.inputs import TokenizedSplit, tokenize_split
-from fedbench.options import options_of
+from fedbench.options import Options, check_bool, check_int, options_of
 from fedbench.registry import FEDERATIONS
 
 
@@ -146,4 +146,27 @@ def build_data(cfg) -> FederatedData:
     return build(cfg) if opts is None else build(cfg, opts)
 
 
-FEDERATIONS.register("single", prepare_data, doc="data.task subsampled and cut into data.num_clients clients")
+@dataclass(frozen=True)
+class SingleOptions(Options):
+    """``validation``: evaluate on that many rows of the task's *training* split outside the clients' subsample
+    (:func:`prepare_validation`: what hyper-parameters are chosen on) instead of the test split (None);
+    ``prefill``: fill the activation caches with every training row and every evaluated row up front, in one
+    fixed order, as an experiment sharing caches across its runs does (a cached value computed in another batch
+    can differ in its last bits, so how the caches fill is part of what a run is)."""
+    validation: int | None = None
+    prefill: bool = False
+
+    def validate(self, prefix):
+        if self.validation is not None:
+            check_int(f"{prefix}.validation", self.validation, 2)
+        check_bool(f"{prefix}.prefill", self.prefill)
+
+
+@FEDERATIONS.register("single", options=SingleOptions)
+def build_single(cfg, o: SingleOptions) -> FederatedData:
+    """``data.task`` subsampled and cut into ``data.num_clients`` clients (:func:`prepare_data`), evaluated on its
+    test split or a validation carve."""
+    data = prepare_data(cfg)
+    if o.validation is not None:
+        data = prepare_validation(cfg, o.validation, data)
+    return dataclasses.replace(data, prefill=o.prefill)

@@ -157,11 +157,13 @@ class FederatedRun:
         self._flipped_split = None
 
     def _new_caches(self) -> tuple[ActivationCache, ActivationCache]:
-        caches = (ActivationCache(self.data.train, self.data.pad_id), ActivationCache(self.data.test, self.data.pad_id))
-        if self.data.prefill and self.model.frozen_prefix > 0:     # every example, one fixed order (FederatedData)
-            for cache in caches:
-                cache.fill_depths(self.model, np.arange(len(cache.split)), [self.model.frozen_prefix])
-        return caches
+        train, test = (ActivationCache(self.data.train, self.data.pad_id),
+                       ActivationCache(self.data.test, self.data.pad_id))
+        depths = [d for d in self.strategy.cache_depths(self.model) if d > 0]
+        if self.data.prefill and depths:         # one fixed order, up front (FederatedData.prefill)
+            train.fill_depths(self.model, np.arange(len(self.data.train)), depths)
+            test.fill_depths(self.model, np.asarray(self.data.test_indices), depths)
+        return train, test
 
     # -- what experiments call: explicit operations instead of writes to the run's fields -------------------
     def initial_model(self) -> GlobalModel:

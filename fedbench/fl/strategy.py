@@ -187,6 +187,11 @@ class FedAvg:
         """The strategy's own tables (JSON-able), added to the run's summary."""
         return {}
 
+    def cache_depths(self, model) -> list[int]:
+        """The frozen-prefix depths whose outputs the run's clients read from the activation caches (what a
+        prefilled federation fills up front): the model's frozen prefix."""
+        return [model.frozen_prefix]
+
     # -- server side ----------------------------------------------------------------------------------
     def initial_model(self, model) -> GlobalModel:
         from fedbench.models import trainable_state

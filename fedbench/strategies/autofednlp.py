@@ -181,6 +181,10 @@ class AutoFedNLP(FedAvg):
         self.num_labels = data.num_labels
         self.pad_id = data.pad_id
 
+    def cache_depths(self, model) -> list[int]:
+        """Every prefix depth: the trial groups train models of every depth over the same caches."""
+        return list(range(1, self.num_layers))
+
     def width_of(self, peft) -> int:
         return peft.rank if peft.method == "lora" else peft.adapter_width
 

@@ -30,7 +30,7 @@ Without task data (a plain :class:`fedbench.fl.FederatedData`) a run is one task
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ import torch
 from fedbench.errors import ConfigError
 from fedbench.merging.aggregators import svd_of_product
 from fedbench.fl.federations import TaskSchedule, TaskSequenceData
-from fedbench.fl.strategy import FedAvg, GlobalModel, check_lora_semantics, has_lora_factors, train_only
+from fedbench.fl.strategy import FedAvg, GlobalModel, check_lora_semantics, has_lora_factors
 from fedbench.fl.grams import layer_input_grams
 from fedbench.merging import lorm as L
 from fedbench.options import Options, check_bool, check_number

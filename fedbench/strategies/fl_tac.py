@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ import torch
 from fedbench.errors import ConfigError
 from fedbench.strategies import clustering as CL
 from fedbench.merging.aggregators import TooFewUpdates, fedavg
-from fedbench.fl.seeding import derive_seed, rng_for
+from fedbench.fl.seeding import derive_seed
 from fedbench.fl.federations import MultiTaskData, as_multitask
 from fedbench.fl.strategy import FedAvg, GlobalModel
 from fedbench.options import Options, check_bool, check_choice, check_int
