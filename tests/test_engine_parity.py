@@ -31,7 +31,12 @@ LORA = {"method": "lora", "rank": 2, "depth": 1}
 CONFIGS = {
     "fedavg": {"data": PLAIN, "peft": LORA},
     "ffa_lora": {"data": PLAIN, "peft": LORA},
-    "task_clients": {"data": PLAIN, "peft": LORA, "fl": {"options": {"client_steps": [1, 2, 1]}}},
+    "task_clients": {"data": {"task": "rt_sentiment", "num_clients": 2, "max_train_samples": 40, "max_test_samples": 12,
+                              "max_length": 16, "federation": "task_clients",
+                              "federation_options": {"tasks": ["rt_sentiment", "sms_spam"], "val_samples": 6,
+                                                     "probe_samples": 6}},
+                     "peft": {**LORA, "train_head": False},
+                     "fl": {"lora_aggregation": "stack", "options": {"probe_heads": True, "client_steps": [1, 2]}}},
     "continual": {"data": SEQUENCE, "peft": LORA},
     "lorm": {"data": SEQUENCE, "peft": LORA, "fl": {"options": {"ridge": 1e-3}}},
     "regmean": {"data": SEQUENCE, "peft": LORA, "fl": {"lora_aggregation": "svd"}},

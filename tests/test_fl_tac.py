@@ -503,3 +503,15 @@ def test_end_to_end_reproduces_exactly(tmp_path, monkeypatch):
     assert steps["fl_tac"] == steps["oracle"] == steps["local"] > steps["fedit"]
     assert {m: c.shape for m, c in res.correct.items()} == {m: (2, 24) for m in fl_tac.METHODS}
     assert (tmp_path / "b" / "fl_tac" / "smoke" / "PROTOCOL.md").exists()
+
+
+def test_a_run_built_from_its_config_alone_equals_the_experiments(tiny):
+    """The experiment shares one pool and its prefilled caches across runs; the same config run alone builds its
+    own data and caches (data.federation) and gives the same numbers."""
+    from fedbench.fl.server import run_federated
+    _, _, pool, data = tiny
+    cfg = _cfg(tiny, "fl_tac")
+    shared = run_federated(cfg, data, caches=pool.caches)
+    alone = run_federated(cfg)
+    pd.testing.assert_frame_equal(alone.rounds.drop(columns="wall_s"), shared.rounds.drop(columns="wall_s"))
+    assert np.array_equal(alone.correct, shared.correct)

@@ -457,3 +457,20 @@ def test_end_to_end_reproduces_exactly_and_resumes(tmp_path, monkeypatch):
     assert set(err["split"]) == {"fit", "heldout"}
     assert list(err.groupby("round")["factor"].first()) == ["B", "A", "B", "B", "A", "B"]
     assert set(res.claims["verdict"]) <= {"agrees", "disagrees", "inconclusive"}
+
+
+def test_a_run_built_from_its_config_alone_equals_the_experiments(tiny):
+    """LoRM's runs share the pool's caches filled at every depth; one run from its config alone (its own data and
+    caches, data.federation = task_sequence) gives the same tables."""
+    from fedbench.experiments import lorm
+    from fedbench.fl import FederatedRun
+    s, base, pool, data = tiny
+    cfg = lorm.run_config(s, base, "lorm", 0, 3e-3)
+    shared = lorm.run_one(s, cfg, "lorm", data, pool.caches)
+    run = FederatedRun(cfg)
+    for r in range(1, cfg.fl.rounds + 1):
+        run.run_round(r)
+    alone = pd.DataFrame(run.strategy.acc_rows, columns=["split", "after_task", "task", "accuracy"])
+    pd.testing.assert_frame_equal(alone, shared["accuracy"])
+    assert (pd.DataFrame(run.final_predictions)["prediction"].to_numpy() ==
+            shared["predictions"]["prediction"].to_numpy()).all()

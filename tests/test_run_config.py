@@ -154,3 +154,18 @@ def test_changing_the_strategy_starts_it_from_its_default_options():
     assert lorm.replace(**{"fl.strategy": "regmean", "fl.lora_aggregation": "svd",
                            "fl.options.ridge": 0.5}).fl.options == {"ridge": 0.5}
     assert lorm.replace(**{"fl.rounds": 2}).fl.options["ridge"] == 0.5      # other changes keep them
+
+
+def test_export_writes_one_paper_run_as_a_config_that_loads(tmp_path, capsys):
+    from fedbench.cli import main
+    assert main(["export", "configs/lorm/smoke.yaml", "--method", "fedit", "--seed", "1", "--lr", "0.003"]) == 0
+    path = tmp_path / "run.yaml"
+    path.write_text(capsys.readouterr().out)
+    cfg = ExperimentConfig.load(path)
+    from fedbench.experiments import lorm
+    s, base = lorm.settings_for("smoke")
+    assert cfg.hash() == lorm.run_config(s, base, "fedit", 1, 0.003).hash()
+    assert cfg.data.federation == "task_sequence" and cfg.seed == 1
+    assert main(["export", "configs/lorm/smoke.yaml", "--method", "joint", "--lr", "0.003"]) == 2
+    assert "--method" in capsys.readouterr().err
+    assert main(["export", "configs/robustness/smoke.yaml"]) == 2

@@ -186,16 +186,17 @@ def test_lr_is_chosen_on_validation_and_its_fine_tunes_are_the_units(smoke):
 def test_probe_carve_is_disjoint_from_validation_and_fine_tuning():
     r = ta.settings_for("smoke")
     cfg = ta.run_config(r.base, r.settings, "lora", 0)
-    td = ta.build_data(cfg, r.settings.tasks, r.settings.val_samples, r.settings.probe_samples)
+    from fedbench.fl.data import build_data
+    td = build_data(cfg)
     for t in range(len(r.settings.tasks)):
-        val, probe, ft = set(td.val[t]), set(td.probe[t]), set(td.data.client_indices[t])
+        val, probe, ft = set(td.val[t]), set(td.probe[t]), set(td.client_indices[t])
         assert len(val) == r.settings.val_samples and len(probe) == r.settings.probe_samples
         assert not (val & probe) and not (probe & ft) and not (val & ft)
         assert len(val | probe | ft) == cfg.data.max_train_samples
         assert set(td.task_of_train[list(probe)]) == {t}
     with pytest.raises(ConfigError) as e:
-        ta.build_data(cfg, r.settings.tasks, 30, 30)
-    assert e.value.field_name == "val_samples"
+        build_data(cfg.replace(**{"data.federation_options.val_samples": 30, "data.federation_options.probe_samples": 30}))
+    assert e.value.field_name == "data.federation_options.val_samples"
 
 
 def test_pairs_fall_back_to_raw_accuracy_when_a_normalised_value_is_undefined():

@@ -10,7 +10,7 @@ shared loop, so every core condition (e.g. ``fl.dropout`` or ``train.dp.enabled`
 from fedbench.registry import EXPERIMENTS
 
 # exports: `fedbench export` can write one of its runs as a config that runs alone (its runs are their configs)
-EXPORTS = ("quickstart", "fl_tac", "autofednlp", "lorm")
+EXPORTS = ("quickstart", "fl_tac", "autofednlp", "lorm", "task_arithmetic")
 for _name, _notebook, _doc in [
         ("quickstart", "00_quickstart", "LoRA FedAvg on one offline task vs a linear probe"),
         ("fedpeft", "01_fedpeft", "FedPEFT: which parameters to train and send (arXiv 2210.01708)"),

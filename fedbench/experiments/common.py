@@ -67,14 +67,14 @@ def output_dir(experiment: str, profile: str, path: str | Path | None = None) ->
     return d
 
 
-def chosen_lr(experiment: str, profile: str, path=None, **match) -> float | None:
-    """The learning rate a profile's last run chose on validation for the ``lr_selection.csv`` rows matching
-    `match` (column = value), read from its outputs; None if it has not run or chose none there."""
+def chosen_lr(experiment: str, profile: str, path=None, table: str = "lr_selection.csv", **match) -> float | None:
+    """The learning rate a profile's last run chose on validation for the rows of its `table` matching `match`
+    (column = value), read from its outputs; None if it has not run or chose none there."""
     import pandas as pd
     name = read_profile_file(path)["results"] if path is not None else None
     folder = results_root() / experiment
     folder = folder / name if name else (folder if profile == "quick" else folder / profile)
-    f = folder / "lr_selection.csv"
+    f = folder / table
     if not f.exists():
         return None
     rows = pd.read_csv(f)

@@ -178,124 +178,41 @@ def settings_for(profile: str = "quick", path=None, **overrides) -> Resolved:
 
 # -- data: every task in one split, one client per task -----------------------------------------------
 
-@dataclass
-class TaskData:
-    data: object                  # FederatedData over the joint split (client t = task t's training part)
-    task_of_train: np.ndarray     # task id of every joint training example
-    task_of_test: np.ndarray
-    val: list                     # per task: joint training indices of its validation carve
-    probe: list                   # per task: joint training indices of its probe carve (the frozen head's data)
-    offsets: list
-    num_classes: list
-
-
-def build_data(cfg: ExperimentConfig, tasks, val_samples: int, probe_samples: int) -> TaskData:
-    """Each task's train split subsampled to ``data.max_train_samples`` (seeded), cut (seeded) into three
-    disjoint parts: `val_samples` validation examples, `probe_samples` for the frozen head's probe, the rest
-    the fine-tuning data (the task-client's); its test split subsampled to ``data.max_test_samples``; all
-    tokenized into one joint split whose class mask gives each example its own task's rows of the head."""
-    from fedbench.data import load_task
-    from fedbench.fl.data import FederatedData, subsample
-    from fedbench.models import load_tokenizer
-    from fedbench.models.inputs import TokenizedSplit, tokenize_split
-    tok = load_tokenizer(cfg.model.backbone)
-    trains, tests, names, vals_local, probes_local = [], [], [], [], []
-    for t, name in enumerate(tasks):
-        ds = load_task(name)
-        tr = subsample(len(ds["train"]), cfg.data.max_train_samples, rng_for(cfg.seed, "subsample", t, 0))
-        te = subsample(len(ds["test"]), cfg.data.max_test_samples, rng_for(cfg.seed, "subsample", t, 1))
-        if len(tr) <= val_samples + probe_samples:
-            raise ConfigError("val_samples", val_samples, f"val_samples + probe_samples ({probe_samples}) fewer than "
-                                                          f"the {len(tr)} training samples of {name}")
-        trains.append(tokenize_split(ds["train"].select(tr), tok, cfg.data.max_length))
-        tests.append(tokenize_split(ds["test"].select(te), tok, cfg.data.max_length))
-        names.append([f"{name}:{c}" for c in ds["train"].features["label"].names])
-        perm = rng_for(cfg.seed, "subsample", t, 2).permutation(len(tr))
-        vals_local.append(np.sort(perm[:val_samples]))
-        probes_local.append(np.sort(perm[val_samples:val_samples + probe_samples]))
-    num_classes = [len(n) for n in names]
-    offsets = np.concatenate([[0], np.cumsum(num_classes)[:-1]]).astype(int).tolist()
-
-    def joint(splits):
-        n = sum(len(x) for x in splits)
-        mask = torch.zeros((n, sum(num_classes)), dtype=torch.bool)
-        ids, labels, task_of, starts, start = [], [], [], [], 0
-        for t, x in enumerate(splits):
-            mask[start:start + len(x), offsets[t]:offsets[t] + num_classes[t]] = True
-            ids += list(x.input_ids)
-            labels.append(x.labels + offsets[t])
-            task_of.append(np.full(len(x), t))
-            starts.append(start)
-            start += len(x)
-        return TokenizedSplit(ids, torch.cat(labels), class_mask=mask), np.concatenate(task_of), starts
-
-    train, task_of_train, tr_starts = joint(trains)
-    test, task_of_test, _ = joint(tests)
-    val = [tr_starts[t] + v for t, v in enumerate(vals_local)]
-    probe = [tr_starts[t] + v for t, v in enumerate(probes_local)]
-    clients = [np.setdiff1d(tr_starts[t] + np.arange(len(x)), np.concatenate([val[t], probe[t]]))
-               for t, x in enumerate(trains)]
-    data = FederatedData(train=train, test=test, client_indices=clients, test_indices=np.arange(len(test)),
-                         class_names=[c for n in names for c in n], pad_id=tok.pad_token_id or 0)
-    return TaskData(data, task_of_train, task_of_test, val, probe, offsets, num_classes)
-
-
 def run_config(base: ExperimentConfig, s: TaskArithmeticSettings, tuning: str, seed: int, rounds: int = 1,
                local_steps: int | None = None) -> ExperimentConfig:
-    """The loop's config of one (tuning, seed): one client per task, every client every round, heads frozen
-    (``task_clients``), exact FedAvg of the task vectors for LoRA (``stack``)."""
+    """The loop's config of one (tuning, seed), whole: one client per task (the task_clients federation), every
+    client every round, heads frozen at each task's probe (the ``task_clients`` strategy), exact FedAvg of the task
+    vectors for LoRA (``stack``)."""
     steps = local_steps or base.train.local_steps
     changes = {"name": EXPERIMENT, "seed": int(seed), "data.task": s.tasks[0], "data.num_clients": len(s.tasks),
                "data.partition": "iid", "peft.method": tuning, "peft.train_head": False, "fl.strategy": "task_clients",
                "fl.rounds": int(rounds), "fl.clients_per_round": 1.0, "fl.dropout": 0.0, "fl.aggregator": "fedavg",
-               "fl.lora_aggregation": "stack" if tuning == "lora" else "factors", "train.local_steps": int(steps)}
+               "fl.lora_aggregation": "stack" if tuning == "lora" else "factors", "train.local_steps": int(steps),
+               "fl.options": {"probe_heads": True}, "data.federation": "task_clients",
+               "data.federation_options": {"tasks": list(s.tasks), "val_samples": s.val_samples,
+                                           "probe_samples": s.probe_samples}}
     if tuning == "full":
         changes.update({"train.lr": float(s.full_lr), "peft.depth": None})
     return base.replace(**changes)
 
 
+def export(profile: str = "quick", path=None, method: str = "lora", seed: int = 0, lr: float | None = None,
+           **overrides) -> ExperimentConfig:
+    """The loop's run of one (tuning, seed) as a config that runs alone (``fedbench export``): round 1 is every
+    task's fine-tune and one-shot FedAvg of the task vectors. `method` is the tuning (lora or full); `lr` default:
+    the lr the profile chose on validation (full fine-tuning: ``full_lr``)."""
+    from fedbench.experiments.common import check_method, chosen_lr, no_lr
+    r = settings_for(profile, path, **overrides)
+    check_method(method, tuple(r.settings.tunings))
+    cfg = run_config(r.base, r.settings, method, int(seed))
+    if lr is None and method == "lora" and r.settings.lrs:
+        lr = chosen_lr(EXPERIMENT, profile, path, table="lr_search.csv", tuning=method)
+        if lr is None:
+            raise no_lr(profile, method)
+    return cfg if lr is None else cfg.replace(**{"train.lr": float(lr)})
+
+
 # -- one unit: everything of one (tuning, seed) ------------------------------------------------------
-
-def _features(model, split, idx, pad_id) -> np.ndarray:
-    """theta_0's pooled encoder features of `idx` (what the frozen heads read), in `idx` order."""
-    from fedbench.models.inputs import pad_batch
-    from fedbench.models.tuners.lora import zero_branches_skipped
-    out = np.zeros((len(idx), model.classifier.in_features), dtype=np.float32)
-    order = np.argsort(split.lengths[idx], kind="stable")
-    model.eval()
-    with torch.no_grad(), zero_branches_skipped(model):
-        for s in range(0, len(idx), 64):
-            pos = order[s:s + 64]
-            ids, mask = pad_batch([split.input_ids[int(i)] for i in idx[pos]], pad_id)
-            out[pos] = model.pool(model.prefix_hidden(ids, mask, model.num_layers), mask).numpy()
-    return out
-
-
-def fit_probe_heads(run, td: TaskData) -> None:
-    """Each task's rows of the head: logistic regression on theta_0's features of its probe carve (disjoint
-    from the validation carve and from the fine-tuning data: a head fitted on the fine-tuning data fits it
-    almost perfectly, 0.93-1.00 training accuracy measured, and leaves the encoder nothing to learn), written
-    into the model's classifier (frozen from then on)."""
-    from sklearn.linear_model import LogisticRegression
-    data, model = td.data, run.model
-    W = torch.zeros_like(model.classifier.weight)
-    b = torch.zeros_like(model.classifier.bias)
-    for t, idx in enumerate(td.probe):
-        x = _features(model, data.train, idx, data.pad_id)
-        y = data.train.labels[torch.as_tensor(idx)].numpy() - td.offsets[t]
-        clf = LogisticRegression(max_iter=2000, C=1.0).fit(x, y)
-        coef, icpt = torch.as_tensor(clf.coef_, dtype=W.dtype), torch.as_tensor(clf.intercept_, dtype=W.dtype)
-        if len(clf.classes_) == 2:                           # one logit -> the equivalent softmax pair
-            coef, icpt = torch.cat([-coef / 2, coef / 2]), torch.cat([-icpt / 2, icpt / 2])
-        rows = td.offsets[t] + torch.as_tensor(clf.classes_, dtype=torch.long)
-        # a class absent from the training subsample keeps weight 0 and a bias far below the others
-        b[td.offsets[t]:td.offsets[t] + td.num_classes[t]] = float(icpt.min()) - 30.0
-        W[rows], b[rows] = coef, icpt
-    with torch.no_grad():
-        model.classifier.weight.copy_(W)
-        model.classifier.bias.copy_(b)
-    run.restart()           # from the model's weights: the head (if trainable: full FT) = the probe
-
 
 class Unit:
     """One (tuning, seed): the loop's run, the fine-tunes (its round-1 updates), merges and evaluations."""
@@ -306,9 +223,8 @@ class Unit:
         self.r, self.s, self.tuning, self.seed, self.log = r, r.settings, tuning, seed, log
         self.T = len(self.s.tasks)
         self.cfg = run_config(r.base, self.s, tuning, seed)
-        self.td = build_data(self.cfg, self.s.tasks, self.s.val_samples, self.s.probe_samples)
-        self.run = FederatedRun(self.cfg, self.td.data)
-        fit_probe_heads(self.run, self.td)
+        self.run = FederatedRun(self.cfg)       # the data and the probe heads from the config
+        self.td = self.run.data
         self.modules = lora_modules(self.run.model) if tuning == "lora" else []
         # every LoRA-wrapped base weight named in every model loaded: the loop's base loader only touches the
         # keys it is given, so a model without a delta on a key must say "zero" there
@@ -339,13 +255,13 @@ class Unit:
         from fedbench.models.tuners.lora import zero_branches_skipped
         td = self.td
         if split == "val":
-            idx, sp = np.sort(np.concatenate([td.val[t] for t in tasks])), td.data.train
+            idx, sp = np.sort(np.concatenate([td.val[t] for t in tasks])), td.train
         else:
-            idx, sp = np.flatnonzero(np.isin(td.task_of_test, list(tasks))), td.data.test
+            idx, sp = np.flatnonzero(np.isin(td.task_of_test, list(tasks))), td.test
         self.run.load(gm)
         # merged weights sit in the base layers with B = 0: the LoRA branches add exactly zero, skip them
         with zero_branches_skipped(self.run.model):
-            ev = evaluate(self.run.model, sp, idx, batch_size=64, pad_id=td.data.pad_id, return_predictions=True)
+            ev = evaluate(self.run.model, sp, idx, batch_size=64, pad_id=td.pad_id, return_predictions=True)
         p = ev["predictions"]
         return (p["prediction"] == p["label"]).astype(np.int8)
 
@@ -710,11 +626,8 @@ def rounds_run(u: Unit, R: int):
     steps = u.cfg.train.local_steps // R
     cfg = run_config(u.r.base, u.s, u.tuning, u.seed, rounds=R, local_steps=steps).replace(
         **{"fl.eval_every": R, "train.lr": u.cfg.train.lr})
-    run = FederatedRun(cfg, u.td.data, caches=(u.run.train_cache, u.run.test_cache))
-    with torch.no_grad():
-        run.model.classifier.weight.copy_(u.run.model.classifier.weight)
-        run.model.classifier.bias.copy_(u.run.model.classifier.bias)
-    run.restart(GlobalModel(run.initial_model().state, dict(u.zero_base)))
+    run = FederatedRun(cfg, u.td, caches=(u.run.train_cache, u.run.test_cache))     # fits the same probe heads
+    run.restart(GlobalModel(run.global_model.state, dict(u.zero_base)))
     for rnd in range(1, R + 1):
         run.run_round(rnd)           # the loop: configure, train every task-client, guard, aggregate, record
     g = run.global_model

@@ -8,6 +8,8 @@ the experiments and Flower's workers all build the same data with :func:`fedbenc
 - ``multitask`` (FL-TAC): several binary tasks, each split over the clients (:class:`MultiTaskData`), a
   validation carve of each task's training rows, one scoring owner per test (validation) row, one shared head
   or one head per task.
+- ``task_clients`` (task arithmetic): one client per task over a joint split, with validation and probe carves
+  (:class:`TaskClientsData`).
 - ``task_sequence`` (LoRM, class-incremental): ``data.task``'s classes cut into a seeded sequence of tasks, each
   split over the clients (Dirichlet), trained ``rounds_per_task`` rounds each (:class:`TaskSequenceData`).
 
@@ -460,3 +462,97 @@ def sequence_pool(o: TaskSequenceOptions, task: str, backbone: str, max_length: 
 def build_task_sequence(cfg, o: TaskSequenceOptions) -> TaskSequenceData:
     """LoRM's class-incremental federation of ``cfg`` (module docstring)."""
     return sequence_data(cfg, o, sequence_pool(o, cfg.data.task, cfg.model.backbone, cfg.data.max_length))
+
+
+# -- the task_clients federation (task arithmetic) -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TaskClientsDataOptions(Options):
+    """Task arithmetic's federation: one client per task of ``tasks`` (``data.num_clients`` = their number), each
+    task's training subsample cut into ``val_samples`` validation rows, ``probe_samples`` rows for the frozen
+    head's probe and the fine-tuning rest."""
+    tasks: tuple = ("rt_sentiment", "sms_spam")
+    val_samples: int = 200
+    probe_samples: int = 200
+
+    def validate(self, prefix):
+        from fedbench.data import OFFLINE_TASKS
+        if (not isinstance(self.tasks, tuple) or len(self.tasks) < 1 or len(set(self.tasks)) != len(self.tasks)
+                or not all(t in OFFLINE_TASKS for t in self.tasks)):
+            raise ConfigError(f"{prefix}.tasks", self.tasks, f"distinct offline tasks from {sorted(OFFLINE_TASKS)}")
+        check_int(f"{prefix}.val_samples", self.val_samples, 1)
+        check_int(f"{prefix}.probe_samples", self.probe_samples, 2)
+
+
+def check_task_clients_data(cfg) -> None:
+    n = len(cfg.data.federation_options["tasks"])
+    if cfg.data.num_clients != n:
+        raise ConfigError("data.num_clients", cfg.data.num_clients, f"the number of tasks ({n}) with "
+                                                                    "data.federation='task_clients'")
+
+
+@dataclass
+class TaskClientsData(FederatedData):
+    """One client per task over one joint split (task arithmetic): client t holds task t's fine-tuning rows, the
+    head has each task's rows (``offsets[t]`` + its ``num_classes[t]``), each example's class mask its task's."""
+    task_of_train: np.ndarray = None     # task id of every joint training example
+    task_of_test: np.ndarray = None
+    val: list = field(default_factory=list)      # per task: joint training indices of its validation carve
+    probe: list = field(default_factory=list)    # per task: joint training indices of its probe carve (frozen head)
+    offsets: list = field(default_factory=list)
+    num_classes: list = field(default_factory=list)
+
+
+@FEDERATIONS.register("task_clients", options=TaskClientsDataOptions, check=check_task_clients_data)
+def build_task_clients(cfg, o: "TaskClientsDataOptions") -> TaskClientsData:
+    """Each task's train split subsampled to ``data.max_train_samples`` (seeded), cut (seeded) into three
+    disjoint parts: ``val_samples`` validation examples, ``probe_samples`` for the frozen head's probe, the rest
+    the fine-tuning data (the task-client's); its test split subsampled to ``data.max_test_samples``; all
+    tokenized into one joint split whose class mask gives each example its own task's rows of the head."""
+    from fedbench.data import load_task
+    from fedbench.fl.data import subsample
+    from fedbench.models import load_tokenizer
+    from fedbench.models.inputs import TokenizedSplit, tokenize_split
+    tok = load_tokenizer(cfg.model.backbone)
+    trains, tests, names, vals_local, probes_local = [], [], [], [], []
+    tasks, val_samples, probe_samples = o.tasks, o.val_samples, o.probe_samples
+    for t, name in enumerate(tasks):
+        ds = load_task(name)
+        tr = subsample(len(ds["train"]), cfg.data.max_train_samples, rng_for(cfg.seed, "subsample", t, 0))
+        te = subsample(len(ds["test"]), cfg.data.max_test_samples, rng_for(cfg.seed, "subsample", t, 1))
+        if len(tr) <= val_samples + probe_samples:
+            raise ConfigError("data.federation_options.val_samples", val_samples,
+                              f"val_samples + probe_samples ({probe_samples}) fewer than the {len(tr)} training "
+                              f"samples of {name}")
+        trains.append(tokenize_split(ds["train"].select(tr), tok, cfg.data.max_length))
+        tests.append(tokenize_split(ds["test"].select(te), tok, cfg.data.max_length))
+        names.append([f"{name}:{c}" for c in ds["train"].features["label"].names])
+        perm = rng_for(cfg.seed, "subsample", t, 2).permutation(len(tr))
+        vals_local.append(np.sort(perm[:val_samples]))
+        probes_local.append(np.sort(perm[val_samples:val_samples + probe_samples]))
+    num_classes = [len(n) for n in names]
+    offsets = np.concatenate([[0], np.cumsum(num_classes)[:-1]]).astype(int).tolist()
+
+    def joint(splits):
+        n = sum(len(x) for x in splits)
+        mask = torch.zeros((n, sum(num_classes)), dtype=torch.bool)
+        ids, labels, task_of, starts, start = [], [], [], [], 0
+        for t, x in enumerate(splits):
+            mask[start:start + len(x), offsets[t]:offsets[t] + num_classes[t]] = True
+            ids += list(x.input_ids)
+            labels.append(x.labels + offsets[t])
+            task_of.append(np.full(len(x), t))
+            starts.append(start)
+            start += len(x)
+        return TokenizedSplit(ids, torch.cat(labels), class_mask=mask), np.concatenate(task_of), starts
+
+    train, task_of_train, tr_starts = joint(trains)
+    test, task_of_test, _ = joint(tests)
+    val = [tr_starts[t] + v for t, v in enumerate(vals_local)]
+    probe = [tr_starts[t] + v for t, v in enumerate(probes_local)]
+    clients = [np.setdiff1d(tr_starts[t] + np.arange(len(x)), np.concatenate([val[t], probe[t]]))
+               for t, x in enumerate(trains)]
+    return TaskClientsData(train=train, test=test, client_indices=clients, test_indices=np.arange(len(test)),
+                           class_names=[c for n in names for c in n], pad_id=tok.pad_token_id or 0,
+                           task_of_train=task_of_train, task_of_test=task_of_test, val=val, probe=probe,
+                           offsets=offsets, num_classes=num_classes)
