@@ -57,7 +57,7 @@ from fedbench import merging
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.experiments.common import (Settings, TableRunStore, check_list, is_int, is_number, output_dir,
                                          resolve_profile, save_figure, save_table, variant_note)
-from fedbench.fl.seeding import derive_seed, rng_for
+from fedbench.fl.seeding import derive_seed
 from fedbench.registry import MERGES
 
 EXPERIMENT = "task_arithmetic"
