@@ -45,7 +45,6 @@ from fedbench.experiments.common import select_lr as common_select_lr
 from fedbench.fl.seeding import derive_seed
 
 EXPERIMENT = "lorm"
-SCHEMA = 3        # version of what a stored run holds and how it is computed: part of every run's key
 METHODS = ("lorm", "fedit", "product_svd", "regmean_svd", "product_stack", "regmean_dense", "full_top", "joint")
 LABELS = {"lorm": "LoRM (closed-form factor, rank r)", "fedit": "FedIT (factor average, rank r)",
           "product_svd": "exact product average, SVD to rank r", "regmean_svd": "RegMean, SVD to rank r",
@@ -237,9 +236,10 @@ STORE = TableRunStore(EXPERIMENT, ("accuracy", "merge_error", "rounds", "predict
 
 
 def run_key(s: LormSettings, cfg: ExperimentConfig, method: str) -> dict:
-    """The whole resolved settings, the whole run config, the method and the code's schema version."""
-    return {"experiment": EXPERIMENT, "schema": SCHEMA, "method": method, "settings": s.to_dict(),
-            "config": cfg.to_dict()}
+    """The whole run config (its data, strategy options and the method's name say everything) and the core's
+    results schema."""
+    from fedbench.results import RESULTS_SCHEMA
+    return {"experiment": EXPERIMENT, "config": cfg.to_dict(), "schema": RESULTS_SCHEMA}
 
 
 # -- metrics ------------------------------------------------------------------------------------------------

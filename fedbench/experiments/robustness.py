@@ -209,9 +209,10 @@ def plan_cell(cell: Cell, base: ExperimentConfig, s: RobustnessSettings) -> Plan
     attackers = round(cell.fraction * base.data.num_clients) if cell.fraction > 0 else 0
     expected = round(cell.fraction * n) if cell.fraction > 0 else 0      # attackers in a round's cohort
     f = expected if cell.arm == "grid" and cell.fraction > 0 else clean_f(s, n)
+    # every run prefills its caches (a seed's runs share them: SharedData), so each is its config alone
     changes = {"seed": cell.seed, "fl.aggregator": cell.aggregator,
                "fl.attack": "nan" if cell.arm == NAN_ARM else cell.attack,
-               "fl.attack_fraction": float(cell.fraction)}
+               "fl.attack_fraction": float(cell.fraction), "data.federation_options.prefill": True}
     info = {"num_clients": base.data.num_clients, "cohort": n, "attackers": attackers,
             "num_malicious": float("nan"), "trim_ratio": float("nan")}
     if cell.aggregator in F_RULES:
