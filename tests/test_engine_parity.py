@@ -31,10 +31,10 @@ LORA = {"method": "lora", "rank": 2, "depth": 1}
 CONFIGS = {
     "fedavg": {"data": PLAIN, "peft": LORA},
     "ffa_lora": {"data": PLAIN, "peft": LORA},
-    "task_clients": {"data": {"task": "rt_sentiment", "num_clients": 2, "max_train_samples": 40, "max_test_samples": 12,
+    "task_clients": {"data": {"task": "rt_sentiment", "num_clients": 2, "max_train_samples": 48, "max_test_samples": 12,
                               "max_length": 16, "federation": "task_clients",
-                              "federation_options": {"tasks": ["rt_sentiment", "sms_spam"], "val_samples": 6,
-                                                     "probe_samples": 6}},
+                              "federation_options": {"tasks": ["rt_sentiment", "subjectivity"], "val_samples": 6,
+                                                     "probe_samples": 16}},
                      "peft": {**LORA, "train_head": False},
                      "fl": {"lora_aggregation": "stack", "options": {"probe_heads": True, "client_steps": [1, 2]}}},
     "continual": {"data": SEQUENCE, "peft": LORA},
