@@ -113,6 +113,22 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    """Rewrite a profile's REPORT.md from its outputs (nothing is recomputed)."""
+    from fedbench.bench.report import write_report
+    from fedbench.config import ConfigError
+    from fedbench.experiments.common import output_dir, read_profile_file
+    try:
+        profile = read_profile_file(args.config)
+        path = write_report(profile["experiment"], output_dir(profile["experiment"], profile["profile"] or "quick",
+                                                              args.config))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"fedbench report: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def _cmd_results(args) -> int:
     from fedbench.results import load_results
     df = load_results(args.results)
@@ -156,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--lr", type=float, default=None, help="default: the lr the profile chose on validation")
     exp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a profile setting or field")
     exp.set_defaults(fn=_cmd_export)
+    rep = sub.add_parser("report", help="rewrite a profile's results/<experiment>/REPORT.md from its outputs")
+    rep.add_argument("config", help="the experiment's profile, e.g. configs/fl_tac/quick.yaml")
+    rep.set_defaults(fn=_cmd_report)
     res = sub.add_parser("results", help="list finished runs")
     res.add_argument("--results", default=None)
     res.set_defaults(fn=_cmd_results)

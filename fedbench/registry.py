@@ -129,7 +129,7 @@ def format_registries() -> str:
     for reg in REGISTRIES:
         lines.append(f"{reg.plural} ({reg.field_name}): {reg.describe}")
         for e in reg:
-            facts = ", ".join(f"{k}={v}" for k, v in e.facts.items() if not callable(v))
+            facts = ", ".join(f"{k}={v}" for k, v in e.facts.items() if isinstance(v, (bool, int, float, str)))
             lines.append(f"  {e.name:16s} {e.doc}" + (f"  [{facts}]" if facts else ""))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -169,3 +169,22 @@ def test_export_writes_one_paper_run_as_a_config_that_loads(tmp_path, capsys):
     assert main(["export", "configs/lorm/smoke.yaml", "--method", "joint", "--lr", "0.003"]) == 2
     assert "--method" in capsys.readouterr().err
     assert main(["export", "configs/robustness/smoke.yaml"]) == 2
+
+
+def test_a_report_is_generated_from_an_experiments_outputs(tmp_path):
+    """REPORT.md holds the protocol, the headline table (means over seeds), the claims and every figure of the
+    folder, all read from the files beside it."""
+    import pandas as pd
+
+    from fedbench.bench.report import write_report
+    pd.DataFrame({"method": ["lorm", "lorm", "fedit", "fedit"], "seed": [0, 1, 0, 1],
+                  "final_avg_accuracy": [0.2, 0.4, 0.5, 0.7], "forgetting": [0.1, 0.1, 0.2, 0.2]}
+                 ).to_csv(tmp_path / "summary.csv", index=False)
+    pd.DataFrame({"claim": ["LoRM beats FedIT"], "estimate": [-0.3], "ci_low": [-0.5], "ci_high": [-0.1],
+                  "n_seeds": [2], "verdict": ["2 seeds"]}).to_csv(tmp_path / "claims.csv", index=False)
+    (tmp_path / "PROTOCOL.md").write_text("# LoRM: protocol\n\n| aspect | paper |\n|---|---|\n| rounds | 5 |\n")
+    (tmp_path / "a.png").write_bytes(b"")
+    text = write_report("lorm", tmp_path).read_text()
+    assert text.startswith("# lorm:") and "| rounds | 5 |" in text and "# LoRM: protocol" not in text
+    assert "| lorm | 0.300 | 0.100 | 2 |" in text and "| fedit | 0.600 | 0.200 | 2 |" in text
+    assert "| LoRM beats FedIT | -0.300 | -0.500 | -0.100 | 2 | 2 seeds |" in text and "![a](a.png)" in text

@@ -7,17 +7,33 @@ The experiments are registered by name (:data:`fedbench.registry.EXPERIMENTS`) w
 them and its notebook. Every one sits on a base :class:`fedbench.config.ExperimentConfig` and runs on the
 shared loop, so every core condition (e.g. ``fl.dropout`` or ``train.dp.enabled``) reaches it by config.
 """
+from fedbench.bench.report import Headline
 from fedbench.registry import EXPERIMENTS
 
-# exports: `fedbench export` can write one of its runs as a config that runs alone (its runs are their configs)
-EXPORTS = ("quickstart", "fl_tac", "autofednlp", "lorm", "task_arithmetic")
-for _name, _notebook, _doc in [
-        ("quickstart", "00_quickstart", "LoRA FedAvg on one offline task vs a linear probe"),
-        ("fedpeft", "01_fedpeft", "FedPEFT: which parameters to train and send (arXiv 2210.01708)"),
-        ("fl_tac", "02_fl_tac", "FL-TAC: per-task adapters clustered on the server (arXiv 2404.15384)"),
-        ("autofednlp", "03_autofednlp", "AutoFedNLP / FedAdapter: progressive adapter configuration (the autofednlp strategy)"),
-        ("lorm", "04_lorm", "LoRM: closed-form LoRA merges in federated class-incremental learning"),
-        ("task_arithmetic", "05_task_arithmetic", "task arithmetic is one-shot FedAvg (task-clients on the loop)"),
-        ("robustness", "06_robustness", "robust rules under Byzantine clients and NaN faults")]:
-    EXPERIMENTS.register(_name, f"fedbench.experiments.{_name}", notebook=_notebook, doc=_doc,
-                         exports=_name in EXPORTS)
+# name, notebook, what it tests, the table that heads its report, whether `fedbench export` writes its runs as
+# configs that run alone
+EXPERIMENT_TABLE = [
+    ("quickstart", "00_quickstart", "LoRA FedAvg on one offline task vs a linear probe",
+     Headline("summary.csv", ("task", "method"), ("final_accuracy", "linear_probe_accuracy", "total_mb")), True),
+    ("fedpeft", "01_fedpeft", "FedPEFT: which parameters to train and send (arXiv 2210.01708)",
+     Headline("headline.csv", ("task", "variant"), ("seeds", "final_accuracy", "MB_per_client_per_round",
+                                                    "bytes_pct_of_full")), False),
+    ("fl_tac", "02_fl_tac", "FL-TAC: per-task adapters clustered on the server (arXiv 2404.15384)",
+     Headline("summary.csv", ("method", "arm", "task"), ("accuracy", "lr")), True),
+    ("autofednlp", "03_autofednlp",
+     "AutoFedNLP / FedAdapter: progressive adapter configuration (the autofednlp strategy)",
+     Headline("summary.csv", ("method",), ("final_accuracy", "time_to_target_sim_s", "bytes_total")), True),
+    ("lorm", "04_lorm", "LoRM: closed-form LoRA merges in federated class-incremental learning",
+     Headline("summary.csv", ("method",), ("final_avg_accuracy", "avg_incremental_accuracy", "forgetting",
+                                           "mb_up")), True),
+    ("task_arithmetic", "05_task_arithmetic", "task arithmetic is one-shot FedAvg (task-clients on the loop)",
+     Headline("table.csv", ("tuning", "setting", "method", "variant"), ("accuracy", "accuracy_std", "normalized",
+                                                                         "seeds")), True),
+    ("robustness", "06_robustness", "robust rules under Byzantine clients and NaN faults",
+     Headline("robustness_wide.csv", ("aggregator",), ("clean", "sign_flip 10%", "sign_flip 30%", "scale 10%",
+                                                       "scale 30%", "gaussian 10%", "gaussian 30%", "label_flip 10%",
+                                                       "label_flip 30%", "nan_update 10%", "nan_update 30%")), False),
+]
+for _name, _notebook, _doc, _headline, _exports in EXPERIMENT_TABLE:
+    EXPERIMENTS.register(_name, f"fedbench.experiments.{_name}", notebook=_notebook, doc=_doc, headline=_headline,
+                         exports=_exports)

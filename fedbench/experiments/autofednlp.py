@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.experiments.common import (Settings, check_list, check_method, check_seeds, chosen_lr,
                                          is_int, is_number, no_lr, output_dir, resolve_profile, runs_root,
@@ -287,6 +288,7 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
     atomic_write_text(out / "PROTOCOL.md", "# AutoFedNLP: protocol (paper / official code / ours)\n\n" + PROTOCOL)
     from fedbench.experiments.common import save_figure
     res.figures = {name: save_figure(fig, out, f"{name}.png") for name, fig in make_figures(res).items()}
+    write_report(EXPERIMENT, out)
     return res
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig, PeftConfig
 from fedbench.experiments.common import (Settings, check_list, output_dir, resolve_profile, runs_root, save_figure,
                                          save_table, variant_note)
@@ -716,6 +717,7 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
     figures = make_figures(summary, metrics, s)
     for name, fig in figures.items():
         save_figure(fig, out, name)
+    write_report(EXPERIMENT, out)
     return FedPEFTResult(settings=s, summary=summary, metrics=metrics, tables=tables, claims=claims, figures=figures)
 
 

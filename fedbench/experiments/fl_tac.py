@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.fl.federations import BINARY, binary_tasks
 from fedbench.experiments.common import (Settings, check_list, check_method, check_seeds, check_subset, chosen_lr,
@@ -242,6 +243,7 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
     from fedbench.results import atomic_write_text
     atomic_write_text(out / "PROTOCOL.md", "# FL-TAC: protocol (paper / official code / ours)\n\n" + PROTOCOL)
     result.figures = {name: save_figure(fig, out, f"{name}.png") for name, fig in make_figures(result).items()}
+    write_report(EXPERIMENT, out)
     return result
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig, config_hash
 from fedbench.experiments.common import (Settings, TableRunStore, check_list, check_method, check_seeds,
                                          check_subset, chosen_lr, is_int, is_number, no_lr, output_dir,
@@ -345,6 +346,7 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
     from fedbench.results import atomic_write_text
     atomic_write_text(out / "PROTOCOL.md", "# LoRM: protocol (paper / official code / ours)\n\n" + PROTOCOL)
     result.figures = {name: save_figure(fig, out, f"{name}.png") for name, fig in make_figures(result).items()}
+    write_report(EXPERIMENT, out)
     return result
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from fedbench.bench.report import write_report
 from fedbench.config import ExperimentConfig, ModelConfig, PeftConfig
 from fedbench.experiments.common import Settings, output_dir, resolve_profile, runs_root, save_figure, save_table
 
@@ -116,6 +117,7 @@ def run(profile: str = "quick", path=None, **overrides) -> QuickstartResult:
     save_table(claims, out, "claims.csv")
     for name, fig in make_figures(rounds, probe["accuracy"], cfg).items():
         save_figure(fig, out, name)
+    write_report(EXPERIMENT, out)
     return QuickstartResult(cfg, rounds, summary, probe["accuracy"], claims)
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.experiments.common import (Settings, check_list, is_int, is_number, output_dir, resolve_profile,
                                          runs_root, save_figure, save_table)
@@ -359,6 +360,7 @@ def run(profile: str = "quick", path=None, progress: bool = True, **overrides) -
     save_table(claims, out, "claims.csv")
     for name, fig in make_figures(summary, rounds).items():
         save_figure(fig, out, name)
+    write_report(EXPERIMENT, out)
     return RobustnessResult(s, base, summary, rounds, table, wide, nan, claims, out)
 
 

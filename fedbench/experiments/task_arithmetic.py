@@ -54,6 +54,7 @@ import pandas as pd
 import torch
 
 from fedbench import merging
+from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.experiments.common import (Settings, TableRunStore, check_list, is_int, is_number, output_dir,
                                          resolve_profile, save_figure, save_table, variant_note)
@@ -723,6 +724,7 @@ def run(profile: str = "quick", path=None, verbose: bool = True, **overrides) ->
         save_figure(fig, out, name)
     wall = time.perf_counter() - start
     log(f"task_arithmetic [{profile}]: {wall:.0f} s -> {out}")
+    write_report(EXPERIMENT, out)
     return TaskArithmeticResult(r, summary, table, tabs["equivalence"], tabs["cosine"], tabs["pairs"],
                                 tabs["rounds"], tabs["validation"], tabs["finetune"], tabs["lr_search"], claims,
                                 protocol, figures,
