@@ -253,7 +253,7 @@ def methods_for(s: AutoFedNlpSettings) -> list[str]:
 def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -> AutoFedNlpResult:
     """Every run (loaded from the store when finished), then the CSVs, claims and figures."""
     s, base = settings_for(profile, path, **overrides)
-    out = output_dir(EXPERIMENT, profile, path)
+    out = output_dir(EXPERIMENT, profile, path, overrides)
     runner = _Runner(s, base, progress)
     # learning rates on the validation split, first seed (ties: the smaller lr): full FT's from full_lr_grid,
     # the adapters' one lr from adapter_lr_grid on the starting configuration

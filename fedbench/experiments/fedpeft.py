@@ -711,7 +711,7 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
     """Run the FedPEFT grid of `profile` (parameters overridable), write results/fedpeft[/profile]/."""
     s = settings_for(profile, path, **overrides)
     cells = build_cells(s)
-    out = output_dir(EXPERIMENT, profile, path)
+    out = output_dir(EXPERIMENT, profile, path, overrides)
     runner = Runner(s)
     lr_table = tune(s, runner, progress=progress)
     summary, metrics, correct = run_cells(cells, s, progress=progress, runner=runner)

@@ -331,7 +331,7 @@ class FlTacResult:
 def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -> FlTacResult:
     """Every (method, seed) run (lr chosen per method on validation, first seed), then CSVs, claims, figures."""
     s, base = settings_for(profile, path, **overrides)
-    out = output_dir(EXPERIMENT, profile, path)
+    out = output_dir(EXPERIMENT, profile, path, overrides)
     runner = _Runner(s, base, progress)
     per_run, lr_rows = {}, []
     chosen = {}

@@ -778,7 +778,7 @@ def run(profile: str = "quick", path=None, verbose: bool = True, **overrides) ->
     r = settings_for(profile, path, **overrides)
     s = r.settings
     log = print if verbose else (lambda *a, **k: None)
-    out = output_dir(EXPERIMENT, profile, path)
+    out = output_dir(EXPERIMENT, profile, path, overrides)
     start = time.perf_counter()
     parts = {k: [] for k in TABLES}
     for tuning in s.tunings:

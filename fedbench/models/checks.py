@@ -217,12 +217,23 @@ def reads_target_modules(method: str) -> bool:
     return "target_modules" in facts["fields"] if facts and "fields" in facts else method in TARGET_METHODS
 
 
+def reads_field(method: str, name: str) -> bool:
+    """Whether the PEFT method reads peft.<name> (the tuner registry's ``fields`` fact; lora's without one)."""
+    facts = _tuner_facts(method)
+    return name in facts["fields"] if facts and "fields" in facts else name in ("rank", "target_modules") and \
+        method == "lora"
+
+
 def _check_peft(peft, facts: BackboneFacts) -> None:
     method = peft.method
     depth = getattr(peft, "depth", None)
     if takes_depth(method) and depth is not None and depth > facts.num_layers:
         raise ConfigError("peft.depth", depth, f"at most the backbone's {facts.num_layers} layers "
                           f"(or null for all of them)")
+    if reads_field(method, "rank") and peft.rank > facts.hidden_size:
+        # every adapted linear layer has hidden_size on one side: a rank above it adds no expressiveness and
+        # only multiplies the factors' size (and time)
+        raise ConfigError("peft.rank", peft.rank, f"at most the backbone's layer width {facts.hidden_size}")
     if method == "ia3":
         _check_ia3(facts)
     if reads_target_modules(method):
