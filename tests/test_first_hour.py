@@ -100,8 +100,17 @@ def test_readme_and_help_name_only_files_that_exist(capsys):
     text = readme + capsys.readouterr().out
     for name in set(re.findall(r"fedbench run (configs/\S+\.ya?ml)", text)):
         assert (ROOT / name).exists(), name
-    head = readme[:readme.index("## ")]          # the first five minutes, above the first section
+    first = readme.index("## ")                   # the first section is the first five minutes
+    assert readme[first:].startswith("## First five minutes")
+    head = readme[first:readme.index("## ", first + 3)]
     assert "configs/examples/tiny.yaml" in head and "fedbench results" in head and "make setup" in head
+
+
+def test_every_committed_config_reads_with_the_strict_loader():
+    """Duplicate keys (one was a stray uncommented line in configs/lorm/quick.yaml) and empty files fail here."""
+    from fedbench.yamlio import read_config_file
+    for path in sorted((ROOT / "configs").glob("*/*.yaml")):
+        assert isinstance(read_config_file(path), dict), path
 
 
 # -- defects 4, 6, 7: one line, exit code 2, before any work ----------------------------------------------------

@@ -1075,7 +1075,7 @@ def make_figures(summary: pd.DataFrame, tabs: dict, r: Resolved) -> dict:
                 title=f"{setting.replace('_', ' ')} ({tuning}): tasks averaged, 95% CI over seeds")
         c = tabs["cosine"]
         c = c[(c["tuning"] == tuning) & (c["task_a"] != c["task_b"])]
-        figs[f"cosine_similarity{sfx}.png"] = plots.heatmap(c, "task_a", "task_b", "cosine",
+        figs[f"cosine_similarity{sfx}.png"] = plots.heatmap(c, "task_a", "task_b", "cosine", center=0.0,
                                                             title=f"cosine of task vectors ({tuning})",
                                                             cbar_label="cosine")
         p = tabs["pairs"]
