@@ -171,7 +171,7 @@ def results_table(df):
     df = df.copy()
     df["engine"] = df["engine"].fillna("inprocess") if "engine" in df.columns else "inprocess"
     varying = [c for c in df.columns if c.startswith(CONFIG_SECTIONS) and c not in RESULTS_COLUMNS
-               and df[c].astype(str).nunique() > 1]
+               and df[c].map(str).nunique(dropna=False) > 1]      # map(str): None and NaN count as values
     cols = ["run_key", *[c for c in RESULTS_COLUMNS if c in df.columns], *varying,
             *[c for c in METRIC_COLUMNS if c in df.columns]]
     return df[cols]

@@ -161,11 +161,30 @@ def _legend_outside(fig: Figure, handles, labels, title: str | None = None):
     return leg
 
 
+def _wrap(text: str, inches: float, fontsize: float) -> str:
+    """`text` broken into lines that fit `inches` at `fontsize` (about 0.55 em per character): a label or title
+    longer than its axes would otherwise run off the canvas (constrained layout moves text, it cannot shorten it)."""
+    import textwrap
+    width = max(12, int(inches * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.fill(line, width) if len(line) > width else line for line in str(text).split("\n"))
+
+
+def _axes_inches(ax) -> tuple[float, float]:
+    """The axes' width and height in inches, from its place in the figure's grid (before layout)."""
+    fig, pos = ax.figure, ax.get_position()
+    return pos.width * fig.get_figwidth(), pos.height * fig.get_figheight()
+
+
+def _set_title(ax, title: str, fontsize: float) -> None:
+    ax.set_title(_wrap(title, max(_axes_inches(ax)[0] * 1.1, 2.5), fontsize), fontsize=fontsize)
+
+
 def _style_axes(ax, xlabel: str | None, ylabel: str | None) -> None:
+    w, h = _axes_inches(ax)
     if xlabel is not None:
-        ax.set_xlabel(xlabel, fontsize=FONT["label"])
+        ax.set_xlabel(_wrap(xlabel, max(w, 2.5), FONT["label"]), fontsize=FONT["label"])
     if ylabel is not None:
-        ax.set_ylabel(ylabel, fontsize=FONT["label"])
+        ax.set_ylabel(_wrap(ylabel, max(h * 0.9, 2.0), FONT["label"]), fontsize=FONT["label"])
     ax.tick_params(which="both", labelsize=FONT["tick"])      # minor labels too (log axes label some)
     ax.grid(True, alpha=0.3, linewidth=0.5)
     ax.set_axisbelow(True)
@@ -267,9 +286,9 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str, seed: str | None = "seed"
         if limits is not None:
             ax.set_ylim(*limits)                        # shared y: applies to every facet
     if title and len(facets) == 1:     # over its axes: a figure-wide title would run into the outside legend
-        axes[0].set_title(title, fontsize=FONT["title"])
+        _set_title(axes[0], title, FONT["title"])
     elif title:
-        fig.suptitle(title, fontsize=FONT["title"])
+        fig.suptitle(_wrap(title, fig.get_figwidth() * 0.95, FONT["title"]), fontsize=FONT["title"])
     return fig
 
 
@@ -374,6 +393,8 @@ def bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, seed: str | N
     crowded = sum(max(len(line) for line in t.split("\n")) for t in ticklabels) * 0.07 > 0.8 * fig.get_figwidth()
     if crowded:           # one line each, slanted: stacked lines would run into their neighbours
         ticklabels = [t.replace("\n", " ") for t in ticklabels]
+        # the slanted labels take height from the axes: give it back
+        fig.set_figheight(fig.get_figheight() + 0.07 * max(len(t) for t in ticklabels) * math.sin(math.radians(40)))
     ax.set_xticklabels(ticklabels, rotation=40 if crowded else 0, ha="right" if crowded else "center",
                        rotation_mode="anchor" if crowded else "default")
     what = f"{'geometric ' if ratio else ''}mean over seeds; {BAND_TEXT[error].replace('band', 'error bar')}"
@@ -389,7 +410,7 @@ def bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, seed: str | N
     if hue or single:
         _legend_outside(fig, handles, labels, title=what if hue else None)
     if title:
-        ax.set_title(title, fontsize=FONT["title"])
+        _set_title(ax, title, FONT["title"])
     return fig
 
 
@@ -471,7 +492,7 @@ def heatmap(df: pd.DataFrame, index: str, columns: str, values: str, seed: str |
     cbar.set_label(f"{cbar_label or values}, mean over {seeds}", fontsize=FONT["label"])
     cbar.ax.tick_params(labelsize=FONT["tick"])
     if title:
-        ax.set_title(title, fontsize=FONT["title"])
+        _set_title(ax, title, FONT["title"])
     return fig
 
 
@@ -515,7 +536,7 @@ def scatter(df: pd.DataFrame, x: str, y: str, hue: str, marker: str | None = Non
         labels += [f"{marker} = {m}" for m in marks]
     _legend_outside(fig, handles, labels)
     if title:
-        ax.set_title(title, fontsize=FONT["title"])
+        _set_title(ax, title, FONT["title"])
     return fig
 
 
