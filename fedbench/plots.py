@@ -184,7 +184,8 @@ def _style_axes(ax, xlabel: str | None, ylabel: str | None) -> None:
     if xlabel is not None:
         ax.set_xlabel(_wrap(xlabel, max(w, 2.5), FONT["label"]), fontsize=FONT["label"])
     if ylabel is not None:
-        ax.set_ylabel(_wrap(ylabel, max(h * 0.9, 2.0), FONT["label"]), fontsize=FONT["label"])
+        # 0.6: the layout later gives part of the height to titles and a legend below
+        ax.set_ylabel(_wrap(ylabel, max(h * 0.6, 1.8), FONT["label"]), fontsize=FONT["label"])
     ax.tick_params(which="both", labelsize=FONT["tick"])      # minor labels too (log axes label some)
     ax.grid(True, alpha=0.3, linewidth=0.5)
     ax.set_axisbelow(True)
@@ -522,12 +523,15 @@ def scatter(df: pd.DataFrame, x: str, y: str, hue: str, marker: str | None = Non
                 ax.scatter(pts[x], pts[y], color=palette[h], marker=shape[m], s=28, edgecolors="white",
                            linewidths=0.5)
     if annotate:
-        # neighbours along x alternate above / below their point, so close labels do not overprint; margins
-        # keep the labels of the outermost points inside the axes
+        # neighbours along x alternate above / below their point, so close labels do not overprint; a point in
+        # the right half is labelled to its left, so no label runs off the axes
+        mid = (float(df[x].min()) + float(df[x].max())) / 2
         for i, (_, r) in enumerate(df.sort_values([x, y]).iterrows()):
-            ax.annotate(str(r[annotate]), (r[x], r[y]), xytext=(3, 4 if i % 2 == 0 else -10),
-                        textcoords="offset points", fontsize=FONT["annot"] - 1, color="0.3")
-        ax.margins(x=0.18, y=0.12)
+            left = float(r[x]) > mid
+            ax.annotate(str(r[annotate]), (r[x], r[y]), xytext=(-3 if left else 3, 4 if i % 2 == 0 else -10),
+                        textcoords="offset points", ha="right" if left else "left", fontsize=FONT["annot"] - 1,
+                        color="0.3")
+        ax.margins(x=0.08, y=0.12)
     _style_axes(ax, xlabel if xlabel is not None else x, ylabel if ylabel is not None else y)
     handles = [Line2D([], [], linestyle="", marker="o", color=palette[h]) for h in hues]
     labels = [f"{hue} = {h}" for h in hues]
