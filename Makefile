@@ -46,8 +46,12 @@ complete: setup
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
+# as root (a container, the common case) Jupyter refuses to start without --allow-root; any other option
+# through LAB_ARGS, e.g. make lab LAB_ARGS="--no-browser --port 8889"
+LAB_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
+LAB_ARGS ?=
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks
+	$(VENV)/bin/jupyter lab notebooks $(LAB_ROOT) $(LAB_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -344,14 +344,8 @@ class ExperimentConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ExperimentConfig":
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-            d = yaml.safe_load(text) or {}
-        else:
-            d = json.loads(text)
-        return cls.from_dict(d)
+        from fedbench.yamlio import read_config_file    # one reader: suffix, syntax, empty file, YAML 1.2 floats
+        return cls.from_dict(read_config_file(path))
 
     def hash(self) -> str:
         """A stable 12-hex-digit key of every field (the name included)."""

@@ -8,7 +8,10 @@ artist). Rules every figure follows:
   where some points have fewer) and a band / error bar over seeds: by default the 95% Student t interval
   of the mean, mean +- t_{0.975, n-1} * sd / sqrt(n); ``"sd"`` draws mean +- sd; ``None`` draws none.
   A point with one seed has no band.
-* The legend sits outside the axes (right of them), never over data.
+* The legend sits outside the axes, below them (a right-hand legend took 30-40% of a figure's width and ran
+  into figure titles), never over data; its title names the band only where a band is drawn.
+* Facets share a y axis only when their ranges are alike (depth 1-6 next to width 8-64 would flatten one).
+* Width is bounded (MAX_WIDTH inches): many bars get rotated tick labels instead of a wider figure.
 * Axes are not truncated so as to inflate differences. Bars start at their baseline (0, or the chance
   level passed as ``baseline``) and the y range includes it. Accuracy-like curves (every value in [0, 1])
   get a y range that includes ``baseline`` when given, else 0. Other curves (loss, bytes) autoscale. A
@@ -38,6 +41,7 @@ BANDS = ("ci95", "sd", None)
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 BAND_TEXT = {"ci95": "band: 95% t interval over seeds", "sd": "band: +- 1 sd over seeds", None: "no band"}
 FONT = {"label": 9, "tick": 8, "legend": 8, "title": 10, "subtitle": 9, "annot": 7}
+MAX_WIDTH = 10.0        # inches: 1,100 px at the saved 110 dpi
 
 
 class Figure(Figure):  # noqa: F811 - the same class, displayable where pyplot was never imported
@@ -56,9 +60,15 @@ class Figure(Figure):  # noqa: F811 - the same class, displayable where pyplot w
 # -- colours, labels, checks ---------------------------------------------------------------------------
 
 def method_colors(order) -> dict:
-    """A fixed tab10 colour per name, by its place in `order` (cycling after 10)."""
-    pal = matplotlib.colormaps["tab10"]
-    return {name: pal(i % 10) for i, name in enumerate(order)}
+    """A fixed tab10 colour per name, by its place in `order`; tab20 for more than 10 names (tab10 would
+    repeat its colours), cycling only after 20."""
+    order = list(order)
+    if len(order) <= 10:
+        pal = matplotlib.colormaps["tab10"]
+        return {name: pal(i % 10) for i, name in enumerate(order)}
+    pal = matplotlib.colormaps["tab20"]       # dark then light of each hue: 0, 2, 4, ... then 1, 3, 5, ...
+    slots = [*range(0, 20, 2), *range(1, 20, 2)]
+    return {name: pal(slots[i % 20]) for i, name in enumerate(order)}
 
 
 def _require(df: pd.DataFrame, **columns) -> None:
@@ -141,18 +151,42 @@ def _summarise(df: pd.DataFrame, keys: list, y: str, seed: str | None, band, log
 # -- layout helpers ------------------------------------------------------------------------------------
 
 def _legend_outside(fig: Figure, handles, labels, title: str | None = None):
-    """One figure legend right of all axes (constrained layout makes room for it), never over data."""
-    leg = fig.legend(handles, labels, loc="outside right upper", fontsize=FONT["legend"], frameon=False,
-                     title=title, title_fontsize=FONT["legend"])
+    """One figure legend below all axes (constrained layout makes room for it), never over data, in as many
+    columns as the figure's width holds (by the longest label)."""
+    longest = max([len(str(t)) for t in labels] + [1])
+    per_col = 0.075 * longest + 0.5                        # inches per column at the legend's 8 pt
+    ncols = max(1, min(len(labels), int(fig.get_figwidth() // per_col)))
+    leg = fig.legend(handles, labels, loc="outside lower center", fontsize=FONT["legend"], frameon=False,
+                     title=title, title_fontsize=FONT["legend"], ncols=ncols)
     return leg
 
 
+def _wrap(text: str, inches: float, fontsize: float) -> str:
+    """`text` broken into lines that fit `inches` at `fontsize` (about 0.55 em per character): a label or title
+    longer than its axes would otherwise run off the canvas (constrained layout moves text, it cannot shorten it)."""
+    import textwrap
+    width = max(12, int(inches * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.fill(line, width) if len(line) > width else line for line in str(text).split("\n"))
+
+
+def _axes_inches(ax) -> tuple[float, float]:
+    """The axes' width and height in inches, from its place in the figure's grid (before layout)."""
+    fig, pos = ax.figure, ax.get_position()
+    return pos.width * fig.get_figwidth(), pos.height * fig.get_figheight()
+
+
+def _set_title(ax, title: str, fontsize: float) -> None:
+    ax.set_title(_wrap(title, max(_axes_inches(ax)[0] * 1.1, 2.5), fontsize), fontsize=fontsize)
+
+
 def _style_axes(ax, xlabel: str | None, ylabel: str | None) -> None:
+    w, h = _axes_inches(ax)
     if xlabel is not None:
-        ax.set_xlabel(xlabel, fontsize=FONT["label"])
+        ax.set_xlabel(_wrap(xlabel, max(w, 2.5), FONT["label"]), fontsize=FONT["label"])
     if ylabel is not None:
-        ax.set_ylabel(ylabel, fontsize=FONT["label"])
-    ax.tick_params(labelsize=FONT["tick"])
+        # 0.6: the layout later gives part of the height to titles and a legend below
+        ax.set_ylabel(_wrap(ylabel, max(h * 0.6, 1.8), FONT["label"]), fontsize=FONT["label"])
+    ax.tick_params(which="both", labelsize=FONT["tick"])      # minor labels too (log axes label some)
     ax.grid(True, alpha=0.3, linewidth=0.5)
     ax.set_axisbelow(True)
 
@@ -184,8 +218,11 @@ def _curve_ylim(values: np.ndarray, baseline: float | None):
 def curves(df: pd.DataFrame, x: str, y: str, hue: str, seed: str | None = "seed", facet: str | None = None,
            band: str | None = "ci95", logx: bool = False, xlabel: str | None = None, ylabel: str | None = None,
            title: str | None = None, colors: dict | None = None, order=None, hlines: dict | None = None,
-           baseline: float | None = None, ylim: tuple | None = None) -> Figure:
+           baseline: float | None = None, ylim: tuple | None = None, sharey: bool | None = None) -> Figure:
     """Mean of `y` over seeds vs `x`, one line per `hue` value, one subplot per `facet` value.
+
+    sharey: whether the facets share one y axis; None = only when their ranges are alike (see
+    :func:`_alike_ranges`), so a panel of small values is not flattened against one of large values.
 
     Band per point over seeds (see BANDS); labels "name (n seeds)". hlines = {label: y} draws dashed
     reference lines (e.g. a linear probe) on every subplot, listed in the legend. seed=None treats each
@@ -203,8 +240,11 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str, seed: str | None = "seed"
     if bounded:       # an accuracy-like quantity: its band cannot leave [0, 1] (a 2-seed t interval easily would)
         summary[["lo", "hi"]] = summary[["lo", "hi"]].clip(0, 1)
 
-    fig = Figure(figsize=(3.8 * len(facets) + 2.2, 3.4), layout="constrained")
-    axes = fig.subplots(1, len(facets), sharey=True, squeeze=False)[0]
+    if sharey is None:
+        sharey = facet is None or _alike_ranges([summary.loc[summary[facet] == fv, "mean"] for fv in facets])
+    fig = Figure(figsize=(min(MAX_WIDTH, 3.8 * len(facets) + 1.0), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(facets), sharey=sharey, squeeze=False)[0]
+    alpha = 0.2 if len(hues) <= 3 else 0.1          # many overlapping bands: lighter, so lines stay readable
     handles, labels = {}, {}
     for ax, fv in zip(axes, facets):
         sub = summary if facet is None else summary[summary[facet] == fv]
@@ -214,7 +254,7 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str, seed: str | None = "seed"
                 continue
             line, = ax.plot(pts[x], pts["mean"], marker="o", markersize=3, linewidth=1.5, color=palette[h])
             if pts["lo"].notna().any():
-                ax.fill_between(pts[x], pts["lo"], pts["hi"], color=palette[h], alpha=0.2, linewidth=0)
+                ax.fill_between(pts[x], pts["lo"], pts["hi"], color=palette[h], alpha=alpha, linewidth=0)
             handles.setdefault(h, line)
             labels[h] = _seed_label(h, summary.loc[summary[hue] == h, "n"])
         if facet is not None:
@@ -229,24 +269,44 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str, seed: str | None = "seed"
             ax.xaxis.set_major_formatter(LogFormatter())
             ax.xaxis.set_minor_formatter(LogFormatter(minor_thresholds=(1.5, 0.5)))
         _style_axes(ax, xlabel if xlabel is not None else x, (ylabel if ylabel is not None else y)
-                    if ax is axes[0] else None)
+                    if ax is axes[0] or not sharey else None)
     ref = _draw_hlines(axes, hlines)
     legend_handles = [handles[h] for h in hues if h in handles] + [r[0] for r in ref]
     legend_labels = [labels[h] for h in hues if h in handles] + [r[1] for r in ref]
-    # seed=None: each row is one replicate, so there is no mean or band to name
-    _legend_outside(fig, legend_handles, legend_labels,
-                    title=None if seed is None else f"mean over seeds; {BAND_TEXT[band]}")
-    limits = ylim or _curve_ylim(_finite(summary["mean"], summary["lo"], summary["hi"],
-                                         list((hlines or {}).values())), baseline)
-    if limits is not None and bounded and ylim is None:
-        limits = (limits[0], min(limits[1], 1.02))
-    if limits is not None:
-        axes[0].set_ylim(*limits)                       # shared y: applies to every facet
+    # seed=None: each row is one replicate, so there is no mean or band to name; no band drawn: none named
+    drawn = summary["lo"].notna().any()
+    legend_title = None if seed is None or summary["n"].max() <= 1 else \
+        f"mean over seeds; {BAND_TEXT[band]}" if drawn else "mean over seeds"
+    _legend_outside(fig, legend_handles, legend_labels, title=legend_title)
+    for ax, fv in zip(axes if not sharey else axes[:1], facets if not sharey else [None]):
+        sub = summary if fv is None else summary[summary[facet] == fv]
+        limits = ylim or _curve_ylim(_finite(sub["mean"], sub["lo"], sub["hi"], list((hlines or {}).values())),
+                                     baseline)
+        if limits is not None and bounded and ylim is None:
+            limits = (limits[0], min(limits[1], 1.02))
+        if limits is not None:
+            ax.set_ylim(*limits)                        # shared y: applies to every facet
     if title and len(facets) == 1:     # over its axes: a figure-wide title would run into the outside legend
-        axes[0].set_title(title, fontsize=FONT["title"])
+        _set_title(axes[0], title, FONT["title"])
     elif title:
-        fig.suptitle(title, fontsize=FONT["title"])
+        fig.suptitle(_wrap(title, fig.get_figwidth() * 0.95, FONT["title"]), fontsize=FONT["title"])
     return fig
+
+
+def _alike_ranges(series, ratio: float = 4.0) -> bool:
+    """Whether facets' values are on one scale: their ranges overlap and no span is `ratio` times another's."""
+    spans = []
+    for v in series:
+        v = _finite(v)
+        if v.size:
+            spans.append((float(v.min()), float(v.max())))
+    if len(spans) < 2:
+        return True
+    lo, hi = max(a for a, _ in spans), min(b for _, b in spans)
+    widths = [max(b - a, 1e-12) for a, b in spans]
+    top = max(abs(b) for _, b in spans) or 1.0
+    overlap = hi >= lo or (lo - hi) <= 0.25 * top
+    return overlap and max(widths) / min(widths) <= ratio or all(w <= 1e-9 for w in widths) and overlap
 
 
 def _draw_hlines(axes, hlines: dict | None) -> list:
@@ -285,7 +345,8 @@ def bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, seed: str | N
     Bars start at `baseline` (0, or the chance level) and the y range includes it. ratio=True (speed-ups):
     geometric mean over seeds, log y axis, bars drawn from 1x (a slowdown points down), a line at 1x,
     ticks "2x"; values must be > 0. `order` orders the hue values (the x values when hue is None).
-    Labels carry the seed count: in the legend with a hue, under each bar without.
+    Labels carry the seed count: in the legend with a hue, under each bar without. A bar of one seed (no error
+    bar to draw) is hatched, and the legend says so.
     """
     _require(df, x=x, y=y, hue=hue, seed=seed)
     _require_numeric(df, y=y)
@@ -298,8 +359,8 @@ def bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, seed: str | N
     summary = _summarise(df, [x] + ([hue] if hue else []), y, seed, error, log=ratio)
     floor = 1.0 if ratio else float(baseline)
 
-    fig = Figure(figsize=(max(3.5, 0.9 * len(xs) * max(1, len(hues)) ** 0.5 + 2.0) + (2.0 if hue else 0), 3.4),
-                 layout="constrained")
+    width_in = max(3.5, 0.9 * len(xs) * max(1, len(hues)) ** 0.5 + 2.0)
+    fig = Figure(figsize=(min(MAX_WIDTH, width_in), 3.8), layout="constrained")
     ax = fig.subplots()
     if ratio:
         ax.set_yscale("log")
@@ -313,6 +374,9 @@ def bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, seed: str | N
         # every bar starts at the floor (baseline, or 1x for ratios): a value below it points down
         cont = ax.bar(pos, rows["mean"] - floor, bottom=floor, width=width * 0.92, color=col,
                       edgecolor="white", linewidth=0.5)
+        for patch, n in zip(cont.patches, rows["n"]):
+            if n == 1 and error is not None:
+                patch.set_hatch("///")
         if rows["lo"].notna().any():
             ax.errorbar(pos, rows["mean"], yerr=[rows["mean"] - rows["lo"], rows["hi"] - rows["mean"]],
                         fmt="none", ecolor="black", elinewidth=1, capsize=3)
@@ -322,19 +386,32 @@ def bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, seed: str | N
     ax.axhline(floor, color="black", linewidth=0.8)
     ax.set_xticks(range(len(xs)))
     if hue:
-        ax.set_xticklabels([str(v) for v in xs])
+        ticklabels = [str(v) for v in xs]
     else:
         n_by_x = summary.set_index(x)["n"]
-        ax.set_xticklabels([_seed_label(v, [n_by_x[v]]).replace(" (", "\n(") for v in xs])
+        ticklabels = [_seed_label(v, [n_by_x[v]]).replace(" (", "\n(") for v in xs]
+    # labels that would not fit side by side at this width: rotated rather than a wider figure
+    crowded = sum(max(len(line) for line in t.split("\n")) for t in ticklabels) * 0.07 > 0.8 * fig.get_figwidth()
+    if crowded:           # one line each, slanted: stacked lines would run into their neighbours
+        ticklabels = [t.replace("\n", " ") for t in ticklabels]
+        # the slanted labels take height from the axes: give it back
+        fig.set_figheight(fig.get_figheight() + 0.07 * max(len(t) for t in ticklabels) * math.sin(math.radians(40)))
+    ax.set_xticklabels(ticklabels, rotation=40 if crowded else 0, ha="right" if crowded else "center",
+                       rotation_mode="anchor" if crowded else "default")
     what = f"{'geometric ' if ratio else ''}mean over seeds; {BAND_TEXT[error].replace('band', 'error bar')}"
     # without a hue there is no legend: say what bar and error bar are under the axis instead
-    _style_axes(ax, x if hue else f"{x}  ({what})", ylabel if ylabel is not None else y)
+    _style_axes(ax, x if hue else f"{x}\n({what})", ylabel if ylabel is not None else y)
     ax.grid(False, axis="x")
     _set_bar_ylim(ax, summary, floor, ratio, ylim)
-    if hue:
-        _legend_outside(fig, handles, labels, title=what)
+    single = error is not None and bool((summary["n"] == 1).any())
+    if single:            # hatched bars: say what the hatch means
+        from matplotlib.patches import Patch
+        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="///"))
+        labels.append("hatched: 1 seed, no error bar")
+    if hue or single:
+        _legend_outside(fig, handles, labels, title=what if hue else None)
     if title:
-        ax.set_title(title, fontsize=FONT["title"])
+        _set_title(ax, title, FONT["title"])
     return fig
 
 
@@ -363,22 +440,40 @@ def _text_color(rgba) -> str:
 
 
 def heatmap(df: pd.DataFrame, index: str, columns: str, values: str, seed: str | None = "seed", fmt: str = ".3f",
-            title: str | None = None, cbar_label: str | None = None, cmap: str = "viridis") -> Figure:
+            title: str | None = None, cbar_label: str | None = None, cmap: str | None = None,
+            center: float | None = None, row_order=None, col_order=None) -> Figure:
     """Mean of `values` over seeds per (index, columns) cell, each cell annotated "mean ± sd" (sd only with
-    > 1 seed), text black or white for contrast. Rows and columns in first-appearance order; a missing
-    cell is left blank. The colour bar's label gives the seed count.
+    > 1 seed), text black or white for contrast. Rows and columns in `row_order` / `col_order`, else in
+    first-appearance order, and in the rows' order when rows and columns are the same names (a task x task
+    matrix); a missing cell is left blank. The colour bar's label gives the seed count.
+
+    Colours: a diverging map (RdBu_r) centred at `center` when it is given or the values have both signs (a
+    signed quantity such as a cosine), else `cmap` (viridis).
     """
     _require(df, index=index, columns=columns, values=values, seed=seed)
     _require_numeric(df, values=values)
     g = _summarise(df, [index, columns], values, seed, "sd")
-    rows, cols = _ordered(df[index], None), _ordered(df[columns], None)
+    rows, cols = _ordered(df[index], row_order), _ordered(df[columns], col_order)
+    if col_order is None and set(rows) == set(cols):
+        cols = list(rows)
     mean = g.pivot(index=index, columns=columns, values="mean").reindex(index=rows, columns=cols)
     sd = g.pivot(index=index, columns=columns, values="sd").reindex(index=rows, columns=cols)
     n = g.pivot(index=index, columns=columns, values="n").reindex(index=rows, columns=cols)
 
-    fig = Figure(figsize=(min(14, 1.2 * len(cols) + 2.6), min(10, 0.55 * len(rows) + 1.6)), layout="constrained")
+    fig = Figure(figsize=(min(MAX_WIDTH, 1.2 * len(cols) + 2.6), min(10, 0.55 * len(rows) + 1.6)),
+                 layout="constrained")
     ax = fig.subplots()
-    im = ax.imshow(np.ma.masked_invalid(mean.to_numpy(dtype=float)), cmap=cmap, aspect="auto")
+    grid = mean.to_numpy(dtype=float)
+    vals = grid[np.isfinite(grid)]
+    signed = vals.size > 0 and vals.min() < 0 < vals.max()
+    norm = None
+    if center is not None or (signed and cmap is None):
+        c = 0.0 if center is None else float(center)
+        half = float(np.max(np.abs(vals - c))) if vals.size else 1.0
+        from matplotlib.colors import Normalize
+        norm = Normalize(c - (half or 1.0), c + (half or 1.0))    # symmetric about the centre
+        cmap = cmap or "RdBu_r"
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap or "viridis", norm=norm, aspect="auto")
     for i in range(len(rows)):
         for j in range(len(cols)):
             m = mean.iat[i, j]
@@ -398,7 +493,7 @@ def heatmap(df: pd.DataFrame, index: str, columns: str, values: str, seed: str |
     cbar.set_label(f"{cbar_label or values}, mean over {seeds}", fontsize=FONT["label"])
     cbar.ax.tick_params(labelsize=FONT["tick"])
     if title:
-        ax.set_title(title, fontsize=FONT["title"])
+        _set_title(ax, title, FONT["title"])
     return fig
 
 
@@ -418,7 +513,7 @@ def scatter(df: pd.DataFrame, x: str, y: str, hue: str, marker: str | None = Non
     marks = _sorted_unique(df[marker]) if marker else [None]
     shape = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(marks)}
 
-    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    fig = Figure(figsize=(6.0, 4.4), layout="constrained")
     ax = fig.subplots()
     for h in hues:
         for m in marks:
@@ -428,9 +523,15 @@ def scatter(df: pd.DataFrame, x: str, y: str, hue: str, marker: str | None = Non
                 ax.scatter(pts[x], pts[y], color=palette[h], marker=shape[m], s=28, edgecolors="white",
                            linewidths=0.5)
     if annotate:
-        for _, r in df.iterrows():
-            ax.annotate(str(r[annotate]), (r[x], r[y]), xytext=(3, 3), textcoords="offset points",
-                        fontsize=FONT["annot"] - 1, color="0.3")
+        # neighbours along x alternate above / below their point, so close labels do not overprint; a point in
+        # the right half is labelled to its left, so no label runs off the axes
+        mid = (float(df[x].min()) + float(df[x].max())) / 2
+        for i, (_, r) in enumerate(df.sort_values([x, y]).iterrows()):
+            left = float(r[x]) > mid
+            ax.annotate(str(r[annotate]), (r[x], r[y]), xytext=(-3 if left else 3, 4 if i % 2 == 0 else -10),
+                        textcoords="offset points", ha="right" if left else "left", fontsize=FONT["annot"] - 1,
+                        color="0.3")
+        ax.margins(x=0.08, y=0.12)
     _style_axes(ax, xlabel if xlabel is not None else x, ylabel if ylabel is not None else y)
     handles = [Line2D([], [], linestyle="", marker="o", color=palette[h]) for h in hues]
     labels = [f"{hue} = {h}" for h in hues]
@@ -439,7 +540,7 @@ def scatter(df: pd.DataFrame, x: str, y: str, hue: str, marker: str | None = Non
         labels += [f"{marker} = {m}" for m in marks]
     _legend_outside(fig, handles, labels)
     if title:
-        ax.set_title(title, fontsize=FONT["title"])
+        _set_title(ax, title, FONT["title"])
     return fig
 
 

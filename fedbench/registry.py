@@ -17,6 +17,7 @@ takes ``peft.depth``; ``REGISTRIES`` lists every registry for ``fedbench list``.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -54,8 +55,7 @@ class Registry:
         def add(o):
             if name in self._entries and self._entries[name].obj is not o:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            doc = (getattr(o, "__doc__", None) or "").strip().split(". ")[0].splitlines()
-            self._entries[name] = Entry(name, o, dict(facts), doc_override or (" ".join(doc).rstrip(".") if doc else ""))
+            self._entries[name] = Entry(name, o, dict(facts), doc_override or first_sentence(getattr(o, "__doc__", None)))
             return o
         return add(obj) if obj is not None else add
 
@@ -121,6 +121,18 @@ EXPERIMENTS = Registry("experiment", "experiment", ("fedbench.experiments",),
                        "paper experiments: fedbench run configs/<experiment>/<profile>.yaml")
 
 REGISTRIES = (TUNERS, AGGREGATORS, LORA_SEMANTICS, STRATEGIES, ATTACKS, MERGES, FEDERATIONS, EXPERIMENTS)
+
+
+# a period that ends a sentence: followed by the end or by a space and a capital (or an opening bracket), and
+# not the end of an abbreviation a docstring uses mid-sentence ("Blanchard et al. 2017", "e.g. Krum")
+_SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)(?<!\bcf)(?<!\bFig)\.(?=\s+[A-Z(\[]|\s*$)")
+
+
+def first_sentence(doc: str | None) -> str:
+    """The first sentence of a docstring's first paragraph, on one line, without its final period."""
+    paragraph = (doc or "").strip().split("\n\n")[0]
+    text = " ".join(paragraph.split())
+    return _SENTENCE_END.split(text, maxsplit=1)[0].rstrip(".")
 
 
 def format_registries() -> str:

@@ -6,7 +6,11 @@ Layout under a results root (default ``results/runs``)::
     <root>/<config-hash>/rounds.csv      one row per round (accuracy, loss, bytes, clients, wall-clock)
     <root>/<run-key>/predictions.safetensors  the final evaluation's per-example predictions (for claims)
     <root>/<run-key>/checkpoint/         the last finished round while the run is going (removed at the end)
-    <root>/<run-key>/summary.json        final numbers; written last, so its presence means "finished"
+    <root>/<run-key>/summary.json        final numbers; its presence means "finished"
+    <root>/<run-key>/manifest.json       size and sha256 of the four files above, written last: what is loaded
+                                         is checked against it (a corrupt file is named, never half-read)
+    <root>/<run-key>/.lock               held (fcntl) by the process computing the run: a second process
+                                         running the same config says "already running" instead of racing it
 
 The run key is the hash of the whole config, the engine and :data:`RESULTS_SCHEMA` (a version the code
 owns: a change of what a run computes or records bumps it, so an old result is never served for new
@@ -17,7 +21,10 @@ half-written file behind.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +36,22 @@ from fedbench.atomic import atomic_write_bytes, atomic_write_json, atomic_write_
 
 # Bump when what a run computes or records changes meaning: every stored run is then recomputed.
 RESULTS_SCHEMA = 2
+MANIFEST = "manifest.json"
+RUN_FILES = ("config.json", "rounds.csv", "predictions.safetensors", "summary.json")
+log = logging.getLogger("fedbench.results")
+
+
+class CorruptRunError(RuntimeError):
+    """A stored run's file does not match what was written (truncated, edited, unreadable)."""
+
+    def __init__(self, path, reason: str):
+        self.path = Path(path)
+        super().__init__(f"{path} is corrupt ({reason}); rerun with --force (or cached_run(..., force=True)) to "
+                         "recompute it, or delete its folder")
+
+
+class RunAlreadyRunning(RuntimeError):
+    """Another process holds the run folder's lock: it is computing this very config now."""
 
 
 def atomic_write_csv(path: str | Path, df: pd.DataFrame) -> None:
@@ -118,21 +141,89 @@ def save_run(result: RunResult, config_hash: str, root: str | Path | None = None
     atomic_write_csv(d / "rounds.csv", result.rounds)
     if result.predictions:
         atomic_write_tensors(d / "predictions.safetensors", result.predictions)
-    atomic_write_json(d / "summary.json", result.summary)   # last: marks the run finished
+    atomic_write_json(d / "summary.json", result.summary)   # marks the run finished
+    atomic_write_json(d / MANIFEST, {name: _digest(d / name) for name in RUN_FILES if (d / name).exists()})
     import shutil
     shutil.rmtree(d / "checkpoint", ignore_errors=True)     # the finished run replaces its checkpoints
     return d
 
 
+def _digest(path: Path) -> dict:
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def load_run(config_hash: str, root: str | Path | None = None) -> RunResult | None:
+    """The finished run in `config_hash`'s folder, or None; :class:`CorruptRunError` naming the file when one
+    of its files is not what was written (checked against manifest.json; a run stored before manifests by
+    reading each file whole and checking rounds.csv against the summary's round count)."""
     d = run_dir(config_hash, root)
     if not (d / "summary.json").exists():
         return None
+    manifest = _read_json(d / MANIFEST) if (d / MANIFEST).exists() else None
+    if manifest is not None:
+        for name, want in manifest.items():
+            if not (d / name).exists():
+                raise CorruptRunError(d / name, "missing, but listed in manifest.json")
+            got = _digest(d / name)
+            if got != want:
+                raise CorruptRunError(d / name, f"{got['bytes']} bytes, sha256 {got['sha256'][:12]}; manifest.json "
+                                      f"says {want['bytes']} bytes, sha256 {want['sha256'][:12]}")
+    summary = _read_json(d / "summary.json")
+    config = _read_json(d / "config.json")
+    rounds = _read_rounds(d / "rounds.csv", summary)
     preds = d / "predictions.safetensors"
-    return RunResult(config=json.loads((d / "config.json").read_text()),
-                     rounds=pd.read_csv(d / "rounds.csv"),
-                     summary=json.loads((d / "summary.json").read_text()),
-                     predictions=read_tensors(preds, numpy=True) if preds.exists() else None)
+    try:
+        predictions = read_tensors(preds, numpy=True) if preds.exists() else None
+    except Exception as e:     # safetensors raises its own error type for a truncated header or body
+        raise CorruptRunError(preds, _one_line(e)) from e
+    return RunResult(config=config, rounds=rounds, summary=summary, predictions=predictions)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptRunError(path, _one_line(e)) from e
+
+
+def _read_rounds(path: Path, summary: dict) -> pd.DataFrame:
+    try:
+        text = path.read_text()
+        rounds = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise CorruptRunError(path, _one_line(e)) from e
+    # the writer ends every row with a newline and records the round count: a cut file fails one or the other
+    if not text.endswith("\n") or ("rounds" in summary and len(rounds) != summary["rounds"]):
+        raise CorruptRunError(path, f"{len(rounds)} rows, summary.json says {summary.get('rounds')} rounds"
+                              + ("" if text.endswith("\n") else ", last row cut"))
+    return rounds
+
+
+@contextlib.contextmanager
+def claim_run(folder: Path):
+    """Hold `folder`'s lock (fcntl, released when the process dies) while computing its run; raises
+    :class:`RunAlreadyRunning` at once when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:          # no fcntl (Windows): runs are not claimed
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunAlreadyRunning(f"already running: another process is computing {folder} (it holds "
+                                    f"{folder / '.lock'}); wait for it, then rerun to load its result") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def cached_run(config, compute: Callable, root: str | Path | None = None, force: bool = False,
@@ -140,31 +231,49 @@ def cached_run(config, compute: Callable, root: str | Path | None = None, force:
     """Load the finished run of `config` if there is one, else ``compute(checkpoint_dir)`` and save it.
 
     `compute` gets the run's checkpoint folder: a run killed mid-way resumes there from its last round.
+    A corrupt stored run raises :class:`CorruptRunError` naming the file (``force=True`` recomputes it);
+    another process computing the same run raises :class:`RunAlreadyRunning`.
     """
     h = run_key(config, engine)
+    d = run_dir(h, root)
     if not force:
         done = load_run(h, root)
         if done is not None:
+            log.info("loaded from the store: %s", d)
             return done
-    else:
-        import shutil
-        shutil.rmtree(run_dir(h, root) / "checkpoint", ignore_errors=True)
-    result = compute(run_dir(h, root) / "checkpoint")
-    save_run(result, h, root)
+    with claim_run(d):
+        if not force:            # finished by another process between the check above and the claim
+            done = load_run(h, root)
+            if done is not None:
+                log.info("loaded from the store: %s", d)
+                return done
+        else:
+            import shutil
+            shutil.rmtree(d / "checkpoint", ignore_errors=True)
+            (d / MANIFEST).unlink(missing_ok=True)     # the old files are about to be replaced
+        result = compute(d / "checkpoint")
+        save_run(result, h, root)
     return result
 
 
 def load_results(root: str | Path | None = None, rounds: bool = False) -> pd.DataFrame:
     """Every finished run under `root` as one DataFrame.
 
-    One row per run (summary fields + flattened config columns such as ``peft.method``), or with
-    ``rounds=True`` one row per (run, round).
+    One row per run (``run_key``, summary fields + flattened config columns such as ``peft.method``), or with
+    ``rounds=True`` one row per (run, round). A corrupt run is skipped with a warning and listed in
+    ``df.attrs["corrupt"]`` as (folder, reason) pairs, so one bad folder does not hide the others.
     """
     root = Path(root or default_root())
-    frames = []
+    frames, corrupt = [], []
     for summary_path in sorted(root.glob("*/summary.json")):
         h = summary_path.parent.name
-        res = load_run(h, root)
+        try:
+            res = load_run(h, root)
+        except CorruptRunError as e:
+            corrupt.append((str(summary_path.parent), str(e)))
+            import warnings
+            warnings.warn(f"skipped a corrupt run: {e}", stacklevel=2)
+            continue
         flat_cfg = pd.json_normalize(res.config, sep=".").iloc[0].to_dict()
         if rounds:
             df = res.rounds.copy()
@@ -173,6 +282,8 @@ def load_results(root: str | Path | None = None, rounds: bool = False) -> pd.Dat
         else:
             df = pd.DataFrame([{**{k: (str(v) if isinstance(v, list) else v) for k, v in flat_cfg.items()},
                                 **res.summary}])
-        df.insert(0, "config_hash", h)
+        df.insert(0, "run_key", h)
         frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    out.attrs["corrupt"] = corrupt
+    return out

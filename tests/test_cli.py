@@ -58,8 +58,10 @@ def test_run_a_paper_experiment_profile_with_overrides(tmp_results, capsys):
     out = capsys.readouterr().out
     assert "linear probe" in out and ("agrees" in out or "inconclusive" in out or "disagrees" in out)
     import pandas as pd
-    rounds = pd.read_csv(tmp_results / "quickstart" / "smoke" / "rounds.csv")
-    assert len(rounds) == 1
+    # an override: the outputs go to a folder of their own, never over the profile's
+    (custom,) = (tmp_results / "quickstart" / "smoke").glob("custom-*")
+    rounds = pd.read_csv(custom / "rounds.csv")
+    assert len(rounds) == 1 and not (tmp_results / "quickstart" / "smoke" / "rounds.csv").exists()
 
 
 def test_an_unknown_override_of_a_paper_profile_is_a_clear_error_before_any_work(tmp_results, capsys):

@@ -5,6 +5,7 @@ import pytest
 
 from fedbench.config import ConfigError, ModelConfig, PeftConfig
 from fedbench.experiments import fedpeft as fp
+from fedbench.experiments.common import output_dir
 
 REQUIRED = ["task", "method", "partition", "alpha", "participation", "dropout", "dp_epsilon_target",
             "dp_epsilon_spent", "seed", "trainable_params", "bytes_up_per_round", "bytes_down_per_round",
@@ -307,7 +308,9 @@ def test_end_to_end_tiny_grid_is_reproducible(tmp_results, tmp_path, monkeypatch
                 axis_methods=["head"], heterogeneity=["dirichlet-1.0", "iid"], stability=[[1.0, 0.0], [0.5, 0.5]],
                 dp_epsilons=[8.0], dp_methods=["head"], clip_only=False, progress=False)
     res = fp.run(profile="smoke", **over)
-    out = tmp_results / "fedpeft" / "smoke"
+    # overrides: its own custom-<hash>/ folder under smoke's (fedbench.experiments.common.output_dir)
+    out = output_dir("fedpeft", "smoke", overrides={k: v for k, v in over.items() if k != "progress"})
+    assert out.parent == tmp_results / "fedpeft" / "smoke" and out.name.startswith("custom-")
     for name in ("summary.csv", "metrics.csv", "claims.csv", "headline.csv", "accuracy_vs_rounds.png",
                  "accuracy_vs_mb.png", "dp_drop.png", "heterogeneity_heatmap.png"):
         assert (out / name).exists(), name

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "fedbench"
 # bottom to top; a package may import from its own layer's package only if it is itself
 LAYERS = [
     {"errors"},                                 # ConfigError
-    {"atomic", "registry"},                     # atomic writes; the name registries
+    {"atomic", "registry", "yamlio"},           # atomic writes; the name registries; the one YAML/JSON reader
     {"options"},                                # typed options of registered components
     {"data"},                                   # tasks, partitions
     {"config"},                                 # the run config (validates against data and the registries)

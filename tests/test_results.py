@@ -61,4 +61,4 @@ def test_load_results_as_dataframe(tmp_path):
     assert "peft.method" in df.columns and "data.task" in df.columns
     long = load_results(tmp_path, rounds=True)
     assert len(long) == 4 and set(long["round"]) == {1, 2}
-    assert json.loads((tmp_path / df["config_hash"][0] / "config.json").read_text())["name"] == "c"
+    assert json.loads((tmp_path / df["run_key"][0] / "config.json").read_text())["name"] == "c"

@@ -78,12 +78,12 @@ def test_tiny_run_tables(tmp_results):
     assert set(res.claims["verdict"]) <= {"agrees", "disagrees", "inconclusive"}
     assert "not applicable" in set(res.wide["clean"]) | set(res.wide["sign_flip 30%"])
     import pandas as pd
-    back = pd.read_csv(tmp_results / "robustness" / "smoke" / "summary.csv")
+    back = pd.read_csv(res.out / "summary.csv")
     assert back[["arm", "aggregator", "attack"]].notna().all().all()      # no label reads back as NaN
     assert set(back["arm"]) == {"grid", rb.NAN_ARM} and rb.NAN_LABEL in set(back["attack"])
     for name in ("summary.csv", "rounds.csv", "robustness.csv", "robustness_wide.csv", "nan_arm.csv", "claims.csv",
                  "accuracy_heatmap.png", "accuracy_vs_fraction.png", "nan_arm.png"):
-        assert (tmp_results / "robustness" / "smoke" / name).exists(), name
+        assert (res.out / name).exists(), name
     # a rerun loads every run from the store and writes the same tables
     again = rb.run("smoke", aggregators=["fedavg", "median", "bulyan"], attacks=["sign_flip"], seeds=[0],
                    progress=False, **{"fl.rounds": 1})

@@ -523,12 +523,14 @@ def flower_result(run: FederatedRun) -> RunResult:
 
 
 def run_flower_cached(cfg: ExperimentConfig, data: FederatedData | None = None, progress: bool = False,
-                      root=None, force: bool = False) -> RunResult:
+                      root=None, force: bool = False, **options) -> RunResult:
     """:func:`run_flower`, unless a finished Flower run of the same config is on disk (then load it).
     Stored under ``<root>/<run_key(cfg, "flower")>/`` (a Flower run restarts from round 1 if killed: the
-    round-level resume is the in-process loop's)."""
+    round-level resume is the in-process loop's). `options` go to :func:`simulate` (e.g. ``quiet=True``:
+    Flower's INFO log hidden)."""
     from fedbench.results import cached_run
-    return cached_run(cfg, lambda ckpt: run_flower(cfg, data, progress), root=root, force=force, engine="flower")
+    return cached_run(cfg, lambda ckpt: run_flower(cfg, data, progress, **options), root=root, force=force,
+                      engine="flower")
 
 
 __all__ = ["FedbenchStrategy", "client_app", "client_runtime", "config_from_run_config", "flower_result",

@@ -259,7 +259,7 @@ def methods_for(s: AutoFedNlpSettings) -> list[str]:
 def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -> AutoFedNlpResult:
     """Every run (loaded from the store when finished), then the CSVs, claims and figures."""
     s, base = settings_for(profile, path, **overrides)
-    out = output_dir(EXPERIMENT, profile, path)
+    out = output_dir(EXPERIMENT, profile, path, overrides)
     runner = _Runner(s, base, progress)
     # learning rates on the validation split, first seed (ties: the smaller lr): full FT's from full_lr_grid,
     # the adapters' one lr from adapter_lr_grid on the starting configuration
@@ -473,13 +473,13 @@ def make_figures(res: AutoFedNlpResult) -> dict:
     tr["method"] = tr["method"].map(label)
     target = float(res.summary.loc[res.summary["seed"] == seed, "target_accuracy"].iloc[0])
     figs = {"accuracy_vs_sim_time": plots.curves(
-        tr, x="sim_s", y="accuracy", hue="method", seed=None, hlines={f"target {target:.3f}": target}, logx=True,
+        tr, x="sim_s", y="accuracy", hue="method", seed=None, hlines={"target": target}, logx=True,
         xlabel=f"simulated seconds on {s.device} (log scale)", ylabel="test accuracy",
         title=f"accuracy vs simulated time (seed {seed})")}
     path = res.trace[res.trace["method"] == "autofednlp"].melt(
         id_vars=["seed", "sim_s"], value_vars=["depth", "width"], var_name="what", value_name="value")
     path["seed"] = path["seed"].astype(str)
-    figs["config_path"] = plots.curves(path, x="sim_s", y="value", hue="seed", seed=None, facet="what",
+    figs["config_path"] = plots.curves(path, x="sim_s", y="value", hue="seed", seed=None, facet="what", sharey=False,
                                        xlabel=f"simulated seconds ({s.device})", ylabel="configuration in use",
                                        title="AutoFedNLP: depth and width of group 0 (the winner after each period)")
     sm = res.summary

@@ -52,17 +52,37 @@ def check_profile(profile: str) -> str:
     return profile
 
 
-def output_dir(experiment: str, profile: str, path: str | Path | None = None) -> Path:
+def output_dir(experiment: str, profile: str, path: str | Path | None = None, overrides: dict | None = None) -> Path:
     """results/<experiment>/ for the quick profile (the committed one), results/<experiment>/<profile>/
     for smoke (git-ignored) and full; results/<experiment>/<results>/ for a profile file (`path`) that names
-    its own ``results`` folder."""
+    its own ``results`` folder.
+
+    A run that is not the profile as committed (any non-None override, or a profile file other than
+    configs/<experiment>/<profile>.yaml without a ``results`` folder of its own) writes to ``custom-<hash>/``
+    under that folder, the hash taken over the overrides and the file's contents, with ``custom.json`` saying
+    what was changed: the committed outputs are only ever written by the profile they come from."""
     check_profile(profile)
     d = results_root() / experiment
-    folder = read_profile_file(path)["results"] if path is not None else None
+    read = read_profile_file(path) if path is not None else None
+    folder = read["results"] if read is not None else None
     if folder is not None:
         d = d / folder
     else:
         d = d if profile == "quick" else d / profile
+    changed = {k: v for k, v in (overrides or {}).items() if v is not None}
+    own_file = path is not None and folder is None and \
+        Path(path).resolve() != profile_path(experiment, profile).resolve()
+    if changed or own_file:
+        import hashlib
+        import json
+        what = {"profile": profile, "file": str(path) if own_file else None,
+                "file_contents": {k: v for k, v in read.items() if k != "changed"} if own_file else None,
+                "overrides": changed}
+        blob = json.dumps(to_plain(what), sort_keys=True, default=str)
+        d = d / f"custom-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+        d.mkdir(parents=True, exist_ok=True)
+        from fedbench.atomic import atomic_write_text
+        atomic_write_text(d / "custom.json", json.dumps(to_plain(what), indent=2, sort_keys=True, default=str) + "\n")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -119,11 +139,11 @@ def read_profile_file(path: str | Path) -> dict:
     """A profile YAML as a dict with keys experiment, profile, extends, results (folder name or None), base
     (dict or None), settings (dict); an ``extends`` profile is read first and this file's keys laid over it
     (then ``changed`` lists the keys this file sets)."""
-    import yaml
+    from fedbench.yamlio import read_config_file
     path = Path(path)
     if not path.exists():
         raise ConfigError("profile", str(path), "an existing configs/<experiment>/<profile>.yaml file")
-    d = yaml.safe_load(path.read_text()) or {}
+    d = read_config_file(path, "profile")
     unknown = sorted(set(d) - set(PROFILE_KEYS))
     if unknown:
         raise ConfigError(unknown[0], d[unknown[0]], f"one of the profile keys {', '.join(PROFILE_KEYS)}")

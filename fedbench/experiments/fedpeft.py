@@ -700,7 +700,7 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
     """Run the FedPEFT grid of `profile` (parameters overridable), write results/fedpeft[/profile]/."""
     s = settings_for(profile, path, **overrides)
     cells = build_cells(s)
-    out = output_dir(EXPERIMENT, profile, path)
+    out = output_dir(EXPERIMENT, profile, path, overrides)
     runner = Runner(s)
     lr_table = tune(s, runner, progress=progress)
     summary, metrics, correct = run_cells(cells, s, progress=progress, runner=runner)
@@ -978,11 +978,14 @@ def make_figures(summary: pd.DataFrame, metrics: pd.DataFrame, s: dict) -> dict:
                               "drop": no_dp.loc[(r["method"], r["seed"]), "final_accuracy"] - r["final_accuracy"]})
         if drops:
             figs["dp_drop.png"] = plots.bars(pd.DataFrame(drops), "variant", "drop", hue="dp", order=order,
-                                             ylabel="accuracy drop under DP-SGD (no DP - DP)",
+                                             ylabel="accuracy drop under DP-Adam (no DP - DP)",
                                              title=f"{s['tasks'][0]}: DP cost per method")
     het = main[stab_base & main["dp_epsilon_target"].isna()]
     if het["heterogeneity"].nunique() > 1:
+        # columns from IID to the strongest skew: iid, then Dirichlet alpha from large to small
+        skew = sorted(set(het["heterogeneity"]), key=lambda h: -np.inf if h == "iid" else -float(h.rsplit("-", 1)[1]))
         figs["heterogeneity_heatmap.png"] = plots.heatmap(het, "variant", "heterogeneity", "final_accuracy",
+                                                          col_order=skew, row_order=order,
                                                           title=f"{s['tasks'][0]}: heterogeneity x method",
                                                           cbar_label="final accuracy")
     st = main[het_base & main["dp_epsilon_target"].isna()]

@@ -212,7 +212,7 @@ class FlTacResult:
 def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -> FlTacResult:
     """Every (method, seed) run (lr chosen per method on validation, first seed), then CSVs, claims, figures."""
     s, base = settings_for(profile, path, **overrides)
-    out = output_dir(EXPERIMENT, profile, path)
+    out = output_dir(EXPERIMENT, profile, path, overrides)
     runner = _Runner(s, base, progress)
     per_run, lr_rows = {}, []
     chosen = {}
@@ -351,10 +351,14 @@ def compute_claims(s, summary, clu, correct, task_of) -> pd.DataFrame:
 def make_figures(res: FlTacResult) -> dict:
     from fedbench import plots
     order = [m for m in METHODS if m in set(res.summary["method"])]
+    # bars from 0 (an axis from 0.35 made small differences look large), chance as a line
     figs = {"accuracy_by_method": plots.bars(res.summary, x="task", y="accuracy", hue="method", order=order,
-                                             baseline=0.5, ylabel="test accuracy (final round)",
+                                             baseline=0.0, ylabel="test accuracy (final round)",
                                              title="shared 2-class head, no task id"
                                              + ("; *_heads: one head per task" if set(order) & set(HEADS) else ""))}
+    figs["accuracy_by_method"].axes[0].axhline(0.5, color="0.35", linestyle="--", linewidth=1.0)
+    figs["accuracy_by_method"].axes[0].annotate("chance 0.5", (0.0, 0.5), xycoords=("axes fraction", "data"),
+                                                xytext=(2, 2), textcoords="offset points", fontsize=7, color="0.35")
     if res.accuracy_rounds["round"].nunique() > 1:
         a = res.accuracy_rounds.groupby(["method", "seed", "round"], as_index=False)["accuracy"].mean()
         figs["accuracy_vs_rounds"] = plots.curves(a, x="round", y="accuracy", hue="method", order=order,

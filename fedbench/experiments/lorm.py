@@ -330,7 +330,7 @@ def select_lr(method: str, grid, get) -> tuple[float, list[dict]]:
 def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -> LormResult:
     """Every (method, seed) run (lr chosen on validation), then the CSVs, claims and figures."""
     s, base = settings_for(profile, path, **overrides)
-    out = output_dir(EXPERIMENT, profile, path)
+    out = output_dir(EXPERIMENT, profile, path, overrides)
     runner = _Runner(s, base, progress)
     per_run, lr_rows = {}, []
     for method in s.methods:

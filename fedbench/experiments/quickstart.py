@@ -95,7 +95,7 @@ def run(profile: str = "quick", path=None, **overrides) -> QuickstartResult:
     from fedbench.models.checks import check_against_backbone
     cfg = make_config(profile, path, **overrides)
     check_against_backbone(cfg)
-    out = output_dir(EXPERIMENT, profile, path)
+    out = output_dir(EXPERIMENT, profile, path, overrides)
     data = prepare_data(cfg)
     result = run_cached(cfg, data, progress=True, root=runs_root())
     probe = _cached_probe(cfg, data)

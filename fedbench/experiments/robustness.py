@@ -346,7 +346,7 @@ def run(profile: str = "quick", path=None, progress: bool = True, **overrides) -
     p = settings_for(profile, path, **overrides)
     s, base = p.settings, p.base
     check_against_backbone(base)
-    out = output_dir(EXPERIMENT, profile, path)
+    out = output_dir(EXPERIMENT, profile, path, overrides)
     summary, rounds, correct, expected = run_cells(build_cells(s), base, s, progress=progress)
     table = robustness_table(summary)
     wide = wide_table(table)

@@ -689,7 +689,7 @@ def run(profile: str = "quick", path=None, verbose: bool = True, **overrides) ->
     r = settings_for(profile, path, **overrides)
     s = r.settings
     log = print if verbose else (lambda *a, **k: None)
-    out = output_dir(EXPERIMENT, profile, path)
+    out = output_dir(EXPERIMENT, profile, path, overrides)
     start = time.perf_counter()
     parts = {k: [] for k in TABLES}
     for tuning in s.tunings:
@@ -987,7 +987,7 @@ def make_figures(summary: pd.DataFrame, tabs: dict, r: Resolved) -> dict:
                 title=f"{setting.replace('_', ' ')} ({tuning}): tasks averaged, 95% CI over seeds")
         c = tabs["cosine"]
         c = c[(c["tuning"] == tuning) & (c["task_a"] != c["task_b"])]
-        figs[f"cosine_similarity{sfx}.png"] = plots.heatmap(c, "task_a", "task_b", "cosine",
+        figs[f"cosine_similarity{sfx}.png"] = plots.heatmap(c, "task_a", "task_b", "cosine", center=0.0,
                                                             title=f"cosine of task vectors ({tuning})",
                                                             cbar_label="cosine")
         p = tabs["pairs"]

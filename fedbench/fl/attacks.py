@@ -170,8 +170,8 @@ ATTACKS: dict[str, AttackSpec] = {
 
 
 # -- the registry: fl.attack names; `kind` says whether the attack changes what is sent or the labels -----
-from fedbench.registry import ATTACKS as _REGISTRY  # noqa: E402
+from fedbench.registry import ATTACKS as _REGISTRY, first_sentence  # noqa: E402
 
 for _spec in ATTACKS.values():
     _REGISTRY.register(_spec.name, _spec.fn, kind=_spec.kind, params=tuple(p for p, _ in _spec.params),
-                       doc=(_spec.fn.__doc__ or "").strip().splitlines()[0] if _spec.fn.__doc__ else _spec.name)
+                       doc=first_sentence(_spec.fn.__doc__) or _spec.name)

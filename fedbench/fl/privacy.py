@@ -92,9 +92,13 @@ def client_delta(dp_cfg, n: int) -> float:
     delta >= 1/n (the None default included)."""
     delta = float(dp_cfg.delta) if dp_cfg.delta is not None else 1.0 / n
     if delta * n >= 1.0:
-        warnings.warn(f"train.dp.delta={delta:.3g} is >= 1/n for a client with n={n} examples: a mechanism that "
-                      "publishes one record in the clear meets (0, 1/n)-DP; set train.dp.delta well below 1/n "
-                      "(e.g. 1e-5)", WeakDeltaWarning, stacklevel=2)
+        # the text depends on the config only, not on the client: Python shows a warning once per text and
+        # place, so a run says it once instead of once per client (inside the progress bar)
+        what = ("train.dp.delta is not set, so each client uses delta = 1/n (n = its number of examples)"
+                if dp_cfg.delta is None else
+                f"train.dp.delta={delta:.3g} is >= 1/n for every client with n <= {math.floor(1 / delta)} examples")
+        warnings.warn(f"{what}: a mechanism that publishes one record in the clear meets (0, 1/n)-DP; set "
+                      "train.dp.delta well below 1/n (e.g. 1e-5)", WeakDeltaWarning, stacklevel=2)
     return delta
 
 

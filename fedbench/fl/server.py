@@ -409,16 +409,23 @@ class FederatedRun:
         pointer = folder / "latest.json"
         if not pointer.exists():
             return 0
-        d = folder / json.loads(pointer.read_text())["dir"]
-        meta = json.loads((d / "meta.json").read_text())
+        path = pointer
+        try:       # a truncated file raises safetensors' or json's own error, which names no file
+            d = folder / json.loads(pointer.read_text())["dir"]
+            meta = json.loads((path := d / "meta.json").read_text())
+            tensors = read_tensors(path := d / "global.safetensors")
+            strategy_tensors = read_tensors(path := d / "strategy.safetensors")
+            path, store = d, ClientStore.load(d)
+        except Exception as e:
+            from fedbench.results import CorruptRunError
+            raise CorruptRunError(path, f"checkpoint unreadable: {type(e).__name__}: {e}") from e
         if meta["config_hash"] != self.cfg.hash():
             raise RuntimeError(f"checkpoint {d} belongs to another config ({meta['config_hash']})")
-        tensors = read_tensors(d / "global.safetensors")
         state = OrderedDict((k, tensors[f"state/{k}"]) for k in meta["state_keys"])
         base = {k[len("base/"):]: v for k, v in tensors.items() if k.startswith("base/")}
         self.global_model = GlobalModel(state, base, meta["down_bytes"])
-        self.strategy.load_state_dict(read_tensors(d / "strategy.safetensors"), meta["strategy"])
-        self.store = ClientStore.load(d)
+        self.strategy.load_state_dict(strategy_tensors, meta["strategy"])
+        self.store = store
         self.records = [{k: r[k] for k in keys} for r, keys in zip(meta["records"], meta["record_keys"])]
         self.rejections = meta["rejections"]
         self.cumulative_bytes = meta["cumulative_bytes"]
@@ -427,6 +434,7 @@ class FederatedRun:
         for cache, fill in zip((self.train_cache, self.test_cache), meta["caches"]):
             if cache is not None and fill is not None:
                 cache.replay(self.model, fill)
+        log.info("resuming from round %d (checkpoint %s)", self.rounds_done + 1, d)
         return self.rounds_done
 
     def result(self) -> RunResult:

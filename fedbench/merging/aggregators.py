@@ -226,8 +226,15 @@ def krum_rule(states, weights, fl_cfg):
     return _robust.krum(states, num_malicious=fl_cfg.num_malicious)
 
 
-@AGGREGATORS.register("multi_krum", weighted=True, robust=True,
-                      check=_check_byzantine("multi_krum", lambda f: 2 * f + 3))
+def _check_multi_krum(cfg) -> None:
+    _check_byzantine("multi_krum", lambda f: 2 * f + 3)(cfg)
+    keep, n = cfg.fl.multi_krum_keep, cfg.cohort_size()
+    if keep is not None and keep > n:      # averaging more states than a round has would silently keep all
+        from fedbench.errors import ConfigError
+        raise ConfigError("fl.multi_krum_keep", keep, f"at most the {n} clients a round samples (or null for n - f)")
+
+
+@AGGREGATORS.register("multi_krum", weighted=True, robust=True, check=_check_multi_krum)
 def multi_krum_rule(states, weights, fl_cfg):
     """Multi-Krum: the sample-weighted mean of the m best Krum scores (m = fl.multi_krum_keep, or n - f)."""
     keep = fl_cfg.multi_krum_keep

@@ -199,10 +199,14 @@ def takes_depth(method: str) -> bool:
     return bool(TUNERS.entry(method, "peft.method").facts.get("takes_depth", False))
 
 
-def reads_target_modules(method: str) -> bool:
-    """Whether the tuner reads ``peft.target_modules`` (its registry entry's ``fields``)."""
+def reads_field(method: str, name: str) -> bool:
+    """Whether the tuner reads ``peft.<name>`` (its registry entry's ``fields``)."""
     from fedbench.registry import TUNERS
-    return "target_modules" in TUNERS.entry(method, "peft.method").facts.get("fields", ())
+    return name in TUNERS.entry(method, "peft.method").facts.get("fields", ())
+
+
+def reads_target_modules(method: str) -> bool:
+    return reads_field(method, "target_modules")
 
 
 def _check_peft(peft, facts: BackboneFacts) -> None:
@@ -211,6 +215,10 @@ def _check_peft(peft, facts: BackboneFacts) -> None:
     if takes_depth(method) and depth is not None and depth > facts.num_layers:
         raise ConfigError("peft.depth", depth, f"at most the backbone's {facts.num_layers} layers "
                           f"(or null for all of them)")
+    if reads_field(method, "rank") and peft.rank > facts.hidden_size:
+        # every adapted linear layer has hidden_size on one side: a rank above it adds no expressiveness and
+        # only multiplies the factors' size (and time)
+        raise ConfigError("peft.rank", peft.rank, f"at most the backbone's layer width {facts.hidden_size}")
     if method == "ia3":
         _check_ia3(facts)
     if reads_target_modules(method):
