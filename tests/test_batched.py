@@ -41,7 +41,7 @@ def data():
     return prepare_data(tiny())
 
 
-def _pair(cfg, data):
+def _pair(cfg, data, clients_per_call=None):
     """(sequential run, batched run) of `cfg`, both after their rounds, and each round's updates."""
     out = []
     for batching in (False, True):
@@ -52,7 +52,8 @@ def _pair(cfg, data):
             ins = run.configure(plan)
             if batching:
                 from fedbench.fl.batched import batched_updates
-                updates = batched_updates(run, [ins[c] for c in plan.reporting])
+                kw = {} if clients_per_call is None else {"clients_per_call": clients_per_call}
+                updates = batched_updates(run, [ins[c] for c in plan.reporting], **kw)
             else:
                 updates = [run.client_update(c, r, ins[c]) for c in plan.reporting]
             per_round.append(updates)
@@ -134,6 +135,11 @@ def test_stacked_adamw_step_is_each_clients_own_step():
 ], ids=["prox", "clip", "plain_sgd", "steps", "label_flip", "scale_attack"])
 def test_batched_equals_sequential_with_train_options(changes, data):
     _assert_same(*_pair(tiny(**changes), data))
+
+
+def test_batched_in_calls_of_two_clients(data):
+    """A round's clients split over several batched calls (sorted by their step counts) give the same result."""
+    _assert_same(*_pair(tiny(), data, clients_per_call=2))
 
 
 def test_batched_clip_is_per_client(data):

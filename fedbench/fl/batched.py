@@ -102,20 +102,27 @@ def _group_key(ins, tc) -> tuple:
     return (id(ins.state), id(ins.base_delta), ins.train_keys, ins.send_keys, opt)
 
 
-def batched_updates(run, instructions: list) -> list[ClientUpdate]:
-    """The ClientUpdates of `instructions` (in their order), the clients trained in batched groups."""
+# clients in one batched call at most: memory grows with it (a call holds the activations of every client's
+# batch); 32 clients x batch 16 saturate a large GPU with MiniLM already
+CLIENTS_PER_CALL = 32
+
+
+def batched_updates(run, instructions: list, clients_per_call: int = CLIENTS_PER_CALL) -> list[ClientUpdate]:
+    """The ClientUpdates of `instructions` (in their order), the clients trained in batched groups of at most
+    `clients_per_call`."""
     groups: dict[tuple, list] = {}
     for ins in instructions:
         groups.setdefault(_group_key(ins, run.strategy.train_config(run, ins)), []).append(ins)
     out = {}
     for members in groups.values():
-        for u in train_group(run, members):
+        for u in train_group(run, members, clients_per_call):
             out[u.client_id] = u
     return [run.attacked(out[ins.client_id], ins) for ins in instructions]
 
 
-def train_group(run, members: list) -> list[ClientUpdate]:
-    """Train the clients of `members` (instructions that share a group key) together."""
+def train_group(run, members: list, clients_per_call: int = CLIENTS_PER_CALL) -> list[ClientUpdate]:
+    """Train the clients of `members` (instructions that share a group key) together, in calls of at most
+    `clients_per_call` clients of similar step counts (fewer masked steps)."""
     start_t = time.perf_counter()
     first = members[0]
     model, cache = run.model, run.train_cache
@@ -137,14 +144,20 @@ def train_group(run, members: list) -> list[ClientUpdate]:
                 for b in c.batches:
                     cache.get(model, b)
         params = dict(model.named_parameters())
-        stacked = OrderedDict((n, torch.stack([_received(c.ins, n, params[n]) for c in clients]).requires_grad_(True))
-                              for n in names)
-        with eager_attention(model):
-            _train_stacked(model, stacked, clients, tc, cache if use_cache else None, run.data.pad_id)
+        order = sorted(range(len(clients)), key=lambda i: len(clients[i].batches))
+        states = {}
+        for s in range(0, len(order), clients_per_call):
+            chunk = [clients[i] for i in order[s:s + clients_per_call]]
+            stacked = OrderedDict((n, torch.stack([_received(c.ins, n, params[n]) for c in chunk]).requires_grad_(True))
+                                  for n in names)
+            with eager_attention(model):
+                _train_stacked(model, stacked, chunk, tc, cache if use_cache else None, run.data.pad_id)
+            for j, c in enumerate(chunk):
+                states[c.ins.client_id] = OrderedDict((n, stacked[n][j].detach().to("cpu", copy=True)) for n in names)
     wall = (time.perf_counter() - start_t) / len(clients)      # the group's time, shared out
     updates = []
-    for i, c in enumerate(clients):
-        state = OrderedDict((n, stacked[n][i].detach().to("cpu", copy=True)) for n in names)
+    for c in clients:
+        state = states[c.ins.client_id]
         if c.ins.send_keys is not None:
             state = OrderedDict((k, state[k]) for k in c.ins.send_keys)
         updates.append(ClientUpdate(client_id=c.ins.client_id, state=state, num_samples=len(c.indices),
@@ -212,8 +225,8 @@ def _train_stacked(model, stacked: OrderedDict, clients: list, tc, cache, pad_id
             in_dims = (0, None if anc is None else 0, *(None if b is None else 0 for b in batch))
             grads, (_, ce) = vmap(grad_and_value(client_loss, has_aux=True), in_dims=in_dims)(
                 {n: v.detach() for n, v in p.items()}, anc, *batch)
-            for j, i in enumerate(active):
-                clients[i].losses.append(float(ce[j]))
+            for i, value in zip(active, ce.tolist()):      # one device sync per step, not per client
+                clients[i].losses.append(value)
             if tc.max_grad_norm is not None:
                 _clip_per_client(grads, tc.max_grad_norm)
             for n, v in stacked.items():
