@@ -148,6 +148,10 @@ def main(size: dict) -> None:
     import pandas as pd
     from fedbench.data import load_task
     cuda = torch.cuda.is_available()
+    if not cuda and size is FULL:     # `make bench` on a CPU machine: the full workload is hours of CPU here
+        print("bench_gpu: no CUDA device; the full workload is for a GPU (benchmarks/gpu_session.sh). "
+              "`python benchmarks/bench_gpu.py --smoke` checks it on the CPU.")
+        return
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}; torch {torch.__version__}; python {sys.version.split()[0]}", flush=True)

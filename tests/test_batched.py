@@ -62,7 +62,7 @@ def _pair(cfg, data, clients_per_call=None):
     return out
 
 
-def _assert_same(seq, bat):
+def _assert_same(seq, bat, unequal_steps=True):
     (rs, us), (rb, ub) = seq, bat
     steps = set()
     for a_round, b_round in zip(us, ub):
@@ -75,7 +75,8 @@ def _assert_same(seq, bat):
                 assert a.state[k].device.type == "cpu" and b.state[k].device.type == "cpu"
                 torch.testing.assert_close(b.state[k], a.state[k], atol=ATOL, rtol=RTOL, msg=k)
             assert b.train_loss == pytest.approx(a.train_loss, rel=1e-5, abs=1e-6)
-    assert len(steps) > 1, "the clients should take unequal numbers of local steps"
+    if unequal_steps:
+        assert len(steps) > 1, "the clients should take unequal numbers of local steps"
     ra, rb_ = pd.DataFrame(rs.records).drop(columns="wall_s"), pd.DataFrame(rb.records).drop(columns="wall_s")
     assert list(ra.columns) == list(rb_.columns)
     pd.testing.assert_frame_equal(ra, rb_, check_exact=False, rtol=1e-4, atol=1e-5)
@@ -134,7 +135,7 @@ def test_stacked_adamw_step_is_each_clients_own_step():
     {"fl.attack": "scale", "fl.attack_fraction": 0.5},
 ], ids=["prox", "clip", "plain_sgd", "steps", "label_flip", "scale_attack"])
 def test_batched_equals_sequential_with_train_options(changes, data):
-    _assert_same(*_pair(tiny(**changes), data))
+    _assert_same(*_pair(tiny(**changes), data), unequal_steps="train.local_steps" not in changes)
 
 
 def test_batched_in_calls_of_two_clients(data):
@@ -177,3 +178,11 @@ def test_batching_is_off_by_default_and_keeps_the_hash():
     on = cfg.replace(**{"fl.client_batching": True})
     assert on.hash() != cfg.hash()
     assert ExperimentConfig.from_dict(on.to_dict()).fl.client_batching is True
+
+
+def test_the_flower_engine_refuses_batching_before_it_starts():
+    from fedbench.engines.flower import check_engine_config
+    with pytest.raises(ConfigError) as e:
+        check_engine_config(tiny(**{"fl.client_batching": True}))
+    assert e.value.field_name == "fl.client_batching"
+    check_engine_config(tiny())
