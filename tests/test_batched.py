@@ -186,3 +186,27 @@ def test_the_flower_engine_refuses_batching_before_it_starts():
         check_engine_config(tiny(**{"fl.client_batching": True}))
     assert e.value.field_name == "fl.client_batching"
     check_engine_config(tiny())
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory):
+    """A tiny random ViT saved to disk (as in tests/test_vision.py)."""
+    from transformers import ViTConfig, ViTModel
+    path = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                       image_size=16, patch_size=4, num_channels=3), add_pooling_layer=False).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("method, depth", [("lora", 1), ("lora", None), ("prompt", None), ("ia3", 2)])
+def test_batched_equals_sequential_on_a_vit(vit_dir, method, depth):
+    """Image batches (no attention mask; a soft prompt sits after the CLS token), with and without the cache."""
+    cfg = ExperimentConfig.from_dict({
+        "name": "batched-vit", "seed": 0,
+        "data": {"task": "digits", "num_clients": 3, "partition": "quantity_skew", "alpha": 1.0,
+                 "max_train_samples": 45, "max_test_samples": 20},
+        "model": {"backbone": vit_dir}, "peft": {"method": method, "depth": depth, "rank": 2, "prompt_tokens": 2},
+        "train": {"local_epochs": 1, "batch_size": 6, "lr": 0.05, "optimizer": "sgd", "momentum": 0.9},
+        "fl": {"rounds": 2}})
+    _assert_same(*_pair(cfg, prepare_data(cfg)))
