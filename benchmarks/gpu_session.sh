@@ -8,7 +8,8 @@
 # installed from the registry if it is reachable, else from WHEELS=<folder of wheels> (pip --no-index); if
 # fedbench still does not import, the script stops there and says why. BENCH_TIMEOUT (s, default 480) bounds the benchmark
 # (issue #32: within 8 minutes on one H100); FULL_PROFILE (default configs/quickstart/full.yaml) and FULL_TIMEOUT
-# (s, default 1200) the full profile; SKIP_FULL=1 skips it. Every step's output is kept, whatever its exit code.
+# (s, default 1200) the full profile, FULL_ARGS adds CLI arguments to it (e.g. "--set fl.client_batching=true");
+# SKIP_FULL=1 skips it. Every step's output is kept, whatever its exit code.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-benchmarks/results/gpu-$(date -u +%Y-%m-%d)}}"
@@ -66,7 +67,8 @@ if [ "${SKIP_FULL:-0}" != 1 ]; then
   prof="${FULL_PROFILE:-configs/quickstart/full.yaml}"
   step "full profile $prof"
   t=$(date +%s)
-  timeout "${FULL_TIMEOUT:-1200}" "$PY" -m fedbench.cli run "$prof" > "$OUT_DIR/full_profile.txt" 2>&1
+  # FULL_ARGS e.g. "--set fl.client_batching=true" (the profile with batched clients)
+  timeout "${FULL_TIMEOUT:-1200}" "$PY" -m fedbench.cli run "$prof" ${FULL_ARGS:-} > "$OUT_DIR/full_profile.txt" 2>&1
   echo "full profile $prof exit $? after $(( $(date +%s) - t )) s (wall clock, one run)" | tee -a "$LOG"
 fi
 step "done: $OUT_DIR"
