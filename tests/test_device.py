@@ -80,10 +80,16 @@ def test_cuda_without_a_cuda_device_is_refused_before_any_work(monkeypatch):
 
 
 def test_new_fields_keep_every_earlier_config_hash():
-    """Left out of to_dict at their default: a config that does not set them hashes as before they existed
-    (this config's hash before train.device / train.precision / fl.client_batching was 26f76a58a2aa)."""
+    """Left out of to_dict at their default: a config that does not set them has the saved form, so the hash, it
+    had before they existed (on this branch's base, ExperimentConfig()'s hash was 26f76a58a2aa before and after)."""
+    import dataclasses
+
+    from fedbench.config import LATER_FIELD_DEFAULTS, config_hash, to_plain
     cfg = ExperimentConfig()
-    assert cfg.hash() == "26f76a58a2aa"
+    before = to_plain(dataclasses.asdict(cfg))
+    for section, name in LATER_FIELD_DEFAULTS:
+        del before[section][name]
+    assert cfg.to_dict() == before and cfg.hash() == config_hash(before)
     assert "device" not in cfg.to_dict()["train"] and "precision" not in cfg.to_dict()["train"]
     assert cfg.replace(**{"train.device": "cpu"}).hash() != cfg.hash()
     assert ExperimentConfig.from_dict(cfg.replace(**{"train.device": "cuda:0"}).to_dict()).train.device == "cuda:0"
