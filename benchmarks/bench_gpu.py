@@ -30,7 +30,7 @@ import sys
 import time
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}.items():
+               "TOKENIZERS_PARALLELISM": "false", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}.items():
     os.environ.setdefault(_k, _v)
 
 import numpy as np  # noqa: E402

@@ -14,6 +14,10 @@ import torch
 
 from fedbench.errors import ConfigError
 
+# cuBLAS reads this once, when its handle is created (the first CUDA matmul of the process, which may come before
+# a run resolves its device): set here so that a deterministic cuBLAS is possible; it changes nothing on a CPU
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 
 def resolve_device(train_cfg) -> torch.device:
     """``train.device`` as a torch device: 'auto' = CUDA device 0 when torch sees one, else the CPU.
@@ -39,10 +43,8 @@ def resolve_device(train_cfg) -> torch.device:
 
 
 def deterministic_cuda() -> None:
-    """Deterministic CUDA kernels where torch has them: cuBLAS' fixed workspace, no TF32 (fp32 stays fp32),
+    """Deterministic CUDA kernels where torch has them: cuBLAS' fixed workspace (set at import), no TF32 (fp32 stays fp32),
     cuDNN deterministic; ops without a deterministic kernel warn rather than fail (``warn_only``)."""
-    # cuBLAS reads this when its handle is created: set it before the first matmul
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.deterministic = True
