@@ -2,6 +2,7 @@
 
     python benchmarks/bench_engines.py                  # the issue's workload (see --help to shrink it)
     python benchmarks/bench_engines.py --parts scale    # only the 1,000-client memory figures
+    python benchmarks/bench_engines.py --smoke          # a tiny workload in seconds (CI: tests/test_benchmarks.py)
 
 Workload (defaults): MiniLM + LoRA r=8 (query/value, every layer), rt_sentiment cut IID into 20 clients of
 64 training examples, 5 clients per round, 1 local epoch (2 steps of 32), 5 rounds, central evaluation
@@ -76,15 +77,15 @@ def _timed_run_class():
         """The in-process loop, unchanged, with the same timing columns the Flower engine records."""
         intervals: list
 
-        def client_update(self, client_id, round_idx):
+        def client_update(self, client_id, round_idx, instruction=None, store=None):
             t = time.time()
-            u = super().client_update(client_id, round_idx)
+            u = super().client_update(client_id, round_idx, instruction, store)
             self.intervals.append((t, time.time()))
             return u
 
-        def finish_round(self, plan, updates, t0, failed=0):
+        def finish_round(self, plan, updates, t0, failed=0, instructions=None):
             ts = time.perf_counter()
-            rec = super().finish_round(plan, updates, t0, failed)
+            rec = super().finish_round(plan, updates, t0, failed, instructions=instructions)
             rec.update(server_s=time.perf_counter() - ts, client_busy_s=busy_time(self.intervals),
                        client_train_s=float(sum(u.wall_s for u in updates)))
             self.intervals = []
@@ -270,7 +271,17 @@ def parse(argv=None):
     p.add_argument("--child", choices=["inprocess", "flower", "scale"], help=argparse.SUPPRESS)
     p.add_argument("--hold-adapters", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out-json", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true", help="a tiny workload that runs every part in seconds (CI)")
+    a = p.parse_args(argv)
+    if a.smoke:     # every code path, tiny sizes: what CI runs so that the benchmark cannot rot unnoticed
+        for k, v in SMOKE.items():
+            setattr(a, k, v)
+    return a
+
+
+# the --smoke workload: 4 clients x 8 examples, 2 per round, 2 rounds; scale runs with 40 clients
+SMOKE = {"clients": 4, "samples": 8, "per_round": 2, "rounds": 2, "rank": 2, "depth": 1, "batch_size": 4,
+         "test_samples": 16, "scale_clients": 40, "scale_rounds": 1, "scale_batch_size": 2}
 
 
 if __name__ == "__main__":

@@ -9,9 +9,13 @@ the very step that is timed) as a share of the measured fp32 matmul peak:
      frozen-prefix activation cache (the cache is filled in the first epoch and reused after);
   4. evaluation of 1,000 test texts: batch 32 in dataset order vs batch 256 sorted by length.
 Targets (issue #2): plain step >= 50% of peak; cached top-2 LoRA round >= 2x faster than the full stack.
+
+    python benchmarks/bench_training.py           # the workload above
+    python benchmarks/bench_training.py --smoke   # every part on a tiny workload in seconds (CI runs it)
 """
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -32,6 +36,11 @@ from fedbench.models.inputs import ActivationCache, batch_order, pad_batch  # no
 from fedbench.fl import train_client  # noqa: E402
 
 BATCH, MAX_LEN, THREADS = 32, 64, 2
+# sizes of each part: the benchmark's, and --smoke's (every code path, tiny: what CI runs)
+FULL = {"batches": 12, "client_samples": 256, "epochs": 4, "fed_samples": 512, "fed_test": 500, "eval": 1000,
+        "peak_repeats": 10}
+SMOKE = {"batches": 4, "client_samples": 16, "epochs": 1, "fed_samples": 32, "fed_test": 16, "eval": 40,
+         "peak_repeats": 1}
 
 
 def matmul_peak_gflops(repeats: int = 10) -> float:
@@ -73,17 +82,17 @@ def time_steps(model, batches, n_warm=2):
     return (time.perf_counter() - t) / len(batches[n_warm:]), flops_per_step
 
 
-def main() -> None:
+def main(size: dict = FULL) -> None:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(size["peak_repeats"])
     print(f"machine: {THREADS} threads, measured fp32 matmul peak {peak:.0f} GFLOP/s")
     cfg = ExperimentConfig(data=DataConfig(task="rt_sentiment", num_clients=1, partition="iid",
                                            max_train_samples=2048, max_test_samples=1000, max_length=MAX_LEN),
                            peft=PeftConfig(method="lora", rank=8))
     data = prepare_data(cfg)
     split, rng = data.train, np.random.default_rng(0)
-    order = rng.permutation(len(split))[: BATCH * 12]
+    order = rng.permutation(len(split))[: BATCH * size["batches"]]
 
     def static_batches():
         out = []
@@ -109,18 +118,19 @@ def main() -> None:
         print(f"   {name:30s} {BATCH / sec:7.1f} samples/s  {sec * 1000:6.0f} ms/step  {flops / 1e9:5.1f} GFLOP/step  "
               f"{achieved:5.0f} GFLOP/s = {100 * achieved / peak:4.1f}% of peak")
 
-    print("\n3. one client's local training, LoRA r=8 on the top 2 layers, 4 epochs x 256 samples:")
+    n, epochs = size["client_samples"], size["epochs"]
+    print(f"\n3. one client's local training, LoRA r=8 on the top 2 layers, {epochs} epochs x {n} samples:")
     top2 = PeftConfig(method="lora", rank=8, depth=2)
     model2 = build_model(cfg.model, top2, data.num_labels, seed=0)
-    idx = np.arange(256)
-    train_cfg = TrainConfig(local_epochs=4, batch_size=BATCH, lr=1e-3)
+    idx = np.arange(n)
+    train_cfg = TrainConfig(local_epochs=epochs, batch_size=BATCH, lr=1e-3)
     state = {k: v.clone() for k, v in model2.state_dict().items() if "lora_" in k or "classifier" in k}
     timings = {}
     for name, cache in [("whole stack every step", None), ("frozen-prefix cache", ActivationCache(split, data.pad_id))]:
         t = time.perf_counter()
         train_client(model2, state, split, idx, train_cfg, seed=0, cache=cache, pad_id=data.pad_id)
         timings[name] = time.perf_counter() - t
-        print(f"   {name:30s} {timings[name]:6.2f} s per local round ({4 * 256 / timings[name]:6.1f} samples/s)")
+        print(f"   {name:30s} {timings[name]:6.2f} s per local round ({epochs * n / timings[name]:6.1f} samples/s)")
     cache = ActivationCache(split, data.pad_id)
     cache.ensure(model2.frozen_prefix)
     cache.get(model2, idx)             # a later round: the cache is already filled
@@ -131,11 +141,12 @@ def main() -> None:
     print(f"   speed-up of caching: {timings['whole stack every step'] / timings['frozen-prefix cache']:.2f}x in the first "
           f"round (cache filled during it), {timings['whole stack every step'] / warm:.2f}x in later rounds")
 
-    print("\n3b. federated rounds (LoRA r=8, top 2 layers; 4 clients x 128 samples, 2 local epochs, eval on 500):")
+    print(f"\n3b. federated rounds (LoRA r=8, top 2 layers; 4 clients x {size['fed_samples'] // 4} samples, 2 local "
+          f"epochs, eval on {size['fed_test']}):")
     from fedbench.fl import FederatedRun
     fed_cfg = ExperimentConfig(
-        data=DataConfig(task="rt_sentiment", num_clients=4, partition="iid", max_train_samples=512,
-                        max_test_samples=500, max_length=MAX_LEN),
+        data=DataConfig(task="rt_sentiment", num_clients=4, partition="iid", max_train_samples=size["fed_samples"],
+                        max_test_samples=size["fed_test"], max_length=MAX_LEN),
         peft=top2, train=TrainConfig(local_epochs=2, batch_size=BATCH, lr=1e-3))
     fed_data = prepare_data(fed_cfg)
     per_round = {}
@@ -148,12 +159,12 @@ def main() -> None:
     print(f"   speed-up per round: {a[0] / b[0]:.2f}x in round 1 (cache filled), "
           f"{np.mean(a[1:]) / np.mean(b[1:]):.2f}x in later rounds (target >= 2x)")
 
-    print("\n4. evaluation of 1,000 test texts (all 6 layers, LoRA model):")
-    test_idx = np.arange(1000)
+    print(f"\n4. evaluation of {size['eval']:,} test texts (all 6 layers, LoRA model):")
+    test_idx = np.arange(size["eval"])
     model.eval()
     t = time.perf_counter()
     with torch.no_grad():
-        for s in range(0, 1000, 32):
+        for s in range(0, len(test_idx), 32):
             b = test_idx[s:s + 32]
             model(*pad_batch([data.test.input_ids[j] for j in b]))
     naive = time.perf_counter() - t
@@ -165,4 +176,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="every part on a tiny workload in seconds (CI)")
+    main(SMOKE if p.parse_args().smoke else FULL)

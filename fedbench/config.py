@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from fedbench.errors import ConfigError
 from fedbench.options import normalize as normalize_options
-from fedbench.registry import AGGREGATORS, ATTACKS, FEDERATIONS, LORA_SEMANTICS, STRATEGIES, TUNERS
+from fedbench.registry import AGGREGATORS, ATTACKS, CONFIG_CHECKS, FEDERATIONS, LORA_SEMANTICS, STRATEGIES, TUNERS
 
 # Component names (tuners, aggregators, LoRA semantics, strategies, attacks) live in fedbench.registry;
 # these few choices are local to one field each.
@@ -23,6 +24,7 @@ PARTITIONS = ("iid", "dirichlet", "quantity_skew")
 OPTIMIZERS = ("adamw", "sgd")
 POOLINGS = ("mean", "cls")
 PROFILES = ("smoke", "quick", "full")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -198,6 +200,11 @@ class TrainConfig:
     max_grad_norm: float | None = None  # plain gradient clipping (not DP)
     length_bucketing: bool = True       # batch examples of similar length together (less padding)
     dp: DPConfig = field(default_factory=DPConfig)
+    # where clients train and the model is evaluated: 'auto' (CUDA when present, else the CPU), 'cpu',
+    # 'cuda' or 'cuda:N' (fedbench.fl.device); precision 'bf16' = bf16 autocast on CUDA (adapters and
+    # optimizer state stay fp32)
+    device: str = "auto"
+    precision: str = "fp32"
 
     def validate(self, prefix: str = "train") -> None:
         _positive_int(f"{prefix}.local_epochs", self.local_epochs)
@@ -212,6 +219,14 @@ class TrainConfig:
         if self.max_grad_norm is not None:
             _number(f"{prefix}.max_grad_norm", self.max_grad_norm, 0, float("inf"), low_open=True, high_open=True)
         self.dp.validate(f"{prefix}.dp")
+        _check(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None,
+               f"{prefix}.device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        _choice(f"{prefix}.precision", self.precision, PRECISIONS)
+        # bf16 is for CUDA's tensor cores; a CPU without bf16 GEMM units runs it ~100x slower than fp32 (1.2 vs
+        # ~150 GFLOP/s measured on this project's machine), and CPU results must stay fp32-exact. With 'auto'
+        # this is checked when the run resolves its device (fedbench.fl.device.resolve_device).
+        _check(not (self.precision == "bf16" and self.device == "cpu"), f"{prefix}.precision", self.precision,
+               "'fp32' with train.device='cpu' (bf16 autocast is CUDA only: CPU bf16 matmuls are ~100x slower)")
 
     def with_steps(self, local_steps: int) -> "TrainConfig":
         """A copy that takes exactly `local_steps` optimizer steps."""
@@ -243,6 +258,8 @@ class FLConfig:
     attack_scale: float = -4.0          # scale: the attacker sends global + attack_scale * its update
     attack_sigma: float = 1.0           # gaussian: the attacker's update is N(0, sigma^2) noise
     eval_every: int = 1
+    # train a round's clients together through the shared frozen layers (fedbench.fl.batched); off = one by one
+    client_batching: bool = False
     # the strategy's and the aggregator's own settings, validated by the options class each registers
     # (fedbench.options); normalised to every option with its default, so they key the run like any field
     options: dict = field(default_factory=dict)
@@ -275,6 +292,7 @@ class FLConfig:
         _check(self.attack == "none" or self.attack_fraction > 0, f"{prefix}.attack_fraction", self.attack_fraction,
                f"a fraction > 0 when fl.attack={self.attack!r} (0 attackers would run no attack)")
         _positive_int(f"{prefix}.eval_every", self.eval_every)
+        _bool(f"{prefix}.client_batching", self.client_batching)
         self.options = normalize_options(STRATEGIES.entry(self.strategy), self.options, f"{prefix}.options")
         self.aggregator_options = normalize_options(AGGREGATORS.entry(self.aggregator), self.aggregator_options,
                                                     f"{prefix}.aggregator_options")
@@ -318,6 +336,8 @@ class ExperimentConfig:
             check = registry.entry(name).facts.get("check")
             if check is not None:
                 check(self)
+        for entry in CONFIG_CHECKS:      # e.g. what batched clients cover (the rest is refused, never run silently)
+            entry.obj(self)
 
     def cohort_size(self) -> int:
         """How many clients a round samples (before dropout)."""
@@ -327,7 +347,13 @@ class ExperimentConfig:
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return to_plain(dataclasses.asdict(self))
+        d = to_plain(dataclasses.asdict(self))
+        # fields added after results were published are left out at their default: every earlier config keeps
+        # its hash (its run key) and its saved form byte-identical, and a run that sets one gets its own key
+        for (section, name), default in LATER_FIELD_DEFAULTS.items():
+            if d[section][name] == default and type(d[section][name]) is type(default):
+                del d[section][name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExperimentConfig":
@@ -357,7 +383,7 @@ class ExperimentConfig:
         Options belong to their component: a change of ``fl.strategy`` (``fl.aggregator``) that does not also
         set ``fl.options`` (``fl.aggregator_options``) whole starts the new component from its default options,
         with any ``fl.options.<name>`` changes on top."""
-        d = self.to_dict()
+        d = to_plain(dataclasses.asdict(self))       # every field (to_dict leaves some out at their default)
         for component, options in OPTION_FIELDS:
             if component in changes and changes[component] != _get_dotted(d, component) and options not in changes:
                 section, name = options.split(".")
@@ -374,6 +400,11 @@ class ExperimentConfig:
                 raise ConfigError(dotted, value, "a dotted path to an existing config field")
             node[leaf] = value
         return ExperimentConfig.from_dict(d)
+
+
+# (section, field) -> default of the fields ExperimentConfig.to_dict leaves out at their default
+LATER_FIELD_DEFAULTS = {("train", "device"): "auto", ("train", "precision"): "fp32",
+                        ("fl", "client_batching"): False}
 
 
 OPTION_FIELDS = (("fl.strategy", "fl.options"), ("fl.aggregator", "fl.aggregator_options"),

@@ -117,6 +117,10 @@ MERGES = Registry("merge", "method", ("fedbench.merging.task_vectors",), "one-sh
 
 FEDERATIONS = Registry("federation", "data.federation", ("fedbench.fl.data", "fedbench.fl.federations"),
                        "what a run's data is: one task cut into clients, or several tasks (multitask, task sequence)")
+# cross-field checks a component of the loop contributes to every config (e.g. what batched clients cover): run
+# by ExperimentConfig.validate after the per-component checks; filled by the loop's modules, so the config
+# imports nothing above it
+CONFIG_CHECKS = Registry("config check", "config", ("fedbench.fl.batched",), "checks across config fields")
 EXPERIMENTS = Registry("experiment", "experiment", ("fedbench.experiments",),
                        "paper experiments: fedbench run configs/<experiment>/<profile>.yaml")
 

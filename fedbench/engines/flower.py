@@ -322,11 +322,21 @@ def map_clients_to_nodes(grid: Grid, nodes: list[int], num_clients: int, timeout
     return node_of
 
 
+def check_engine_config(cfg: ExperimentConfig) -> None:
+    """ConfigError for what the Flower engine does not do: batched clients (each ClientApp trains one client on
+    its node; ``fl.client_batching`` is the in-process engine's)."""
+    if cfg.fl.client_batching:
+        from fedbench.errors import ConfigError
+        raise ConfigError("fl.client_batching", True, "false on the Flower engine (batched clients are the "
+                          "in-process engine's; each ClientApp trains one client)")
+
+
 def server_main(grid: Grid, cfg: ExperimentConfig, data: FederatedData | None = None, progress: bool = False,
                 allow_failures: bool = False, round_timeout: float = 3600.0,
                 node_timeout: float = 600.0) -> FederatedRun:
     """The ServerApp's work: find the clients' nodes, run `cfg.fl.rounds` rounds, return the server's run
     (its ``global_model``, ``records`` and ``result()``)."""
+    check_engine_config(cfg)
     nodes = wait_for_nodes(grid, cfg.data.num_clients, node_timeout)
     node_of = map_clients_to_nodes(grid, nodes, cfg.data.num_clients, node_timeout)
     run = FederatedRun(cfg, data)
@@ -490,6 +500,8 @@ def simulate(cfg: ExperimentConfig, data: FederatedData | None = None, progress:
     # of `flwr run`, which cannot hand the server's objects back to this process.
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
+
+    check_engine_config(cfg)          # before Ray starts
 
     out: dict = {}
     server_app = make_server_app(cfg, data=data, sink=lambda run: out.__setitem__("run", run), progress=progress,

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedbench.fl.device import autocast
 from fedbench.models import load_trainable_state, state_nbytes, trainable_state
-from fedbench.models.inputs import ActivationCache, TokenizedSplit, batch_order
+from fedbench.models.inputs import ActivationCache, TokenizedSplit, batch_order, on_model_device
 
 
 @dataclass
@@ -36,15 +37,20 @@ class ClientUpdate:
 
 def forward_batch(model, split: TokenizedSplit, batch: np.ndarray, cache: ActivationCache | None, pad_id: int):
     """Logits for the examples `batch`, starting above the cached frozen layers when possible
-    (classes outside an example's ``split.class_mask`` row get -inf)."""
+    (classes outside an example's ``split.class_mask`` row get -inf), on the model's device."""
     if cache is not None and model.frozen_prefix > 0:
         cache.ensure(model.frozen_prefix)
         hidden, mask = cache.get(model, batch)
         logits = model(hidden=hidden, attention_mask=mask, start_layer=model.frozen_prefix)
     else:
-        x, mask = split.inputs(batch, pad_id)
+        x, mask = on_model_device(model, *split.inputs(batch, pad_id))
         logits = model(x, mask)
     return restrict_logits(logits, split, batch)
+
+
+def labels_of(split, batch, like: torch.Tensor) -> torch.Tensor:
+    """The labels of `batch` on the device of `like` (the logits)."""
+    return split.labels[batch].to(like.device)
 
 
 def restrict_logits(logits: torch.Tensor, split: TokenizedSplit, batch) -> torch.Tensor:
@@ -52,7 +58,7 @@ def restrict_logits(logits: torch.Tensor, split: TokenizedSplit, batch) -> torch
     Cross-entropy and argmax then act within each example's own task: one head per task, in one matrix."""
     if split.class_mask is None:
         return logits
-    return logits.masked_fill(~split.class_mask[torch.as_tensor(np.asarray(batch))], float("-inf"))
+    return logits.masked_fill(~split.class_mask[torch.as_tensor(np.asarray(batch))].to(logits.device), float("-inf"))
 
 
 def make_optimizer(params, cfg):
@@ -92,6 +98,7 @@ def train_client(model, state_in: dict, split: TokenizedSplit, indices: np.ndarr
                                total_rounds=dp_total_rounds, cache=cache)
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device if params else torch.device("cpu")
     anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
     optimizer = make_optimizer(params, cfg)
     batches = local_batches(np.asarray(indices), split.lengths, cfg, rng)
@@ -100,8 +107,9 @@ def train_client(model, state_in: dict, split: TokenizedSplit, indices: np.ndarr
         torch.manual_seed(seed)          # dropout masks
         model.train()
         for batch in batches:
-            logits = forward_batch(model, split, batch, cache, pad_id)
-            loss = F.cross_entropy(logits, split.labels[batch])
+            with autocast(cfg.precision, device):
+                logits = forward_batch(model, split, batch, cache, pad_id)
+            loss = F.cross_entropy(logits.float(), labels_of(split, batch, logits))
             losses.append(loss.item())
             if anchor is not None:       # FedProx: + mu/2 ||w - w_global||^2
                 loss = loss + 0.5 * cfg.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
@@ -118,7 +126,8 @@ def train_client(model, state_in: dict, split: TokenizedSplit, indices: np.ndarr
 
 @torch.no_grad()
 def evaluate(model, split: TokenizedSplit, indices: np.ndarray | None = None, batch_size: int = 256,
-             cache: ActivationCache | None = None, pad_id: int = 0, return_predictions: bool = False) -> dict:
+             cache: ActivationCache | None = None, pad_id: int = 0, return_predictions: bool = False,
+             precision: str = "fp32") -> dict:
     """Accuracy and mean loss on `indices` of `split` (all by default), in big length-sorted batches.
 
     With `return_predictions`, also ``predictions = {"test_index", "label", "prediction"}`` (int64 arrays in
@@ -131,8 +140,9 @@ def evaluate(model, split: TokenizedSplit, indices: np.ndarray | None = None, ba
     correct, loss_sum = 0, 0.0
     predicted = {}
     for batch in batch_order(idx, split.lengths, batch_size, rng=None, shuffle=False, bucketing=True):
-        logits = forward_batch(model, split, batch, cache, pad_id)
-        labels = split.labels[batch]
+        with autocast(precision, next(model.parameters()).device):
+            logits = forward_batch(model, split, batch, cache, pad_id).float()
+        labels = labels_of(split, batch, logits)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         pred = logits.argmax(-1)
         correct += (pred == labels).sum().item()
@@ -155,6 +165,6 @@ def predict(model, split: TokenizedSplit, indices=None, batch_size: int = 256, p
     with torch.no_grad():
         for s in range(0, len(idx), batch_size):
             pos = order[s:s + batch_size]
-            x, mask = split.inputs(idx[pos], pad_id)
-            out[pos] = restrict_logits(model(x, mask), split, idx[pos]).argmax(-1).numpy()
+            x, mask = on_model_device(model, *split.inputs(idx[pos], pad_id))
+            out[pos] = restrict_logits(model(x, mask), split, idx[pos]).argmax(-1).cpu().numpy()
     return out

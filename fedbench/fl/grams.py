@@ -30,7 +30,7 @@ def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=
     def hook_for(name):
         def hook(module, args):
             x = args[0]
-            mask = current["mask"].bool()
+            mask = current["mask"].bool().to(x.device)
             if x.shape[:2] != mask.shape:
                 raise RuntimeError(f"{name}: input {tuple(x.shape)} does not match the token mask {tuple(mask.shape)}")
             rows = x[mask].to(dtype)                # padding rows never enter the Gram matrix
@@ -64,4 +64,4 @@ def layer_input_grams(model, module_names: Sequence[str], split, indices, cache=
         if out[name] is None:
             d_in = m.in_features if hasattr(m, "in_features") else m.base_layer.in_features
             out[name] = torch.zeros((d_in, d_in), dtype=dtype)
-    return out
+    return {name: g.cpu() for name, g in out.items()}     # computed on the model's device, sent from the CPU

@@ -287,7 +287,7 @@ def per_sample_gradients(model, split, batch, pad_id: int = 0, cache=None) -> di
     with per_sample_hooks(model):
         model.train()
         logits = forward_batch(model, split, batch, cache, pad_id)
-        F.cross_entropy(logits, split.labels[batch]).backward()
+        F.cross_entropy(logits, split.labels[batch].to(logits.device)).backward()
         out = {k: p.grad_sample.detach().clone() for k, p in named}
     model.eval()
     return out
@@ -335,7 +335,9 @@ def train_client_dp(model, state_in: dict, split, indices, cfg, seed: int, clien
     anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
     seeds = np.random.SeedSequence([int(seed), 0x5D9]).generate_state(2, dtype=np.uint32)
     rng = np.random.default_rng(int(seeds[0]))                        # Poisson batch membership
-    noise_gen = torch.Generator().manual_seed(int(seeds[1]))          # Gaussian noise
+    # Gaussian noise, drawn where the gradients are (Opacus draws on the parameters' device; a CUDA stream of
+    # the same seed is a different sequence, so DP noise is not bit-identical across devices)
+    noise_gen = torch.Generator(device=params[0].device if params else "cpu").manual_seed(int(seeds[1]))
     accountant = create_accountant(mechanism=dp.accountant)
     accountant.history = [tuple(h) for h in dp_state.get("history", [])]
 
@@ -364,10 +366,10 @@ def train_client_dp(model, state_in: dict, split, indices, cfg, seed: int, clien
                             if mode == "ghost":
                                 p.grad = torch.zeros_like(p)
                             else:
-                                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     else:
                         logits = forward_batch(model, split, batch, cache, pad_id)
-                        loss = criterion(logits, split.labels[batch])
+                        loss = criterion(logits, split.labels[batch].to(logits.device))
                         loss.backward()
                         losses.append(float(loss.item()))
                     sizes.append(len(batch))

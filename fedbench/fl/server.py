@@ -34,6 +34,7 @@ import torch
 
 from fedbench.fl.client import ClientUpdate, evaluate
 from fedbench.fl.data import FederatedData, build_data
+from fedbench.fl.device import resolve_device
 from fedbench.fl.seeding import derive_seed, rng_for
 from fedbench.fl.store import ClientStore
 from fedbench.fl.strategy import ClientInstruction, GlobalModel
@@ -75,7 +76,7 @@ class LoraBase:
         for key, delta in base_delta.items():
             if key not in self.original:
                 self.original[key] = self.params[key].detach().clone()
-            self.params[key].copy_(self.original[key] + delta)
+            self.params[key].copy_(self.original[key] + delta.to(self.original[key].device))
 
 
 def load_global(model, global_model: GlobalModel, base: LoraBase) -> None:
@@ -131,8 +132,10 @@ class FederatedRun:
                  caches: tuple[ActivationCache, ActivationCache] | None = None,
                  use_activation_cache: bool = True):
         self.cfg = cfg
+        self.device = resolve_device(cfg.train)          # a ConfigError (no CUDA, bf16 on a CPU) before any work
         self.data = data or build_data(cfg)
-        self.model = build_model(cfg.model, cfg.peft, self.data.num_labels, seed=derive_seed(cfg.seed, "init"))
+        self.model = build_model(cfg.model, cfg.peft, self.data.num_labels,
+                                 seed=derive_seed(cfg.seed, "init")).to(self.device)
         self.strategy = STRATEGIES.get(cfg.fl.strategy)(cfg, self.model)
         self.strategy.attach(self.data)
         self.global_model = self.strategy.initial_model(self.model)
@@ -254,7 +257,7 @@ class FederatedRun:
         # the test cache stays valid under stack semantics too: base updates touch only LoRA-wrapped
         # layers, which are trainable and so above the cached frozen prefix by construction
         return evaluate(self.model, self.data.test, self.data.test_indices, cache=self.test_cache,
-                        pad_id=self.data.pad_id, return_predictions=predictions)
+                        pad_id=self.data.pad_id, return_predictions=predictions, precision=self.cfg.train.precision)
 
     def evaluate_global(self, predictions: bool = False) -> dict:
         return self.strategy.evaluate(self, self.global_model, predictions=predictions)
@@ -277,6 +280,11 @@ class FederatedRun:
         """Client `client_id`'s update in round `round_idx` (an attacker's is what it sends, attacked)."""
         ins = instruction or self.strategy.configure_round(round_idx, [client_id], self.global_model)[0]
         update = self.strategy.client_update(self, ins, self.store[client_id] if store is None else store)
+        return self.attacked(update, ins)
+
+    def attacked(self, update: ClientUpdate, ins: ClientInstruction) -> ClientUpdate:
+        """What client ``ins.client_id`` sends: `update`, attacked if it is an update attacker."""
+        client_id, round_idx = ins.client_id, ins.round_idx
         if client_id in self.attackers and self.attack.facts.get("kind") == "update":
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "attack", round_idx, client_id))
             received = self.strategy.reference(ins)
@@ -291,7 +299,11 @@ class FederatedRun:
         t0 = time.perf_counter()
         plan = self.select_clients(round_idx)
         instructions = self.configure(plan)
-        updates = [self.client_update(c, round_idx, instructions[c]) for c in plan.reporting]
+        if self.cfg.fl.client_batching:       # the round's clients trained together (fedbench.fl.batched)
+            from fedbench.fl.batched import batched_updates
+            updates = batched_updates(self, [instructions[c] for c in plan.reporting])
+        else:
+            updates = [self.client_update(c, round_idx, instructions[c]) for c in plan.reporting]
         return self.finish_round(plan, updates, t0, instructions=instructions)
 
     def guard(self, updates: list[ClientUpdate], round_idx: int,

@@ -134,11 +134,17 @@ def pad_hidden(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad cached hidden states (len_i x hidden each) to one batch tensor and its mask."""
     longest = max(s.shape[0] for s in states)
     out = states[0].new_zeros((len(states), longest, states[0].shape[1]))
-    mask = torch.zeros((len(states), longest), dtype=torch.long)
+    mask = torch.zeros((len(states), longest), dtype=torch.long, device=out.device)
     for i, s in enumerate(states):
         out[i, : s.shape[0]] = s
         mask[i, : s.shape[0]] = 1
     return out, mask
+
+
+def on_model_device(model, *tensors):
+    """`tensors` (None kept) on the device of `model`'s parameters: a cache lives where its model computes."""
+    device = next(model.parameters()).device
+    return tuple(None if t is None else t.to(device) for t in tensors)
 
 
 def batch_order(indices: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
@@ -209,7 +215,7 @@ class ActivationCache:
     def _compute(self, model, chunk: list[int]) -> None:
         was_training = model.training
         model.eval()
-        x, mask = self.split.inputs(chunk, self.pad_id)
+        x, mask = on_model_device(model, *self.split.inputs(chunk, self.pad_id))
         self._store(self.hidden, self.depth, chunk, model.prefix_hidden(x, mask, self.depth), mask)
         model.train(was_training)
 
@@ -264,7 +270,7 @@ class ActivationCache:
                     lambda mod, args, out, d=d: seen.__setitem__(d, out[0] if isinstance(out, tuple) else out))
                     for d in todo[:-1]]
                 try:
-                    x, mask = self.split.inputs(chunk, self.pad_id)
+                    x, mask = on_model_device(model, *self.split.inputs(chunk, self.pad_id))
                     seen[todo[-1]] = model.prefix_hidden(x, mask, todo[-1])
                 finally:
                     for h in handles:

@@ -8,8 +8,9 @@ from torch import nn
 
 
 def trainable_state(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
-    """Detached copies of every trainable parameter, in the model's parameter order."""
-    return OrderedDict((n, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad)
+    """Detached CPU copies of every trainable parameter, in the model's parameter order (a model on a GPU hands
+    its state to the CPU side: aggregation, the client store, checkpoints, engines)."""
+    return OrderedDict((n, p.detach().to("cpu", copy=True)) for n, p in model.named_parameters() if p.requires_grad)
 
 
 @torch.no_grad()

@@ -136,8 +136,9 @@ class Continual(FedAvg):
         params = dict(model.named_parameters())
         # every LoRA base weight is named in base_delta (zeros when nothing is folded), so that loading a
         # model always resets it (after an evaluation of the served model)
-        gm.base_delta = {m.base_key: torch.zeros_like(params[m.base_key]) for m in self.lora.modules}
-        self.old_sum = {m.base_key: torch.zeros_like(params[m.base_key], dtype=torch.float64)
+        # (on the CPU, beside the global state, whatever device the model is on)
+        gm.base_delta = {m.base_key: torch.zeros_like(params[m.base_key], device="cpu") for m in self.lora.modules}
+        self.old_sum = {m.base_key: torch.zeros_like(params[m.base_key], dtype=torch.float64, device="cpu")
                         for m in self.lora.modules}
         return gm
 
