@@ -3,6 +3,7 @@
     fedbench run configs/fedpeft/quick.yaml --set fl.aggregator=median   # a whole paper experiment (its profile)
     fedbench run my_run.yaml --set peft.rank=4 --engine flower        # one federated run (an ExperimentConfig)
     fedbench list                                                     # tuners, aggregators, strategies, ...
+    fedbench run my_run.yaml --plugin my_rules                        # outside code registers components first
 
 A bad value, at load time or while building (e.g. ``peft.depth=99`` on a 6-layer backbone), is one line
 naming the field, the value and what is allowed, with exit code 2 and no traceback.
@@ -23,7 +24,14 @@ def _cmd_tasks(args) -> int:
 
 
 def _cmd_list(args) -> int:
+    from fedbench.config import ConfigError
+    from fedbench.plugins import load as load_plugins
     from fedbench.registry import format_registries
+    try:
+        load_plugins(args.plugin or [], "--plugin")
+    except ConfigError as e:
+        print(f"fedbench list: {e}", file=sys.stderr)
+        return 2
     print(format_registries(), end="")
     return 0
 
@@ -55,6 +63,8 @@ def _run(args) -> int:
     from fedbench.experiments.common import read_profile_file
     from fedbench.models.checks import check_against_backbone
     overrides = _parse_sets(args.set)
+    from fedbench.plugins import load as load_plugins
+    plugins = load_plugins(args.plugin or [], "--plugin")     # before the config names their components
     text = open(args.config).read()
     d = yaml.safe_load(text) if args.config.endswith((".yaml", ".yml")) else json.loads(text)
     if isinstance(d, dict) and "experiment" in d:        # a paper experiment's profile
@@ -75,6 +85,8 @@ def _run(args) -> int:
             print(claims[cols].to_string(index=False))
         return 0
     cfg = ExperimentConfig.load(args.config)
+    if plugins:          # they travel with the config (Flower's workers import them) and version its run key
+        overrides["plugins"] = list(dict.fromkeys([*cfg.plugins, *overrides.get("plugins", ()), *plugins]))
     if overrides:
         cfg = cfg.replace(**overrides)
     check_against_backbone(cfg)               # before any work
@@ -110,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("tasks", help="list every task: source, sizes, classes, offline or hub").set_defaults(fn=_cmd_tasks)
-    sub.add_parser("list", help="list the registries: tuners, aggregators, LoRA semantics, strategies, attacks, "
-                                "merges, experiments").set_defaults(fn=_cmd_list)
+    lst = sub.add_parser("list", help="list the registries: tuners, aggregators, LoRA semantics, strategies, "
+                                      "attacks, merges, experiments")
+    lst.add_argument("--plugin", action="append", metavar="MODULE", help="import MODULE first (its components "
+                                                                         "are listed too); repeatable")
+    lst.set_defaults(fn=_cmd_list)
     run = sub.add_parser("run", help="run a paper experiment (configs/<experiment>/<profile>.yaml) or one "
                                      "federated run (an ExperimentConfig YAML/JSON)")
     run.add_argument("config")
@@ -122,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--results", default=None, help="results root of a single run (default: $FEDBENCH_RESULTS or "
                                                      "results/runs)")
     run.add_argument("--force", action="store_true", help="recompute even if this config has a finished run")
+    run.add_argument("--plugin", action="append", metavar="MODULE",
+                     help="import MODULE (an outside module that registers components) before the config is read; "
+                          "added to the config's plugins; repeatable")
     run.set_defaults(fn=_cmd_run)
     res = sub.add_parser("results", help="list finished runs")
     res.add_argument("--results", default=None)

@@ -6,9 +6,10 @@ The same experiment as the in-process loop (:class:`fedbench.fl.FederatedRun`), 
 - **ClientApp** (:data:`client_app`). A ``train`` message carries the strategy's
   :class:`~fedbench.fl.strategy.ClientInstruction` for that client: the tensors that travel down (an
   ``ArrayRecord``), the dense base updates of LoRA stack semantics (a second ``ArrayRecord``, empty
-  otherwise) and a ``ConfigRecord`` with the experiment config (JSON) and the instruction's header (client
+  otherwise), the instruction's ``extras`` (a third ``ArrayRecord``, when the strategy sends any) and a
+  ``ConfigRecord`` with the experiment config (JSON) and the instruction's header (client
   id, round, which keys train and travel, local steps, options). The client builds the experiment's run
-  from the config (once per process), and calls :meth:`FederatedRun.client_update`, i.e. the strategy's
+  from the config (once per process; the config's ``plugins`` are imported before it validates), and calls :meth:`FederatedRun.client_update`, i.e. the strategy's
   client side with the loop's seed for (round, client). The client's store (its DP ledger, any private
   state a strategy keeps) lives on its node in ``context.state`` between rounds, as an ``ArrayRecord`` of
   tensors and a JSON string (no pickle). The reply carries the sent state and the update's tensor extras
@@ -83,6 +84,7 @@ log = logging.getLogger("fedbench.engines.flower")
 # record names inside a Message's RecordDict
 GLOBAL_STATE, BASE_DELTA, TASK, UPDATE, EXTRAS, TRAIN_INFO, CLIENT_METRICS, NODE_INFO = (
     "global-state", "base-delta", "fedbench-task", "update", "extras", "train-info", "client-metrics", "node-info")
+EXTRAS_DOWN = "extras-down"      # an instruction's tensors besides the state (ClientInstruction.extras)
 # the node's client store in context.state: its tensors and its JSON rest
 STORE_TENSORS, STORE_META = "fedbench-store-tensors", "fedbench-store-meta"
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
@@ -172,8 +174,9 @@ def _train(msg: Message, context: Context) -> Message:
     if pid is not None and pid != client_id:
         raise RuntimeError(f"SuperNode with partition-id={pid} was asked to train client {client_id}")
     run = client_runtime(cfg)
+    extras = record_to_state(msg.content[EXTRAS_DOWN]) if EXTRAS_DOWN in msg.content else {}
     ins = ClientInstruction.from_header(header, record_to_state(msg.content[GLOBAL_STATE]),
-                                        dict(record_to_state(msg.content[BASE_DELTA])))
+                                        dict(record_to_state(msg.content[BASE_DELTA])), extras=dict(extras))
     # the client's store: what this node keeps between its rounds (never sent to the server)
     tensors = record_to_state(context.state[STORE_TENSORS]) if STORE_TENSORS in context.state else {}
     meta = json.loads(context.state[STORE_META]["json"]) if STORE_META in context.state else {}
@@ -230,7 +233,11 @@ class FedbenchStrategy(FlowerStrategy):
             state, base = state_to_record(ins.state), state_to_record(ins.base_delta)
             self._wire_down += state.count_bytes() + base.count_bytes()
             task = ConfigRecord({"config": self._config_json, "instruction": json.dumps(ins.header())})
-            messages.append(Message(RecordDict({GLOBAL_STATE: state, BASE_DELTA: base, TASK: task}),
+            content = {GLOBAL_STATE: state, BASE_DELTA: base, TASK: task}
+            if ins.extras:
+                content[EXTRAS_DOWN] = state_to_record(ins.extras)
+                self._wire_down += content[EXTRAS_DOWN].count_bytes()
+            messages.append(Message(RecordDict(content),
                                     dst_node_id=self.node_of[c], message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
         return messages
