@@ -373,3 +373,42 @@ def test_fedsa_lora_keeps_b_on_the_client_and_averages_a(data):
         avg = sum(w * u.state[m.a_key].double() for w, u in zip(weights / weights.sum(), updates))
         torch.testing.assert_close(run.global_model.state[m.a_key], avg.float())
         assert torch.equal(run.global_model.state[m.b_key], before.state[m.b_key])
+
+
+def test_a_personalised_strategy_is_scored_by_its_clients_on_both_engines(data):
+    """FedSA-LoRA's record is the mean over clients of each client's score with its own B: computed from the stores
+    in-process, and on Flower by every client's node (evaluate messages), where its store is."""
+    pytest.importorskip("flwr")
+    from test_flower import LocalGrid
+
+    from fedbench.engines import flower as fl_engine
+    from fedbench.fl.strategy import GlobalModel
+    cfg = with_plugin(strategy="fedsa_lora", rounds=1)
+    ref = in_process(cfg, data)
+    strat, gm = ref.strategy, ref.global_model
+    direct = []
+    for c in range(cfg.data.num_clients):
+        own = ref.store[c].get("fedsa_b") or strat.initial_b
+        state = OrderedDict((k, own[k] if k in own else v) for k, v in gm.state.items())
+        direct.append(ref.evaluate_model(GlobalModel(state, gm.base_delta)))
+    assert ref.records[-1]["accuracy"] == pytest.approx(np.mean([d["accuracy"] for d in direct]))
+    assert ref.records[-1]["loss"] == pytest.approx(np.mean([d["loss"] for d in direct]))
+    assert ref.records[-1]["loss"] != pytest.approx(ref.evaluate_model(gm)["loss"])    # not the global model's
+    fl_engine.client_runtime(cfg, data)
+    grid = LocalGrid(cfg.data.num_clients)
+    run = fl_engine.server_main(grid, cfg, data=data)
+    assert grid.sent.count("evaluate") == cfg.data.num_clients * cfg.fl.rounds
+    assert run.records[-1]["accuracy"] == pytest.approx(ref.records[-1]["accuracy"])
+    assert run.records[-1]["loss"] == pytest.approx(ref.records[-1]["loss"], rel=1e-5)
+    fl_engine._RUNTIME.clear()
+
+
+def test_flowers_run_config_takes_plugins(tmp_path, monkeypatch):
+    pytest.importorskip("flwr")
+    from fedbench.engines.flower import config_from_run_config
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module, rule = write_plugin(tmp_path, "pass")
+    cfg = config_from_run_config({"plugins": f"fedbench_extra, {module}", "fl.aggregator": rule})
+    assert cfg.plugins == ("fedbench_extra", module) and cfg.fl.aggregator == rule
+    with pytest.raises(ConfigError, match="plugins"):
+        config_from_run_config({"plugins": "no_such_plugin_module"})

@@ -230,8 +230,16 @@ class FedAvg:
         return self.semantics(self, global_model, states, weights, new_state, round_idx)
 
     def evaluate(self, run, global_model: GlobalModel, predictions: bool = False) -> dict:
-        """Central evaluation of the global model on the test examples (the loop's records)."""
+        """Central evaluation of the global model on the test examples (the loop's records); a personalised
+        strategy returns ``run.evaluate_clients(global_model)`` instead (its clients score the models they keep)."""
         return run.evaluate_model(global_model, predictions=predictions)
+
+    def client_evaluate(self, run, client_id: int, global_model: GlobalModel, store: dict) -> dict:
+        """Client-side evaluation: what client `client_id` scores with the model it would use, from the global
+        model and its store (``{"accuracy", "loss", "n"}``). Here the global model itself; a personalised strategy
+        (FedSA-LoRA's own B factors) overrides it. Runs where the client's store is: in-process, or on its
+        Flower SuperNode."""
+        return run.evaluate_model(global_model)
 
     # -- client side ----------------------------------------------------------------------------------
     def training_hook(self, run, ins: ClientInstruction, store: dict):

@@ -1,8 +1,9 @@
 """FedSA-LoRA (Guo et al., ICLR 2025, "Selective Aggregation for Low-Rank Adaptation in Federated Learning"):
 the A factors learn what is general and are shared (sent, averaged); the B factors learn what is client-specific
 and stay on the client (kept in its client store between rounds, never sent). Everything else that trains (the
-classifier head) is shared like A. The global model's B stays at its initialisation, so central evaluation
-scores the shared part alone.
+classifier head) is shared like A. The global model's B stays at its initialisation; evaluation is personalised,
+as in the paper: every client scores the test examples with the shared A and head and its own B
+(``FederatedRun.evaluate_clients``, on the client's node under Flower), and the record is the mean over clients.
 """
 from __future__ import annotations
 
@@ -50,3 +51,12 @@ class FedSALoRA(FedAvg):
         store[STORE_KEY] = OrderedDict((k, update.state[k]) for k in self.initial_b)
         update.state = OrderedDict((k, update.state[k]) for k in ins.send_keys)
         return update
+
+    def evaluate(self, run, global_model, predictions: bool = False):
+        return run.evaluate_clients(global_model)
+
+    def client_evaluate(self, run, client_id, global_model, store):
+        """The shared part of the global model with this client's own B (the initial B before its first round)."""
+        private = store.get(STORE_KEY) or self.initial_b
+        state = OrderedDict((k, private[k] if k in self.initial_b else v) for k, v in global_model.state.items())
+        return run.evaluate_model(GlobalModel(state, global_model.base_delta))
