@@ -34,7 +34,7 @@ def load(modules, field_name: str = "plugins") -> list[str]:
             raise ConfigError(field_name, name, "an importable module name (a non-empty string)")
         try:
             importlib.import_module(name)
-        except Exception as e:   # noqa: BLE001 - ImportError, or any error the module raises while importing
+        except Exception as e:   # ImportError, or any error the module raises while importing
             raise ConfigError(field_name, name, f"an importable module (importing it failed: "
                                                 f"{type(e).__name__}: {e})") from e
     return names

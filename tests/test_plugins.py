@@ -19,7 +19,7 @@ from fedbench import registry
 from fedbench.config import ConfigError, ExperimentConfig, config_hash
 from fedbench.fl import FederatedRun, prepare_data
 from fedbench.models import state_nbytes
-from fedbench.registry import AGGREGATORS, MERGES, STRATEGIES
+from fedbench.registry import AGGREGATORS, MERGES
 from fedbench.results import RESULTS_SCHEMA, run_key
 
 PLUGINS_DIR = Path(__file__).parent / "plugins"
@@ -261,7 +261,7 @@ def direct_weiszfeld(points: np.ndarray, alpha: np.ndarray, iterations: int, eps
 
 
 def test_rfa_is_weiszfelds_geometric_median():
-    import fedbench_extra.rfa as rfa
+    from fedbench_extra import rfa
     g = torch.Generator().manual_seed(0)
     states = [OrderedDict(w=torch.randn(3, 4, generator=g), b=torch.randn(5, generator=g)) for _ in range(6)]
     states[5] = OrderedDict(w=states[5]["w"] + 100.0, b=states[5]["b"] - 100.0)       # one far outlier
