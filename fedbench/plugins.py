@@ -73,8 +73,9 @@ def outside_modules(cfg) -> list[str]:
                            (TUNERS, cfg.peft.method)):
         module = _top_package(registry.entry(name).obj)
         top = module.split(".")[0] if module else None
-        # the whole top-level package: a component's code may live in any of its modules
-        if top and top != "fedbench" and top not in out:
+        # the whole top-level package: a component's code may live in any of its modules (the standard library,
+        # e.g. a functools.partial's module, is no plugin)
+        if top and top != "fedbench" and top not in sys.stdlib_module_names and top not in out:
             out.append(top)
     return out
 
