@@ -7,6 +7,7 @@
     fedbench results                                                  # every finished run
     fedbench list                                                     # tuners, aggregators, strategies, ...
     fedbench export configs/fl_tac/quick.yaml --method fl_tac --seed 0 > run.yaml   # one paper run, alone
+    fedbench run my_run.yaml --plugin my_rules                        # outside code registers components first
 
 A bad value, at load time or while building (e.g. ``peft.depth=99`` on a 6-layer backbone), is one line
 naming the field, the value and what is allowed, with exit code 2 and no traceback. A profile run with
@@ -34,7 +35,14 @@ def _cmd_tasks(args) -> int:
 
 
 def _cmd_list(args) -> int:
+    from fedbench.config import ConfigError
+    from fedbench.plugins import load as load_plugins
     from fedbench.registry import format_registries
+    try:
+        load_plugins(args.plugin or [], "--plugin")
+    except ConfigError as e:
+        print(f"fedbench list: {e}", file=sys.stderr)
+        return 2
     print(format_registries(), end="")
     return 0
 
@@ -98,11 +106,15 @@ def check_results_folder(path, flag: str = "--results") -> None:
 def _run(args) -> int:
     from fedbench.yamlio import read_config_file
     overrides = _parse_sets(args.set)
+    from fedbench.plugins import load as load_plugins
+    plugins = load_plugins(args.plugin or [], "--plugin")     # before the config names their components
     d = read_config_file(args.config)        # one line for a folder, a bad suffix, bad syntax, an empty file
     if "experiment" in d:                    # a paper experiment's profile
         return _run_profile(args, overrides)
     from fedbench.config import ExperimentConfig
     cfg = ExperimentConfig.from_dict(d)
+    if plugins:          # they travel with the config (Flower's workers import them) and version its run key
+        overrides["plugins"] = list(dict.fromkeys([*cfg.plugins, *overrides.get("plugins", ()), *plugins]))
     if overrides:
         cfg = cfg.replace(**overrides)
     from fedbench.models.checks import check_against_backbone
@@ -243,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("tasks", help="list every task: source, sizes, classes, offline or hub").set_defaults(fn=_cmd_tasks)
-    sub.add_parser("list", help="list the registries: tuners, aggregators, LoRA semantics, strategies, attacks, "
-                                "merges, experiments").set_defaults(fn=_cmd_list)
+    lst = sub.add_parser("list", help="list the registries: tuners, aggregators, LoRA semantics, strategies, "
+                                      "attacks, merges, experiments")
+    lst.add_argument("--plugin", action="append", metavar="MODULE", help="import MODULE first (its components "
+                                                                         "are listed too); repeatable")
+    lst.set_defaults(fn=_cmd_list)
     run = sub.add_parser("run", help="run a paper experiment (configs/<experiment>/<profile>.yaml) or one "
                                      "federated run (an ExperimentConfig YAML/JSON)")
     run.add_argument("config")
@@ -258,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--force", action="store_true", help="one run: recompute even if this config has a finished "
                                                           "(or corrupt) run; not for a profile")
     run.add_argument("-v", "--verbose", action="store_true", help="show Flower's INFO log (hidden by default)")
+    run.add_argument("--plugin", action="append", metavar="MODULE",
+                     help="import MODULE (an outside module that registers components) before the config is read; "
+                          "added to the config's plugins; repeatable")
     run.set_defaults(fn=_cmd_run)
     exp = sub.add_parser("export", help="write one run of a paper experiment as a run config (YAML on stdout) that "
                                         "`fedbench run` and Flower run alone")

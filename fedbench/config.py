@@ -313,11 +313,17 @@ class ExperimentConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fl: FLConfig = field(default_factory=FLConfig)
+    # outside modules that register components this config names (fedbench.plugins): imported first, before
+    # any name is validated; left out of to_dict() when empty, so a config without plugins keeps its hash
+    plugins: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
+        from fedbench.plugins import load as load_plugins
+        _check(isinstance(self.plugins, (list, tuple)), "plugins", self.plugins, "a list of module names")
+        self.plugins = tuple(load_plugins(self.plugins))
         _check(isinstance(self.name, str) and self.name != "", "name", self.name, "a non-empty string")
         _check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed",
                self.seed, "an integer >= 0")
@@ -338,6 +344,11 @@ class ExperimentConfig:
                 check(self)
         for entry in CONFIG_CHECKS:      # e.g. what batched clients cover (the rest is refused, never run silently)
             entry.obj(self)
+        # a strategy whose client training runs a hook (a gradient correction, a loss term) says whether DP-SGD's
+        # per-sample clipping and noise keep their meaning with it (its `dp_compatible` fact; default yes)
+        if self.train.dp.enabled and not STRATEGIES.entry(self.fl.strategy).facts.get("dp_compatible", True):
+            raise ConfigError("train.dp.enabled", True, f"false with fl.strategy={self.fl.strategy!r} (its training "
+                                                        f"hook is not compatible with DP-SGD)")
 
     def cohort_size(self) -> int:
         """How many clients a round samples (before dropout)."""
@@ -353,6 +364,8 @@ class ExperimentConfig:
         for (section, name), default in LATER_FIELD_DEFAULTS.items():
             if d[section][name] == default and type(d[section][name]) is type(default):
                 del d[section][name]
+        if not d["plugins"]:
+            del d["plugins"]
         return d
 
     @classmethod
@@ -384,6 +397,7 @@ class ExperimentConfig:
         set ``fl.options`` (``fl.aggregator_options``) whole starts the new component from its default options,
         with any ``fl.options.<name>`` changes on top."""
         d = to_plain(dataclasses.asdict(self))       # every field (to_dict leaves some out at their default)
+        d.setdefault("plugins", [])
         for component, options in OPTION_FIELDS:
             if component in changes and changes[component] != _get_dotted(d, component) and options not in changes:
                 section, name = options.split(".")

@@ -13,10 +13,15 @@ fedbench's) while the entries live beside the code they describe::
 
 An entry is the registered object plus its *facts* (keyword arguments of ``register``), e.g. whether a tuner
 takes ``peft.depth``; ``REGISTRIES`` lists every registry for ``fedbench list``.
+
+Outside code registers with the same decorators from its own module (a *plugin*): a config's ``plugins``
+list, ``fedbench run --plugin MODULE`` or an installed distribution's ``fedbench.plugins`` entry point
+(every one is imported the first time any registry is read) imports it; see :mod:`fedbench.plugins`.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -42,7 +47,8 @@ class Registry:
 
     def __init__(self, kind: str, field_name: str, providers: tuple[str, ...] = (), describe: str = "",
                  plural: str | None = None):
-        self.kind, self.field_name, self.providers, self.describe = kind, field_name, providers, describe
+        self.kind, self.field_name, self.describe = kind, field_name, describe
+        self.providers = list(providers)    # a list, so that a module can add itself (add_provider)
         self.plural = plural or kind + "s"
         self._entries: dict[str, Entry] = {}
         self._loaded = False
@@ -59,11 +65,19 @@ class Registry:
             return o
         return add(obj) if obj is not None else add
 
+    def add_provider(self, module: str) -> None:
+        """Have `module` imported when this registry is read (now, if it has been read already)."""
+        if module not in self.providers:
+            self.providers.append(module)
+        if self._loaded:
+            importlib.import_module(module)
+
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
-            for module in self.providers:
+            for module in list(self.providers):
                 importlib.import_module(module)
+            load_entry_point_plugins()
 
     # -- reading ------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -101,6 +115,30 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, field={self.field_name!r}, names={self.names()})"
+
+
+ENTRY_POINT_GROUP = "fedbench.plugins"
+_ENTRY_POINTS: dict = {"loaded": False, "modules": []}
+log = logging.getLogger("fedbench.registry")
+
+
+def load_entry_point_plugins() -> list[str]:
+    """Import every installed plugin (entry points of the group ``fedbench.plugins``, e.g. in a plugin's
+    pyproject.toml ``[project.entry-points."fedbench.plugins"] extra = "fedbench_extra"``), once per process;
+    returns their module names. A plugin that fails to import is logged and skipped: an unrelated broken
+    install must not stop every run (a config that names its components then fails with the allowed names)."""
+    if not _ENTRY_POINTS["loaded"]:
+        _ENTRY_POINTS["loaded"] = True      # first: a plugin that reads a registry while importing must not recurse
+        from importlib.metadata import entry_points
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                obj = ep.load()
+            except Exception as e:   # noqa: BLE001 - any import error of outside code
+                log.warning("fedbench plugin entry point %r (%s) failed to load: %s: %s", ep.name, ep.value,
+                            type(e).__name__, e)
+                continue
+            _ENTRY_POINTS["modules"].append(getattr(obj, "__name__", ep.value.split(":")[0]))
+    return list(_ENTRY_POINTS["modules"])
 
 
 TUNERS = Registry("tuner", "peft.method", ("fedbench.models.tuners",),

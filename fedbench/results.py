@@ -130,9 +130,16 @@ def run_dir(config_hash: str, root: str | Path | None = None) -> Path:
 
 
 def run_key(config, engine: str = "inprocess") -> str:
-    """The run store's key: the whole config, the engine and the results schema."""
+    """The run store's key: the whole config, the engine and the results schema, and, for a run that uses
+    outside code, each plugin's version (:func:`fedbench.plugins.plugin_versions`): a changed plugin is a new
+    key. A config without plugins keys as it always did."""
     from fedbench.config import config_hash
-    return config_hash({"config": config.to_dict(), "engine": engine, "schema": RESULTS_SCHEMA})
+    from fedbench.plugins import plugin_versions
+    key = {"config": config.to_dict(), "engine": engine, "schema": RESULTS_SCHEMA}
+    versions = plugin_versions(config)
+    if versions:
+        key["plugins"] = versions
+    return config_hash(key)
 
 
 def save_run(result: RunResult, config_hash: str, root: str | Path | None = None) -> Path:

@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "fedbench"
 LAYERS = [
     {"errors"},                                 # ConfigError
     {"atomic", "registry", "yamlio"},           # atomic writes; the name registries; the one YAML/JSON reader
-    {"options"},                                # typed options of registered components
+    {"options", "plugins"},                     # typed options of registered components; loading outside modules
     {"data"},                                   # tasks, partitions
     {"config"},                                 # the run config (validates against data and the registries)
     {"results", "claims"},                      # the run store; claims (statistics)

@@ -15,7 +15,11 @@ import torch
 from fedbench.config import ExperimentConfig
 from fedbench.fl import FederatedRun, prepare_data
 from fedbench.models import state_nbytes
+from fedbench.plugins import load as load_plugins
 from fedbench.registry import AGGREGATORS, LORA_SEMANTICS, STRATEGIES, TUNERS
+
+# the outside test plugin (tests/plugins/fedbench_extra: RFA, FedSA-LoRA, SCAFFOLD) is in the matrix like any entry
+load_plugins(["fedbench_extra"])
 
 DP = {"enabled": True, "noise_multiplier": 0.7, "max_grad_norm": 1.0, "delta": 1e-5}
 
@@ -45,6 +49,11 @@ def _lora_strategies():
     return [s for s in STRATEGIES.names() if s != "fedavg"]
 
 
+def _dp_cases(st):
+    """DP on and off, or off alone for a strategy whose training hook is not DP-compatible (its fact)."""
+    return (None, DP) if STRATEGIES.entry(st).facts.get("dp_compatible", True) else (None,)
+
+
 def _strategy(st) -> dict:
     """The strategy and the settings it requires (its registry fact ``requires``, e.g. regmean's semantics)."""
     return {"fl.strategy": st, **STRATEGIES.entry(st).facts.get("requires", {})}
@@ -57,7 +66,7 @@ CASES = (
                     id=f"aggregator={a}") for a in AGGREGATORS.names()]
     + [pytest.param({"fl.lora_aggregation": sem}, id=f"lora_semantics={sem}") for sem in LORA_SEMANTICS.names()]
     + [pytest.param({**_strategy(st), "train.dp": dp}, id=f"strategy={st}-dp={'on' if dp else 'off'}")
-       for st in _lora_strategies() for dp in (None, DP)]
+       for st in _lora_strategies() for dp in _dp_cases(st)]
 )
 
 
@@ -79,8 +88,11 @@ def run_checked(cfg, data):
             # what travels down is exactly the instruction's tensors, and it is counted exactly
             # (after a stack round the stacked factors travel, not the restarted ones: the global model says so)
             stacked = run.global_model.down_bytes if ins.state is run.global_model.state else None
-            assert ins.down_bytes == (state_nbytes(ins.state) if stacked is None else stacked)
+            sent = state_nbytes(ins.state) if stacked is None else stacked
+            assert ins.down_bytes == sent + state_nbytes(ins.extras)
             assert set(ins.state) <= set(trainable)
+            # tensors beside the state travel down only for a strategy that declares them
+            assert not ins.extras or STRATEGIES.entry(cfg.fl.strategy).facts.get("sends_extras", False)
         updates = []
         for c in plan.reporting:
             u = run.client_update(c, r, instructions[c])
@@ -161,6 +173,13 @@ def test_every_registered_name_is_in_the_matrix():
         assert f"lora_semantics={s}" in ids
     for s in _lora_strategies():
         assert f"strategy={s}" in ids
+
+
+@pytest.mark.parametrize("st", [s for s in STRATEGIES.names() if not STRATEGIES.entry(s).facts.get("dp_compatible", True)])
+def test_a_dp_incompatible_strategy_refuses_dp(st):
+    from fedbench.config import ConfigError
+    with pytest.raises(ConfigError, match="train.dp.enabled"):
+        tiny(**{**_strategy(st), "train.dp": DP})
 
 
 def test_meaningless_combinations_are_config_errors():

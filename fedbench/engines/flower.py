@@ -6,10 +6,12 @@ The same experiment as the in-process loop (:class:`fedbench.fl.FederatedRun`), 
 - **ClientApp** (:data:`client_app`). A ``train`` message carries the strategy's
   :class:`~fedbench.fl.strategy.ClientInstruction` for that client: the tensors that travel down (an
   ``ArrayRecord``), the dense base updates of LoRA stack semantics (a second ``ArrayRecord``, empty
-  otherwise) and a ``ConfigRecord`` with the experiment config (JSON) and the instruction's header (client
+  otherwise), the instruction's ``extras`` (a third ``ArrayRecord``, when the strategy sends any) and a
+  ``ConfigRecord`` with the experiment config (JSON) and the instruction's header (client
   id, round, which keys train and travel, local steps, options). The client builds the experiment's run
-  from the config (once per process), and calls :meth:`FederatedRun.client_update`, i.e. the strategy's
-  client side with the loop's seed for (round, client). The client's store (its DP ledger, any private
+  from the config (once per process; the config's ``plugins`` are imported before it validates), and
+  calls :meth:`FederatedRun.client_update`, i.e. the strategy's client side with the loop's seed for (round,
+  client). The client's store (its DP ledger, any private
   state a strategy keeps) lives on its node in ``context.state`` between rounds, as an ``ArrayRecord`` of
   tensors and a JSON string (no pickle). The reply carries the sent state and the update's tensor extras
   (``ArrayRecord``\\ s) and ``MetricRecord``\\ s (examples, steps, loss, epsilon spent, timing).
@@ -76,7 +78,7 @@ from fedbench.fl.client import ClientUpdate
 from fedbench.fl.data import FederatedData
 from fedbench.fl.server import FederatedRun, RoundPlan
 from fedbench.fl.store import ClientStore
-from fedbench.fl.strategy import ClientInstruction
+from fedbench.fl.strategy import ClientInstruction, GlobalModel
 from fedbench.results import RunResult
 
 log = logging.getLogger("fedbench.engines.flower")
@@ -84,6 +86,7 @@ log = logging.getLogger("fedbench.engines.flower")
 # record names inside a Message's RecordDict
 GLOBAL_STATE, BASE_DELTA, TASK, UPDATE, EXTRAS, TRAIN_INFO, CLIENT_METRICS, NODE_INFO = (
     "global-state", "base-delta", "fedbench-task", "update", "extras", "train-info", "client-metrics", "node-info")
+EXTRAS_DOWN = "extras-down"      # an instruction's tensors besides the state (ClientInstruction.extras)
 # the node's client store in context.state: its tensors and its JSON rest
 STORE_TENSORS, STORE_META = "fedbench-store-tensors", "fedbench-store-meta"
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
@@ -162,6 +165,29 @@ def _query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({NODE_INFO: MetricRecord(info)}), reply_to=msg)
 
 
+def _node_store(context: Context) -> ClientStore:
+    """The client store this node keeps in its context (tensors + JSON)."""
+    tensors = record_to_state(context.state[STORE_TENSORS]) if STORE_TENSORS in context.state else {}
+    meta = json.loads(context.state[STORE_META]["json"]) if STORE_META in context.state else {}
+    return ClientStore.from_payload(tensors, meta)
+
+
+@client_app.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    """Client-side evaluation of a personalised strategy: the client scores the model it keeps (its store)."""
+    task = msg.content[TASK]
+    cfg = ExperimentConfig.from_dict(json.loads(task["config"]))
+    client_id = int(task["client-id"])
+    pid = _node_partition(context)
+    if pid is not None and pid != client_id:
+        raise RuntimeError(f"SuperNode with partition-id={pid} was asked to evaluate client {client_id}")
+    run = client_runtime(cfg)
+    gm = GlobalModel(record_to_state(msg.content[GLOBAL_STATE]), dict(record_to_state(msg.content[BASE_DELTA])))
+    scores = run.strategy.client_evaluate(run, client_id, gm, _node_store(context)[client_id])
+    info = {"client-id": client_id, **{k: scores[k] for k in ("accuracy", "loss", "n")}}
+    return Message(RecordDict({TRAIN_INFO: MetricRecord(_metric_values(info))}), reply_to=msg)
+
+
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
     """One client's local training, as its strategy instruction says."""
@@ -173,12 +199,11 @@ def _train(msg: Message, context: Context) -> Message:
     if pid is not None and pid != client_id:
         raise RuntimeError(f"SuperNode with partition-id={pid} was asked to train client {client_id}")
     run = client_runtime(cfg)
+    extras = record_to_state(msg.content[EXTRAS_DOWN]) if EXTRAS_DOWN in msg.content else {}
     ins = ClientInstruction.from_header(header, record_to_state(msg.content[GLOBAL_STATE]),
-                                        dict(record_to_state(msg.content[BASE_DELTA])))
+                                        dict(record_to_state(msg.content[BASE_DELTA])), extras=dict(extras))
     # the client's store: what this node keeps between its rounds (never sent to the server)
-    tensors = record_to_state(context.state[STORE_TENSORS]) if STORE_TENSORS in context.state else {}
-    meta = json.loads(context.state[STORE_META]["json"]) if STORE_META in context.state else {}
-    store = ClientStore.from_payload(tensors, meta)
+    store = _node_store(context)
     t_start = time.time()
     update = run.client_update(client_id, round_idx, ins, store=store[client_id])
     t_end = time.time()
@@ -202,8 +227,10 @@ def _train(msg: Message, context: Context) -> Message:
 class FedbenchStrategy(FlowerStrategy):
     """A Flower strategy whose every decision is fedbench's: :meth:`FederatedRun.select_clients` picks the
     round's clients, :meth:`FederatedRun.finish_round` aggregates (fedbench's aggregators), evaluates and
-    records. Evaluation is central (on the server's test set), as in the in-process loop, so the
-    client-side evaluate step sends nothing."""
+    records. Evaluation is central (on the server's test set), as in the in-process loop, so Flower's own
+    evaluate step sends nothing; a personalised strategy's client-side evaluation
+    (:meth:`FederatedRun.evaluate_clients`) asks every client's node during the round (:meth:`evaluate_on_nodes`),
+    where the client's store is."""
 
     def __init__(self, run: FederatedRun, node_of: dict[int, int], progress: bool = False,
                  allow_failures: bool = False):
@@ -213,6 +240,8 @@ class FedbenchStrategy(FlowerStrategy):
         self._instructions: dict[int, ClientInstruction] = {}
         self._t0 = 0.0
         self._wire_down = 0
+        self._grid: Grid | None = None
+        run.client_evaluator = self.evaluate_on_nodes      # a personalised strategy's clients score on their nodes
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -223,6 +252,7 @@ class FedbenchStrategy(FlowerStrategy):
         if self.run.stopped:      # the fedbench strategy ended the run: Flower's remaining rounds send nothing
             return []
         self._t0 = time.perf_counter()
+        self._grid = grid
         self._plan = self.run.select_clients(server_round)
         self._instructions = self.run.configure(self._plan)       # the fedbench strategy's, per client
         messages, self._wire_down = [], 0
@@ -231,7 +261,11 @@ class FedbenchStrategy(FlowerStrategy):
             state, base = state_to_record(ins.state), state_to_record(ins.base_delta)
             self._wire_down += state.count_bytes() + base.count_bytes()
             task = ConfigRecord({"config": self._config_json, "instruction": json.dumps(ins.header())})
-            messages.append(Message(RecordDict({GLOBAL_STATE: state, BASE_DELTA: base, TASK: task}),
+            content = {GLOBAL_STATE: state, BASE_DELTA: base, TASK: task}
+            if ins.extras:
+                content[EXTRAS_DOWN] = state_to_record(ins.extras)
+                self._wire_down += content[EXTRAS_DOWN].count_bytes()
+            messages.append(Message(RecordDict(content),
                                     dst_node_id=self.node_of[c], message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
         return messages
@@ -274,6 +308,25 @@ class FedbenchStrategy(FlowerStrategy):
             if server_round == self.run.cfg.fl.rounds or self.run.stopped:
                 self._bar.close()
         return state_to_record(self.run.global_model.state), MetricRecord(_metric_values(rec))
+
+    def evaluate_on_nodes(self, clients: list[int], global_model) -> dict[int, dict]:
+        """{client: scores} from each client's node (``evaluate`` messages), where its store is: what
+        :meth:`FederatedRun.evaluate_clients` computes in-process."""
+        state, base = state_to_record(global_model.state), state_to_record(global_model.base_delta)
+        messages = [Message(RecordDict({GLOBAL_STATE: state, BASE_DELTA: base,
+                                        TASK: ConfigRecord({"config": self._config_json, "client-id": int(c)})}),
+                            dst_node_id=self.node_of[c], message_type=MessageType.EVALUATE) for c in clients]
+        scores = {}
+        for m in self._grid.send_and_receive(messages, timeout=3600.0):
+            if m.has_error():
+                raise RuntimeError(f"client-side evaluation failed: {m.error.reason}")
+            info = m.content[TRAIN_INFO]
+            scores[int(info["client-id"])] = {"accuracy": float(info["accuracy"]), "loss": float(info["loss"]),
+                                              "n": int(info["n"])}
+        missing = sorted(set(clients) - set(scores))
+        if missing:
+            raise RuntimeError(f"client-side evaluation: no score from clients {missing}")
+        return scores
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         return []                # central evaluation happens in finish_round
@@ -365,16 +418,21 @@ def config_from_run_config(run_config: dict) -> ExperimentConfig:
     ``config`` names a fedbench YAML/JSON config (absolute, or relative to the working directory; empty =
     fedbench's defaults); every other dotted key that names a config field (``fl.rounds``,
     ``peft.rank``, ...) overrides it; a list field takes a comma-separated string. ``results`` (the results
-    root) is not a config field.
+    root) is not a config field; ``plugins`` (comma-separated modules) is imported first and added to the config's.
     """
     rc = dict(run_config)
     path = str(rc.pop("config", "") or "")
     rc.pop("results", None)
+    # plugins (a comma-separated string of modules) are imported before the config names their components
+    plugins = rc.pop("plugins", "")
+    plugins = [p.strip() for p in plugins.split(",") if p.strip()] if isinstance(plugins, str) else list(plugins)
+    from fedbench.plugins import load as load_plugins
+    load_plugins(plugins)
     cfg = ExperimentConfig.load(path) if path else ExperimentConfig()
-    if not rc:
+    if not rc and not plugins:
         return cfg
     flat = _flatten(cfg.to_dict())
-    changes = {}
+    changes = {"plugins": list(dict.fromkeys([*cfg.plugins, *plugins]))} if plugins else {}
     for key, value in rc.items():
         if key not in flat:
             raise ConfigError(key, value, "a fedbench config field (dotted path, e.g. fl.rounds), 'config' "

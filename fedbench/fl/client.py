@@ -81,9 +81,22 @@ def local_batches(indices, lengths, cfg, rng) -> list[np.ndarray]:
             return batches[: cfg.local_steps]
 
 
+class TrainingHook:
+    """A strategy's callbacks inside local training (no-ops here; a strategy overrides what it needs, e.g.
+    SCAFFOLD's gradient correction, FedDyn's linear term). Not run under DP-SGD (see ``dp_compatible``)."""
+
+    def loss(self, model, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to minimise for this batch, from the task loss (e.g. plus a regulariser)."""
+        return loss
+
+    def grad(self, model) -> None:
+        """Change the trainable parameters' ``.grad`` in place after backward, before clipping and the step."""
+
+
 def train_client(model, state_in: dict, split: TokenizedSplit, indices: np.ndarray, cfg, seed: int,
                  client_id: int = 0, cache: ActivationCache | None = None, pad_id: int = 0,
-                 dp_state: dict | None = None, dp_total_rounds: int = 1) -> ClientUpdate:
+                 dp_state: dict | None = None, dp_total_rounds: int = 1,
+                 hook: TrainingHook | None = None) -> ClientUpdate:
     """Local training of one client, seeded by `seed` (batch order and dropout).
 
     `cfg` is a :class:`fedbench.config.TrainConfig`. With ``cfg.dp.enabled`` the step is DP-SGD
@@ -93,6 +106,8 @@ def train_client(model, state_in: dict, split: TokenizedSplit, indices: np.ndarr
     start = time.perf_counter()
     load_trainable_state(model, state_in)
     if cfg.dp.enabled:
+        if hook is not None:      # the config refuses this (dp_compatible=False); a direct call is told too
+            raise ValueError("a training hook does not run under DP-SGD (train.dp.enabled)")
         from fedbench.fl.privacy import train_client_dp
         return train_client_dp(model, state_in, split, indices, cfg, seed, client_id, pad_id, dp_state, start,
                                total_rounds=dp_total_rounds, cache=cache)
@@ -113,8 +128,12 @@ def train_client(model, state_in: dict, split: TokenizedSplit, indices: np.ndarr
             losses.append(loss.item())
             if anchor is not None:       # FedProx: + mu/2 ||w - w_global||^2
                 loss = loss + 0.5 * cfg.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            if hook is not None:
+                loss = hook.loss(model, loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if hook is not None:
+                hook.grad(model)
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

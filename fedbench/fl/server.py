@@ -158,6 +158,7 @@ class FederatedRun:
         self.final_predictions: dict | None = None
         self.stopped = False             # the strategy ended the run (``strategy.finished``) before fl.rounds
         self._flipped_split = None
+        self.client_evaluator = None     # set by an engine whose client stores live elsewhere (evaluate_clients)
 
     def _new_caches(self) -> tuple[ActivationCache, ActivationCache]:
         train, test = (ActivationCache(self.data.train, self.data.pad_id),
@@ -258,6 +259,20 @@ class FederatedRun:
         # layers, which are trainable and so above the cached frozen prefix by construction
         return evaluate(self.model, self.data.test, self.data.test_indices, cache=self.test_cache,
                         pad_id=self.data.pad_id, return_predictions=predictions, precision=self.cfg.train.precision)
+
+    def evaluate_clients(self, global_model: GlobalModel) -> dict:
+        """Client-side evaluation (a personalised strategy's ``evaluate``): every client scores the model it keeps
+        (``strategy.client_evaluate`` with its store) on the test examples; the record is the mean over clients
+        (no per-example predictions: each example has one per client). An engine whose client stores live
+        elsewhere sets ``client_evaluator(clients, global_model) -> {client: scores}`` (Flower asks its nodes)."""
+        clients = list(range(self.cfg.data.num_clients))
+        if self.client_evaluator is not None:
+            scores = self.client_evaluator(clients, global_model)
+        else:
+            scores = {c: self.strategy.client_evaluate(self, c, global_model, self.store[c]) for c in clients}
+        return {"accuracy": float(np.mean([scores[c]["accuracy"] for c in clients])),
+                "loss": float(np.mean([scores[c]["loss"] for c in clients])),
+                "n": int(sum(scores[c]["n"] for c in clients))}
 
     def evaluate_global(self, predictions: bool = False) -> dict:
         return self.strategy.evaluate(self, self.global_model, predictions=predictions)

@@ -23,6 +23,7 @@ combination the strategy cannot run.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import OrderedDict
@@ -63,6 +64,9 @@ class ClientInstruction:
     send_keys: tuple[str, ...] | None = None      # trained tensors that travel up (None: all that trained)
     local_steps: int | None = None                # overrides train.local_steps for this client
     options: dict = field(default_factory=dict)   # JSON-able, strategy-specific
+    # tensors sent besides the state (e.g. SCAFFOLD's server control variate), counted in down_bytes; only a
+    # strategy registered with the fact sends_extras=True sends any (the test matrix holds the others to none)
+    extras: dict = field(default_factory=dict)
 
     def header(self) -> dict:
         """Everything but the tensors, JSON-able (what Flower's ConfigRecord carries)."""
@@ -72,11 +76,12 @@ class ClientInstruction:
                 "local_steps": self.local_steps, "options": self.options}
 
     @classmethod
-    def from_header(cls, header: dict, state: dict, base_delta: dict) -> "ClientInstruction":
+    def from_header(cls, header: dict, state: dict, base_delta: dict, extras: dict | None = None
+                    ) -> "ClientInstruction":
         h = dict(header)
         for k in ("train_keys", "send_keys"):
             h[k] = None if h[k] is None else tuple(h[k])
-        return cls(state=state, base_delta=base_delta, **h)
+        return cls(state=state, base_delta=base_delta, extras=dict(extras or {}), **h)
 
 
 @dataclass
@@ -170,7 +175,10 @@ class FedAvg:
         """The server's step as configured: the rule, its server optimizer, the LoRA semantics."""
         self.fl, self.lora, self.rank, self.seed = fl_cfg, lora, rank, seed
         spec = AGGREGATORS.entry(fl_cfg.aggregator)
-        self.rule = spec.obj
+        # a rule registered with an options class gets its typed options (fl.aggregator_options) as a keyword;
+        # the others keep the (states, weights, fl_cfg) call
+        rule_options = options_of(AGGREGATORS, fl_cfg.aggregator, fl_cfg.aggregator_options, "fl.aggregator_options")
+        self.rule = spec.obj if rule_options is None else functools.partial(spec.obj, options=rule_options)
         make_opt = spec.facts.get("server_optimizer")
         self.optimizer = make_opt(fl_cfg) if make_opt is not None else None
         self.semantics = LORA_SEMANTICS.get(fl_cfg.lora_aggregation if lora.modules else "factors")
@@ -202,8 +210,9 @@ class FedAvg:
         return [self.instruction(int(c), round_idx, global_model) for c in clients]
 
     def instruction(self, client_id: int, round_idx: int, global_model: GlobalModel, **kw) -> ClientInstruction:
-        return ClientInstruction(client_id, round_idx, global_model.state, global_model.base_delta,
-                                 global_model.nbytes_down(), **kw)
+        """Client `client_id`'s instruction to train `global_model`; ``extras=`` tensors travel (and count) too."""
+        down = global_model.nbytes_down() + state_nbytes(kw.get("extras", {}))
+        return ClientInstruction(client_id, round_idx, global_model.state, global_model.base_delta, down, **kw)
 
     def aggregate(self, global_model: GlobalModel, updates: list, round_idx: int) -> GlobalModel:
         """The rule over the sent keys (the others keep their global value), the server optimizer on top,
@@ -226,10 +235,24 @@ class FedAvg:
         return self.semantics(self, global_model, states, weights, new_state, round_idx)
 
     def evaluate(self, run, global_model: GlobalModel, predictions: bool = False) -> dict:
-        """Central evaluation of the global model on the test examples (the loop's records)."""
+        """Central evaluation of the global model on the test examples (the loop's records); a personalised
+        strategy returns ``run.evaluate_clients(global_model)`` instead (its clients score the models they keep)."""
         return run.evaluate_model(global_model, predictions=predictions)
 
+    def client_evaluate(self, run, client_id: int, global_model: GlobalModel, store: dict) -> dict:
+        """Client-side evaluation: what client `client_id` scores with the model it would use, from the global
+        model and its store (``{"accuracy", "loss", "n"}``). Here the global model itself; a personalised strategy
+        (FedSA-LoRA's own B factors) overrides it. Runs where the client's store is: in-process, or on its
+        Flower SuperNode."""
+        return run.evaluate_model(global_model)
+
     # -- client side ----------------------------------------------------------------------------------
+    def training_hook(self, run, ins: ClientInstruction, store: dict):
+        """A :class:`fedbench.fl.client.TrainingHook` for this client's local training (a gradient correction, a
+        loss term), or None (plain training). A strategy that returns one registers ``dp_compatible=False``
+        unless its hook keeps its meaning under DP-SGD (the DP path runs no hook)."""
+        return None
+
     def train_config(self, run, ins: ClientInstruction):
         """The TrainConfig this client trains with: the run's, with the instruction's local steps if set."""
         return run.cfg.train if ins.local_steps is None else run.cfg.train.with_steps(ins.local_steps)
@@ -245,7 +268,7 @@ class FedAvg:
                 run.model, start, run.client_split(ins.client_id), self.local_indices(run, ins),
                 train_cfg, seed=run.client_seed(ins.round_idx, ins.client_id), client_id=ins.client_id,
                 cache=run.train_cache, pad_id=run.data.pad_id, dp_state=store.setdefault("dp", {}),
-                dp_total_rounds=run.cfg.fl.rounds)
+                dp_total_rounds=run.cfg.fl.rounds, hook=self.training_hook(run, ins, store))
         if ins.send_keys is not None:
             update.state = OrderedDict((k, update.state[k]) for k in ins.send_keys)
         return update
