@@ -497,7 +497,9 @@ def test_end_to_end_reproduces_exactly(tmp_path, monkeypatch):
     assert set(clu["method"]) == {"fl_tac", "fl_tac_update", "fl_tac_heads"} and (clu["k"] == 2).all()
     assert clu.loc[clu["round"] == 1, "changed_clusters"].isna().all()
     assert clu.loc[clu["round"] == 2, "changed_clusters"].notna().all()
-    assert {"estimate", "ci_low", "ci_high", "verdict"} <= set(res.claims.columns)
+    assert {"estimate", "ci_low", "ci_high", "verdict", "role", "n_seeds"} <= set(res.claims.columns)
+    head = res.claims.iloc[0]
+    assert (head["claim"], head["role"]) == ("FL-TAC beats FedIT (mean over tasks)", "primary")
     # FL-TAC, oracle and local train n_tasks x FedIT's steps; every method is scored on the same test rows
     steps = res.runs.groupby("method")["local_steps_per_round"].mean()
     assert steps["fl_tac"] == steps["oracle"] == steps["local"] > steps["fedit"]
@@ -515,3 +517,28 @@ def test_a_run_built_from_its_config_alone_equals_the_experiments(tiny):
     alone = run_federated(cfg)
     pd.testing.assert_frame_equal(alone.rounds.drop(columns="wall_s"), shared.rounds.drop(columns="wall_s"))
     assert np.array_equal(alone.correct, shared.correct)
+
+
+def test_claims_primary_first_and_the_oracle_gate():
+    """FL-TAC vs FedIT is the primary claim; "as good as the oracle" is decided only when the oracle beats FedIT."""
+    from types import SimpleNamespace
+
+    from fedbench.claims import check_table
+    from fedbench.experiments import fl_tac as ft
+    rng = np.random.default_rng(0)
+    task_of = np.repeat([0, 1], 200)
+    fedit = (rng.random((5, 400)) < 0.6).astype(int)
+    s = SimpleNamespace(tasks=["a", "b"])
+
+    def claims(oracle):
+        c = ft.compute_claims(s, None, pd.DataFrame(), {"fl_tac": oracle.copy(), "fedit": fedit, "oracle": oracle},
+                              task_of)
+        return check_table(c).set_index("claim")
+
+    same = claims(fedit.copy())                                  # the oracle no better than FedIT
+    assert same.index[0] == "FL-TAC beats FedIT (mean over tasks)" and same["role"].iloc[0] == "primary"
+    near = "FL-TAC is as good as perfect clustering (within 0.02)"
+    assert same.loc[near, "verdict"] == "not interpretable: reference does not beat FedIT (exploratory)"
+    better = claims(np.maximum(fedit, (rng.random((5, 400)) < 0.5).astype(int)))
+    assert better.loc[near, "verdict"] == "agrees (exploratory)"        # fl_tac = oracle: within 0.02
+    assert better.loc["FL-TAC beats FedIT (mean over tasks)", "verdict"] == "agrees"   # primary, 5 seeds, Holm m=1

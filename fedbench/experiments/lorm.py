@@ -394,7 +394,7 @@ def compute_claims(summary: pd.DataFrame, errs: pd.DataFrame, correct: dict) -> 
             if other in methods:
                 out.append(C.paired_accuracy_difference(
                     correct["lorm"], correct[other], f"LoRM beats {LABELS[other]} (final avg accuracy)", paper,
-                    comparison=f"lorm - {other}"))
+                    comparison=f"lorm - {other}", role="primary" if other == "fedit" else "exploratory"))
         if "fedit" in methods:
             out.append(C.paired_seed_difference(per_seed("lorm", "forgetting"), per_seed("fedit", "forgetting"),
                                                 "LoRM forgets less than FedIT", "(not a headline of the paper)",

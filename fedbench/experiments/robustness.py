@@ -555,7 +555,7 @@ def make_claims(summary: pd.DataFrame, correct: dict, nan: pd.DataFrame, s: Robu
     """Each robust rule vs FedAvg under each claimed attack, at the largest attacker fraction where the rule
     runs (paired by seed and test example); and, per NaN fraction, clean - NaN-arm accuracy below
     settings.nan_margin, with every NaN update rejected."""
-    from fedbench.claims import DISAGREES, claims_table, paired_accuracy_difference
+    from fedbench.claims import DISAGREES, claims_table, gate, paired_accuracy_difference
     out = []
     grid = summary[summary["arm"] == "grid"]
     n = int(summary["cohort"].iloc[0]) if len(summary) else 0
@@ -597,7 +597,7 @@ def make_claims(summary: pd.DataFrame, correct: dict, nan: pd.DataFrame, s: Robu
             comparison=f"{agg} clean - {agg} with {frac:.0%} NaN clients", direction=-1, threshold=s.nan_margin,
             n_boot=s.n_boot, seed=0, detail=detail)
         if not (all_rej and finite and g["honest_rejected"].sum() == 0):
-            c.verdict = DISAGREES
+            c = gate(c, DISAGREES)          # the guard failed: no interval can save the claim (seeds still first)
         out.append(c)
     return claims_table(out)
 

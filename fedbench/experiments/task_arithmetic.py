@@ -777,12 +777,14 @@ def make_claims(tabs: dict, r: Resolved) -> pd.DataFrame:
         tag = f" [{tuning}]" if len(s.tunings) > 1 else ""
         seeds = list(s.seeds)
 
-        def diff(a, b, claim, paper, direction, comparison, detail=""):
+        def diff(a, b, claim, paper, direction, comparison, detail="", role="exploratory", room=True):
+            """room: a claim about what fine-tuning or merging does (gated on the validation headroom)."""
             ca, cb = _bits(correct, tuning, *a, seeds), _bits(correct, tuning, *b, seeds)
             if ca is None or cb is None:
                 return
-            out.append(C.paired_accuracy_difference(ca, cb, claim + tag, paper, direction=direction,
-                                                    comparison=comparison, detail=detail))
+            out.append(C.gate(C.paired_accuracy_difference(ca, cb, claim + tag, paper, direction=direction,
+                                                           comparison=comparison, detail=detail, role=role),
+                              headroom if room else ""))
 
         e = tabs["equivalence"]
         e = e[e["tuning"] == tuning]
@@ -794,14 +796,16 @@ def make_claims(tabs: dict, r: Resolved) -> pd.DataFrame:
         ft = tabs["finetune"]
         ft = ft[ft["tuning"] == tuning]
         per_task = ft.groupby("task", sort=False)["gain_test"].mean()
+        headroom = C.headroom_gate(float((ft["individual_val"] - ft["probe_val"]).mean())) if len(ft) else ""
         diff(("homogeneous", "individual", "-"), ("homogeneous", "probe", "-"),
              "Fine-tuning the encoder beats the frozen-head probe (the prerequisite)",
              "tau_t carries the task: individual > theta_0 with its frozen head", +1, "individual - probe",
-             "per task (mean over seeds): " + ", ".join(f"{k} {v:+.3f}" for k, v in per_task.items()))
+             "per task (mean over seeds): " + ", ".join(f"{k} {v:+.3f}" for k, v in per_task.items()), room=False)
         for variant in VARIANTS:
             diff(("homogeneous", "task_arithmetic", variant), ("homogeneous", "individual", "-"),
                  f"The merge loses to the individual models (lambda {variant})",
-                 "one model for all tasks is below each task's own fine-tune", -1, "task arithmetic - individual")
+                 "one model for all tasks is below each task's own fine-tune", -1, "task arithmetic - individual",
+                 role="primary" if variant == "1/T" else "exploratory")
         for setting, mult, what, how, unit in (
                 ("hetero_training", s.hetero_steps, "Training", "different numbers of steps", "step multipliers"),
                 ("hetero_lr", s.hetero_lrs, "Learning-rate", "different learning rates", "lr multipliers")):
@@ -840,7 +844,7 @@ def make_claims(tabs: dict, r: Resolved) -> pd.DataFrame:
             col, what = pair_metric(p)
             pm = p.groupby(["task_a", "task_b"], sort=False)[["cosine", col]].mean()
             if pm["cosine"].nunique() > 1:
-                out.append(C.rank_correlation(
+                out.append(C.gate(C.rank_correlation(
                     pm["cosine"].to_numpy(), pm[col].to_numpy(),
                     "Data heterogeneity hurts the merge: similar task vectors merge better" + tag,
                     "tasks whose updates point in different directions merge worse", direction=+1,
@@ -848,7 +852,7 @@ def make_claims(tabs: dict, r: Resolved) -> pd.DataFrame:
                     detail=f"{len(pm)} pairs, each averaged over {p['seed'].nunique()} seeds; cosine "
                            f"{pm['cosine'].min():.3f} .. {pm['cosine'].max():.3f}"
                            + ("" if col == "normalized_1/T" else "; raw accuracy: a normalised value was "
-                              "undefined (a task whose fine-tune equals its probe)")))
+                              "undefined (a task whose fine-tune equals its probe)")), headroom))
     return C.claims_table(out)
 
 
