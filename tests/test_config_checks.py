@@ -8,7 +8,7 @@ import typing
 
 import pytest
 
-from fedbench.config import LATER_FIELD_DEFAULTS, ConfigError, ExperimentConfig
+from fedbench.config import LATER_FIELD_DEFAULTS, ConfigError, ExperimentConfig, to_plain
 from fedbench.models.checks import BackboneFacts, backbone_facts, check_against_backbone
 from fedbench.registry import TUNERS
 
@@ -36,7 +36,7 @@ def _dotted_get(d, dotted):
 
 
 LEAVES = dict(_leaves())
-DEFAULTS = ExperimentConfig().to_dict()
+DEFAULTS = to_plain(dataclasses.asdict(ExperimentConfig()))      # every field (to_dict leaves some out at default)
 
 
 OPTION_MAPPINGS = {"fl.options", "fl.aggregator_options", "data.federation_options"}   # a component's typed options
@@ -95,8 +95,10 @@ def _bad_values(dotted, hint):
         out += [("empty", ""), ("int", 3), ("list", ["x"]), ("unknown-name", "no-such-name")]
     elif typing.get_origin(base) is tuple and typing.get_args(base)[0] is str:
         default = _dotted_get(DEFAULTS, dotted)
-        out += [("empty-list", []), ("empty-str-item", [""]), ("bare-str", default[0]), ("int", 3),
+        out += [("empty-str-item", [""]), ("bare-str", default[0] if default else "x"), ("int", 3),
                 ("int-item", [3]), ("unknown-name", ["no-such-name"])]
+        if default:             # a list that may be empty (plugins) takes [] as its default
+            out.append(("empty-list", []))
     elif base is dict:          # the default component takes no options: any option is unknown to it
         out += [("str", "x"), ("list", [1]), ("unknown-option", {"no_such_option": 1})]
     else:
