@@ -410,7 +410,7 @@ def protocol_table(profile: str = "quick") -> pd.DataFrame:
     def stats(x):
         b = x["base"]
         return (f"headline {len(x['seeds'])} seeds x {b.data.max_test_samples} test examples; claims by "
-                f"fedbench.claims (paired bootstrap, 95%)")
+                f"fedbench.claims (seed-level intervals, df = seeds - 1)")
 
     def lrs(x):
         return (f"grid per method and privacy level on {x['validation_samples']} held-out training examples "

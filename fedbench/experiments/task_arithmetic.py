@@ -935,7 +935,8 @@ def protocol_table(r: Resolved) -> pd.DataFrame:
          "normalised accuracy (raw accuracy when a normalised value is undefined) with cosine, bootstrap interval",
          "data heterogeneity measured directly"),
         ("seeds / statistics", "not stated", "-", f"{len(s.seeds)} seeds; claims with 95% intervals "
-         "(fedbench.claims: paired bootstrap over seeds x test examples; bootstrap over pairs for the correlation)",
+         "(fedbench.claims: seed-level intervals, seeds x test examples as crossed random effects; bootstrap over pairs for "
+         "the correlation)",
          "verdicts from intervals, never from point estimates"),
     ]
     return pd.DataFrame(rows, columns=["aspect", "paper", "official code", "ours", "why"])
