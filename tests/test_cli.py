@@ -56,7 +56,8 @@ def test_run_a_paper_experiment_profile_with_overrides(tmp_results, capsys):
     """The README's command shape on the quickstart's smoke profile; a core override reaches its run."""
     assert main(["run", "configs/quickstart/smoke.yaml", "--set", "fl.rounds=1", "--set", "fl.dropout=0.3"]) == 0
     out = capsys.readouterr().out
-    assert "linear probe" in out and ("agrees" in out or "inconclusive" in out or "disagrees" in out)
+    # one seed: a measured estimate with its interval, never decided (fedbench.claims: no verdict from < 3 seeds)
+    assert "linear probe" in out and "single seed" in out
     import pandas as pd
     # an override: the outputs go to a folder of their own, never over the profile's
     (custom,) = (tmp_results / "quickstart" / "smoke").glob("custom-*")

@@ -352,10 +352,12 @@ def test_end_to_end_tiny_grid_is_reproducible(tmp_results, tmp_path, monkeypatch
     # cold rerun in a fresh store: the same numbers (wall-clock aside)
     monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path / "cold"))
     fp.run(profile="smoke", **over)
-    cold = pd.read_csv(tmp_path / "cold" / "fedpeft" / "smoke" / "summary.csv")
+    cold_out = output_dir("fedpeft", "smoke", overrides={k: v for k, v in over.items() if k != "progress"})
+    assert cold_out.parent == tmp_path / "cold" / "fedpeft" / "smoke"
+    cold = pd.read_csv(cold_out / "summary.csv")
     cols = [c for c in summary.columns if c != "wall_s"]
     assert cold[cols].equals(summary[cols])
-    assert pd.read_csv(tmp_path / "cold" / "fedpeft" / "smoke" / "metrics.csv").equals(metrics)
+    assert pd.read_csv(cold_out / "metrics.csv").equals(metrics)
 
 
 def test_a_base_field_the_grid_sets_is_refused_not_silently_replaced():

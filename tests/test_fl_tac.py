@@ -472,26 +472,27 @@ def test_tweet_polarity_is_tweet_sentiment_without_neutral():
 
 def test_end_to_end_reproduces_exactly(tmp_path, monkeypatch):
     from fedbench.experiments import fl_tac
+    from fedbench.experiments.common import output_dir
     monkeypatch.delenv("FEDBENCH_RESULTS", raising=False)
     names = ("summary.csv", "clustering.csv", "accuracy_rounds.csv", "claims.csv", "adapter_embedding.csv")
     tables = []
     for root in ("a", "b"):       # two cold runs in two empty result roots
         monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path / root))
         res = fl_tac.run(profile="smoke", progress=False, **TINY)
-        out = tmp_path / root / "fl_tac" / "smoke"
+        out = output_dir("fl_tac", "smoke", overrides=TINY)       # overrides: its own custom-<hash>/ folder
         tables.append({n: (out / n).read_text() for n in names})
     assert tables[0] == tables[1]
     again = fl_tac.run(profile="smoke", progress=False, **TINY)           # loaded from the run store
     pd.testing.assert_frame_equal(again.summary, res.summary)
-    summary = pd.read_csv(tmp_path / "b" / "fl_tac" / "smoke" / "summary.csv")
+    summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns)[:5] == ["method", "arm", "task", "seed", "accuracy"]
     assert set(summary["method"]) == set(fl_tac.METHODS) and summary["accuracy"].between(0, 1).all()
     assert set(summary["task"]) == {"rt_sentiment", "sms_spam", "mean"}
     arms = summary.groupby("method")["arm"].unique().map(list).to_dict()
     assert arms == {m: ["task heads" if m in fl_tac.HEADS else "shared head"] for m in fl_tac.METHODS}
-    emb = pd.read_csv(tmp_path / "b" / "fl_tac" / "smoke" / "adapter_embedding.csv")
+    emb = pd.read_csv(out / "adapter_embedding.csv")
     assert {"dim1", "dim2", "embedding"} <= set(emb.columns) and set(emb["embedding"]) <= {"umap", "pca"}
-    clu = pd.read_csv(tmp_path / "b" / "fl_tac" / "smoke" / "clustering.csv")
+    clu = pd.read_csv(out / "clustering.csv")
     for col in ("round", "seed", "ari", "hungarian_accuracy", "k_silhouette", "changed_clusters"):
         assert col in clu.columns
     assert set(clu["method"]) == {"fl_tac", "fl_tac_update", "fl_tac_heads"} and (clu["k"] == 2).all()
@@ -504,7 +505,7 @@ def test_end_to_end_reproduces_exactly(tmp_path, monkeypatch):
     steps = res.runs.groupby("method")["local_steps_per_round"].mean()
     assert steps["fl_tac"] == steps["oracle"] == steps["local"] > steps["fedit"]
     assert {m: c.shape for m, c in res.correct.items()} == {m: (2, 24) for m in fl_tac.METHODS}
-    assert (tmp_path / "b" / "fl_tac" / "smoke" / "PROTOCOL.md").exists()
+    assert (out / "PROTOCOL.md").exists() and (out / "REPORT.md").exists()
 
 
 def test_a_run_built_from_its_config_alone_equals_the_experiments(tiny):

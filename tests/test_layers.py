@@ -15,7 +15,7 @@ LAYERS = [
     {"data"},                                   # tasks, partitions
     {"config"},                                 # the run config (validates against data and the registries)
     {"results", "claims"},                      # the run store; claims (statistics)
-    {"models", "plots"},                        # backbones and PEFT tuners; figures
+    {"models", "plots", "claims_calibration"},  # backbones and PEFT tuners; figures; the claims' calibration
     {"merging"},                                # the math: aggregation rules, robust rules, merges, LoRM/RegMean solves
     {"fl"},                                     # the loop: client training, privacy, client store, FedAvg, rounds
     {"strategies"},                             # the paper strategies, one module per family

@@ -429,6 +429,7 @@ def test_lr_is_the_best_on_validation_ties_to_the_smaller_and_edges_are_flagged(
 
 def test_end_to_end_reproduces_exactly_and_resumes(tmp_path, monkeypatch):
     from fedbench.experiments import lorm
+    from fedbench.experiments.common import output_dir
     monkeypatch.delenv("FEDBENCH_RESULTS", raising=False)
     kw = dict(TINY, methods=["lorm", "fedit", "joint"])
     names = ("summary.csv", "per_task.csv", "merge_error.csv", "claims.csv")
@@ -436,16 +437,16 @@ def test_end_to_end_reproduces_exactly_and_resumes(tmp_path, monkeypatch):
     for root in ("a", "b"):       # two cold runs in two empty result roots
         monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path / root))
         res = lorm.run(profile="smoke", progress=False, **kw)
-        out = tmp_path / root / "lorm" / "smoke"
+        out = output_dir("lorm", "smoke", overrides=kw)           # overrides: its own custom-<hash>/ folder
         tables.append({n: (out / n).read_text() for n in names})
     assert tables[0] == tables[1]
     store = tmp_path / "b" / "runs" / "lorm"
     victim = res.runs.loc[res.runs["method"] == "fedit", "run"].iloc[0]
     (store / victim / "summary.json").unlink()
     again = lorm.run(profile="smoke", progress=False, **kw)
-    assert {n: (tmp_path / "b" / "lorm" / "smoke" / n).read_text() for n in names} == tables[1]
+    assert {n: (out / n).read_text() for n in names} == tables[1]
     pd.testing.assert_frame_equal(again.summary, res.summary)
-    summary = pd.read_csv(tmp_path / "b" / "lorm" / "smoke" / "summary.csv")
+    summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns)[:6] == ["method", "seed", "final_avg_accuracy", "avg_incremental_accuracy",
                                          "forgetting", "mb_up"]
     b = summary.groupby("method")["mb_up"].mean()
