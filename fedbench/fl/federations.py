@@ -248,13 +248,19 @@ def check_multitask(cfg) -> None:
 _POOLS: dict = {}
 
 
+def cached_pool(key: tuple, build):
+    """The pool keyed `key`, built by `build()` the first time (once per process). One pool at a time: a process
+    runs one experiment's federation."""
+    if key not in _POOLS:
+        _POOLS.clear()
+        _POOLS[key] = build()
+    return _POOLS[key]
+
+
 def multitask_pool(o: MultiTaskOptions, backbone: str, max_length: int) -> Pool:
     """The pool of `o` (built once per process)."""
-    key = (o.pool_key(), backbone, max_length)
-    if key not in _POOLS:
-        _POOLS.clear()          # one pool at a time: a process runs one experiment's federation
-        _POOLS[key] = prepare_pool(o, backbone, max_length)
-    return _POOLS[key]
+    return cached_pool(("multitask", o.pool_key(), backbone, max_length),
+                       lambda: prepare_pool(o, backbone, max_length))
 
 
 def pool_caches(pool, model_cfg, depth: int | None) -> tuple:
@@ -451,11 +457,8 @@ def check_task_sequence(cfg) -> None:
 
 def sequence_pool(o: TaskSequenceOptions, task: str, backbone: str, max_length: int) -> SequencePool:
     """The pool of `o` over `task` (built once per process)."""
-    key = ("sequence", o.pool_key(), task, backbone, max_length)
-    if key not in _POOLS:
-        _POOLS.clear()
-        _POOLS[key] = prepare_sequence_pool(o, task, backbone, max_length)
-    return _POOLS[key]
+    return cached_pool(("sequence", o.pool_key(), task, backbone, max_length),
+                       lambda: prepare_sequence_pool(o, task, backbone, max_length))
 
 
 @FEDERATIONS.register("task_sequence", options=TaskSequenceOptions, check=check_task_sequence)

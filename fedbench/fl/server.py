@@ -146,19 +146,23 @@ class FederatedRun:
         if not use_activation_cache:   # run the whole stack every step (the benchmark's baseline)
             self.train_cache = self.test_cache = None
         self.store = ClientStore()
+        self._set_attackers(cfg)
+        self.records: list[dict] = []
+        self.rejections: list[dict] = []
+        self.cumulative_bytes = 0
+        self.final_predictions: dict | None = None
+        self.stopped = False             # the strategy ended the run (``strategy.finished``) before fl.rounds
+        self.client_evaluator = None     # set by an engine whose client stores live elsewhere (evaluate_clients)
+
+    def _set_attackers(self, cfg) -> None:
+        """The attack of `cfg` and its seeded set of attackers (fixed for the run)."""
         self.attack = ATTACKS.entry(cfg.fl.attack)
         self.attackers: set[int] = set()
         if cfg.fl.attack != "none":
             from fedbench.fl.attacks import select_attackers
             self.attackers = {int(c) for c in select_attackers(cfg.data.num_clients, cfg.fl.attack_fraction,
                                                                derive_seed(cfg.seed, "attack"))}
-        self.records: list[dict] = []
-        self.rejections: list[dict] = []
-        self.cumulative_bytes = 0
-        self.final_predictions: dict | None = None
-        self.stopped = False             # the strategy ended the run (``strategy.finished``) before fl.rounds
         self._flipped_split = None
-        self.client_evaluator = None     # set by an engine whose client stores live elsewhere (evaluate_clients)
 
     def _new_caches(self) -> tuple[ActivationCache, ActivationCache]:
         train, test = (ActivationCache(self.data.train, self.data.pad_id),
@@ -196,13 +200,7 @@ class FederatedRun:
         run.cfg = cfg
         run.strategy = STRATEGIES.get(cfg.fl.strategy)(cfg, self.model)
         run.strategy.attach(self.data)
-        run.attack = ATTACKS.entry(cfg.fl.attack)
-        run.attackers = set()
-        if cfg.fl.attack != "none":
-            from fedbench.fl.attacks import select_attackers
-            run.attackers = {int(c) for c in select_attackers(cfg.data.num_clients, cfg.fl.attack_fraction,
-                                                              derive_seed(cfg.seed, "attack"))}
-        run._flipped_split = None
+        run._set_attackers(cfg)
         run.restart(global_model)
         return run
 
