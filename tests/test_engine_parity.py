@@ -27,6 +27,8 @@ SEQUENCE = {"task": "ng20", "num_clients": 3, "max_length": 16, "federation": "t
             "federation_options": {"num_tasks": 2, "rounds_per_task": 1, "max_train_per_class": 6,
                                    "max_test_per_class": 2}}
 LORA = {"method": "lora", "rank": 2, "depth": 1}
+LORA_TIERS = {**LORA, "rank": 4}
+TIERS = {"ranks": [1, 2, 4], "assignment": "cyclic"}
 
 CONFIGS = {
     "fedavg": {"data": PLAIN, "peft": LORA},
@@ -44,6 +46,15 @@ CONFIGS = {
     "fl_tac_oracle": {"data": MULTITASK, "peft": LORA},
     "fl_tac_local": {"data": MULTITASK, "peft": LORA},
     "fedit_tasks": {"data": MULTITASK, "peft": LORA},
+    # the federated-LoRA family (fedbench.strategies.lora_family), rank tiers where the method takes them
+    "fedit_zero_pad": {"data": PLAIN, "peft": LORA_TIERS, "fl": {"options": TIERS}},
+    "fedit_truncate": {"data": PLAIN, "peft": LORA_TIERS, "fl": {"options": TIERS}},
+    "fedsa": {"data": PLAIN, "peft": LORA_TIERS, "fl": {"options": TIERS}},
+    "fedex_lora": {"data": PLAIN, "peft": LORA_TIERS, "fl": {"options": TIERS}},
+    "flexlora": {"data": PLAIN, "peft": LORA_TIERS, "fl": {"options": TIERS}},
+    "hetlora": {"data": PLAIN, "peft": LORA_TIERS, "fl": {"options": {**TIERS, "reg": 1.0, "gamma": 0.5}}},
+    "rolora": {"data": PLAIN, "peft": LORA},
+    "fedsvd": {"data": PLAIN, "peft": LORA_TIERS, "fl": {"options": TIERS}},
     "autofednlp": {"data": PLAIN, "peft": {"method": "adapter", "adapter_width": 4, "depth": 1},
                    "fl": {"rounds": 3, "options": {"width_step": 4, "max_width": 8, "time_threshold": 0.2,
                                                    "validation_samples": 16}}},
