@@ -309,3 +309,42 @@ def test_fedsa_keeps_each_clients_b_at_its_rank(data):
         assert all(t.shape[1] == [1, 2, 4][u.client_id] for t in kept.values())
         assert not set(kept) & set(u.state)
 
+
+# -- the study (fedbench/experiments/lora_family.py) ---------------------------------------------------------
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "full"])
+def test_every_profile_resolves_and_its_primaries_run_on_their_seeds(profile):
+    from fedbench.experiments import lora_family as X
+    p = X.settings_for(profile)
+    s = p.settings
+    assert max(s.ranks) == p.base.peft.rank
+    cells = X.cells(s)
+    for m, c in s.primaries.items():
+        for seed in s.primary_seeds:
+            assert (m, c, seed, "primary") in cells and ("fedit", c, seed, "primary") in cells
+    if profile != "smoke":
+        assert len(s.primary_seeds) >= 5 and set(s.primaries) == set(X.PRIMARIES)
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"methods": ["fedex_lora"]}, "methods"), ({"methods": ["nope"]}, "methods"),
+    ({"conditions": ["dp"]}, "conditions"), ({"ranks": [0]}, "ranks"), ({"lr_grid": []}, "lr_grid"),
+    ({"primaries": {"fedsvd": "moon"}}, "primaries.fedsvd"), ({"flower_cell": ["fedit", "moon"]}, "flower_cell"),
+    ({"seeds": [1, 1]}, "seeds")])
+def test_bad_study_settings_name_their_field(override, field):
+    from fedbench.experiments import lora_family as X
+    with pytest.raises(ConfigError) as e:
+        X.settings_for("smoke", **override)
+    assert e.value.field_name == field
+
+
+def test_a_method_that_cannot_run_a_condition_is_refused_by_its_config():
+    from fedbench.experiments import lora_family as X
+    p = X.settings_for("quick")
+    with pytest.raises(ConfigError, match="fl.strategy"):
+        X.run_config(p.base, p.settings, "ffa_lora", "hetero", 0)
+    with pytest.raises(ConfigError, match=r"train\.dp\.enabled"):
+        X.run_config(p.base, p.settings, "hetlora", "dp", 0)
+    cfg = X.run_config(p.base, p.settings, "fedit", "hetero", 0, lr=0.01, validation=True)
+    assert cfg.fl.strategy == "fedit_zero_pad" and tuple(cfg.fl.options["ranks"]) == (2, 4, 8)
+    assert cfg.train.lr == 0.01 and cfg.data.federation_options["validation"] == 200
