@@ -312,10 +312,11 @@ def test_fedsa_keeps_each_clients_b_at_its_rank(data):
 
 # -- the study (fedbench/experiments/lora_family.py) ---------------------------------------------------------
 
-@pytest.mark.parametrize("profile", ["smoke", "quick", "full"])
+@pytest.mark.parametrize("profile", ["smoke", "quick", "full", "quick-complete"])
 def test_every_profile_resolves_and_its_primaries_run_on_their_seeds(profile):
     from fedbench.experiments import lora_family as X
-    p = X.settings_for(profile)
+    from fedbench.experiments.common import configs_root
+    p = X.settings_for(profile.split("-")[0], path=configs_root() / "lora_family" / f"{profile}.yaml")
     s = p.settings
     assert max(s.ranks) == p.base.peft.rank
     cells = X.cells(s)
@@ -324,6 +325,8 @@ def test_every_profile_resolves_and_its_primaries_run_on_their_seeds(profile):
             assert (m, c, seed, "primary") in cells and ("fedit", c, seed, "primary") in cells
     if profile != "smoke":
         assert len(s.primary_seeds) >= 5 and set(s.primaries) == set(X.PRIMARIES)
+    roles = {role for *_, role in cells}
+    assert roles == ({"primary", "exploratory"} if s.explore else {"primary"})
 
 
 @pytest.mark.parametrize("override, field", [

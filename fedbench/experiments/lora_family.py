@@ -88,6 +88,7 @@ class LoraFamilySettings(Settings):
     lr_grid: tuple[float, ...] = (0.002, 0.005)
     validation_samples: int = 200
     flower_cell: tuple | None = None              # (method, condition) also run on Flower; None: none
+    explore: bool = True                          # also every other (method, condition) pair, exploratory
 
     def validate(self) -> None:
         self.methods = tuple(check_list_of("methods", self.methods, METHODS))
@@ -111,6 +112,8 @@ class LoraFamilySettings(Settings):
         if self.flower_cell is not None and not (len(self.flower_cell) == 2 and self.flower_cell[0] in self.methods
                                                  and self.flower_cell[1] in self.conditions):
             raise ConfigError("flower_cell", self.flower_cell, "null or [method, condition] from the grid")
+        if not isinstance(self.explore, bool):
+            raise ConfigError("explore", self.explore, "true or false")
 
 
 def check_list_of(name, value, allowed) -> list:
@@ -148,12 +151,13 @@ def run_config(base: ExperimentConfig, s: LoraFamilySettings, method: str, condi
 
 
 def cells(s: LoraFamilySettings) -> list[tuple[str, str, int, str]]:
-    """(method, condition, seed, role): the primaries and their FedIT on primary_seeds, the rest on seeds."""
+    """(method, condition, seed, role): the primaries and their FedIT on primary_seeds; with ``explore`` every other
+    pair of the grid on seeds."""
     out = {}
     for m, c in s.primaries.items():
         for seed in s.primary_seeds:
             out[(m, c, seed)] = out[("fedit", c, seed)] = "primary"
-    for c in s.conditions:
+    for c in s.conditions if s.explore else ():
         for m in s.methods:
             for seed in s.seeds:
                 out.setdefault((m, c, seed), "exploratory")
@@ -188,7 +192,7 @@ class Runner:
 def choose_lrs(base, s, runner) -> tuple[dict, pd.DataFrame]:
     """{(method, condition): lr} chosen on validation (first seed); the lr_selection table."""
     chosen, rows = {}, []
-    pairs = sorted({(m, c) for m, c, _, _ in cells(s)}, key=lambda p: (s.conditions.index(p[1]),
+    pairs = sorted({(m, c) for m, c, _, _ in cells(s)} | {("fedit", "iid")}, key=lambda p: (s.conditions.index(p[1]),
                                                                       s.methods.index(p[0])))
     for m, c in pairs:
         try:
