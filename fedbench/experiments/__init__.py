@@ -33,6 +33,8 @@ EXPERIMENT_TABLE = [
      Headline("robustness_wide.csv", ("aggregator",), ("clean", "sign_flip 10%", "sign_flip 30%", "scale 10%",
                                                        "scale 30%", "gaussian 10%", "gaussian 30%", "label_flip 10%",
                                                        "label_flip 30%", "nan_update 10%", "nan_update 30%")), False),
+    ("lora_family", "07_lora_family", "the federated-LoRA family under one set of conditions, heterogeneous ranks",
+     Headline("table.csv", ("condition", "method"), ("seeds", "accuracy", "ci_low", "ci_high", "mb_total")), False),
 ]
 for _name, _notebook, _doc, _headline, _exports in EXPERIMENT_TABLE:
     EXPERIMENTS.register(_name, f"fedbench.experiments.{_name}", notebook=_notebook, doc=_doc, headline=_headline,

@@ -5,7 +5,7 @@ import numpy as np
 
 STREAMS = {"partition": 1, "sampling": 2, "dropout": 3, "client": 4, "init": 5, "subsample": 6, "server": 7,
            "merge": 8,
-           "attack": 9}
+           "attack": 9, "client_ranks": 10}
 
 
 def derive_seed(seed: int, stream: str, *keys: int) -> int:

@@ -6,8 +6,10 @@
 - :mod:`~fedbench.strategies.fl_tac`: FL-TAC (per-task adapters clustered on the server) and its baselines.
 - :mod:`~fedbench.strategies.continual`: the continual protocol, LoRM and RegMean.
 - :mod:`~fedbench.strategies.autofednlp`: AutoFedNLP / FedAdapter's progressive configurator.
+- :mod:`~fedbench.strategies.lora_family`: the federated-LoRA family (FedSA-LoRA, FedEx-LoRA, FlexLoRA, HetLoRA,
+  RoLoRA, FedSVD) and heterogeneous client ranks.
 
 Importing this package registers every strategy in :data:`fedbench.registry.STRATEGIES` (its provider).
 """
 # imported in the order `fedbench list` shows them
-from fedbench.strategies import ffa_lora, task_arithmetic, continual, fl_tac, autofednlp  # noqa: F401,I001
+from fedbench.strategies import ffa_lora, task_arithmetic, continual, fl_tac, autofednlp, lora_family  # noqa: F401,I001

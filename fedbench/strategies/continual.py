@@ -249,6 +249,18 @@ class Continual(FedAvg):
         self.acc_rows, self.merge_rows = list(meta["acc_rows"]), list(meta["merge_rows"])
 
 
+def alternating_factor(step: int) -> str:
+    """The factor an alternating schedule trains at its `step` (0-based): B, A, B, ... (LoRM within a task;
+    RoLoRA over the run, :mod:`fedbench.strategies.lora_family.rolora`)."""
+    return "B" if step % 2 == 0 else "A"
+
+
+def alternating_keys(state, lora, factor: str) -> tuple:
+    """The keys of `state` that train and travel while `factor` ("A" or "B") trains: all but the other factor."""
+    other = {m.a_key if factor == "B" else m.b_key for m in lora.modules}
+    return tuple(k for k in state if k not in other)
+
+
 def _head_keys(strategy, state) -> list[str]:
     factors = strategy.lora.factor_keys
     return [k for k in state if k not in factors]
@@ -280,12 +292,11 @@ class LoRM(Continual):
     """LoRM: one factor per round (B, A, B, ... within a task), solved in closed form from Gram matrices."""
 
     def factor(self, round_idx: int) -> str:
-        return "B" if self.schedule.round_in_task(round_idx) % 2 == 0 else "A"
+        return alternating_factor(self.schedule.round_in_task(round_idx))
 
     def configure_round(self, round_idx, clients, global_model):
         t = self.schedule.task_of(round_idx)
-        other = {m.a_key if self.factor(round_idx) == "B" else m.b_key for m in self.lora.modules}
-        keys = tuple(k for k in global_model.state if k not in other)
+        keys = alternating_keys(global_model.state, self.lora, self.factor(round_idx))
         return [self.instruction(int(c), round_idx, global_model, train_keys=keys, send_keys=keys,
                                  options={"task": t, "factor": self.factor(round_idx)}) for c in clients]
 
