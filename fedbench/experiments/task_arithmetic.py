@@ -3,11 +3,13 @@
 Every FedAvg round runs on the shared loop (:class:`fedbench.fl.server.FederatedRun`) with the
 ``task_clients`` strategy (:mod:`fedbench.strategies`): client t holds task t, and the model is one
 shared encoder with one head matrix holding every task's rows (``TokenizedSplit.class_mask`` restricts each
-example to its own task's rows: exactly one head per task). The heads are **frozen**: each task's rows are
-a linear probe (logistic regression) fitted on theta_0's features of a probe carve of its training
-subsample (``probe_samples``, disjoint from the validation carve and from the fine-tuning data: a probe
-fitted on the fine-tuning data fits it almost perfectly and leaves the encoder nothing to learn), then never
-trained and never sent, as the paper's frozen zero-shot heads. A task's fine-tune is its client's round-1
+example to its own task's rows: exactly one head per task). The heads are **frozen**, never trained and never
+sent, as the paper's: ``head: zero_shot`` (the paper's) makes each task's rows its classes' prompt embeddings by
+theta_0 with cosine logits (:mod:`fedbench.models.zero_shot`); ``head: probe`` (exploratory) a linear probe
+(logistic regression) fitted on theta_0's features of a probe carve of its training subsample
+(``probe_samples``, disjoint from the validation carve and from the fine-tuning data: a probe fitted on the
+fine-tuning data fits it almost perfectly and leaves the encoder nothing to learn). The reference rows named
+``probe`` are theta_0 with the profile's frozen heads (zero-shot or probe). A task's fine-tune is its client's round-1
 update from theta_0, so its task vector tau_t is the change of the shared encoder only: the dense LoRA
 update ``s B_t A_t`` of every wrapped weight (LoRA on all layers by default), or every encoder parameter
 with full fine-tuning (``tunings: [full]``). LoRA's learning rate is one lr shared by the tasks, chosen
