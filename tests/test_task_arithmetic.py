@@ -24,6 +24,10 @@ from fedbench.experiments import task_arithmetic as ta
     (dict(tunings=("adapter",)), "tunings"),
     (dict(seeds=(0, 0)), "seeds"),
     (dict(no_such_parameter=1), "no_such_parameter"),
+    (dict(head="linear"), "head"),
+    (dict(primary=("merge_gap", "hetero_hurts"), hetero_steps=()), "primary"),
+    (dict(primary=()), "primary"),
+    (dict(primary=("merge_gap", "hetero_hurts", "fednova_recovers", "tuned_beats_1/T")), "primary"),
     ({"peft.depth": 99}, "peft.depth"),
 ])
 def test_bad_settings_name_the_parameter(override, field):
@@ -36,9 +40,19 @@ def test_profiles_resolve_with_a_base_and_meet_the_protocol():
     r = ta.settings_for("smoke", seeds=[3], **{"train.local_steps": 6})
     assert r.settings.seeds == (3,) and r.base.train.local_steps == 6
     q = ta.settings_for("quick")
-    assert len(q["tasks"]) >= 6 and len(q["seeds"]) >= 3 and q.base.peft.depth is None
-    assert q["val_samples"] >= 200 and q["probe_samples"] >= 100 and len(q["lrs"]) >= 2 and q["hetero_lrs"]
-    assert 1 in q["rounds"] and max(q["rounds"]) > 1
+    assert len(q["tasks"]) >= 4 and len(q["seeds"]) >= 5 and q.base.peft.depth is None
+    assert q["val_samples"] >= 100 and q.base.data.max_test_samples >= 200
+    # the paper's regime: zero-shot heads, 5 seeds for the pre-stated primaries, steps heterogeneous by >= 8x
+    assert q["head"] == "zero_shot" and len(q["seeds"]) >= 5 and 1 <= len(q["primary"]) <= 3
+    assert max(q["hetero_steps"]) / min(q["hetero_steps"]) >= 8
+    from fedbench.experiments.common import profile_path
+    folder = profile_path("task_arithmetic", "quick").parent
+    c = ta.settings_for("quick", path=folder / "quick-complete.yaml")     # the arms quick moves out, put back
+    assert c["hetero_lrs"] and 1 in c["rounds"] and max(c["rounds"]) > 1 and c["pairs"] and len(c["lrs"]) >= 2
+    assert set(c["methods"]) == set(c["hetero_methods"]) == set(ta.MERGE_METHODS)
+    p = ta.settings_for("quick", path=folder / "probe-heads.yaml")        # the probe-head arm
+    assert p["head"] == "probe" and p["probe_samples"] >= 100
+    assert p.base.data.max_train_samples - p["probe_samples"] == q.base.data.max_train_samples - q["probe_samples"]
     assert 1.0 / len(q["tasks"]) in ta.per_task_grid(q.settings, len(q["tasks"])) and len(q["lambdas"]) >= 1
     f = ta.settings_for("full")
     assert min(f["lambdas"]) <= 0.05 + 1e-12 and max(f["lambdas"]) >= 2.0 and f["lrs"]
@@ -307,10 +321,11 @@ def test_claims_merge_gap_is_primary_and_gated_on_validation_headroom():
         rows += [{"tuning": "lora", "setting": setting, "method": method, "variant": variant, "seed": sd, "bits": b}
                  for sd, b in zip(seeds, bits(p))]
     s = SimpleNamespace(tunings=("lora",), seeds=seeds, hetero_steps=(), hetero_lrs=(), hetero_methods=(),
-                        methods=(), rounds=(1,))
+                        methods=(), rounds=(1,), head="probe", primary=("merge_gap",))
     eq = pd.DataFrame({"tuning": ["lora"], "max_abs_param_diff": [0.0], "prediction_mismatches": [0]})
 
-    def claims(val_gain):
+    def claims(val_gain, primary=("merge_gap",)):
+        s.primary = primary
         ft = pd.DataFrame({"tuning": ["lora"] * 2, "task": ["x", "y"], "gain_test": [0.2, 0.2],
                            "probe_val": [0.6, 0.6], "individual_val": [0.6 + val_gain] * 2})
         tabs = {"correct": pd.DataFrame(rows), "equivalence": eq, "finetune": ft, "pairs": pd.DataFrame()}
@@ -323,5 +338,13 @@ def test_claims_merge_gap_is_primary_and_gated_on_validation_headroom():
     word = "no headroom: fine-tuning beats the frozen model on validation by 0.020 < 0.05"
     assert flat.loc[gap, "verdict"] == word
     assert flat.loc["The merge loses to the individual models (lambda tuned)", "verdict"] == word + " (exploratory)"
-    assert flat.loc["Fine-tuning the encoder beats the frozen-head probe (the prerequisite)", "verdict"] == \
+    assert flat.loc[f"Fine-tuning the encoder beats {ta.HEADS['probe']} (the prerequisite)", "verdict"] == \
         "agrees (exploratory)"
+    # the profile pre-states its primary family: a second key joins the Holm family, the rest stay exploratory
+    two = claims(0.2, ("merge_gap", "tuned_beats_1/T"))
+    tuned = ta.PRIMARY_CLAIMS["tuned_beats_1/T"]
+    assert list(two.index[:2]) == [gap, tuned] and set(two["role"].iloc[:2]) == {"primary"}
+    assert two["p_holm"].iloc[:2].notna().all() and (two["role"].iloc[2:] == "exploratory").all()
+    with pytest.raises(ConfigError) as e:
+        ta.settings_for("smoke", primary=["merge_gap", "no_such_claim"])
+    assert e.value.field_name == "primary"

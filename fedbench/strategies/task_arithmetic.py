@@ -32,6 +32,9 @@ class TaskClientsOptions(Options):
     # the frozen head: each task's rows a logistic-regression probe on theta_0's features of its probe carve
     # (a task_clients federation's ``probe`` rows), fitted when the run starts
     probe_heads: bool = False
+    # the frozen head instead: each task's rows its classes' prompt embeddings by theta_0 (cosine logits at a
+    # fixed temperature, fedbench.models.zero_shot), CLIP's zero-shot heads in the paper; needs no probe carve
+    zero_shot_heads: bool = False
 
     def validate(self, prefix):
         check_per_client(f"{prefix}.client_steps", self.client_steps,
@@ -40,6 +43,9 @@ class TaskClientsOptions(Options):
                          lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 10,
                          "a learning rate in (0, 10]")
         check_bool(f"{prefix}.probe_heads", self.probe_heads)
+        check_bool(f"{prefix}.zero_shot_heads", self.zero_shot_heads)
+        if self.probe_heads and self.zero_shot_heads:
+            raise ConfigError(f"{prefix}.zero_shot_heads", True, "false when probe_heads is true (one frozen head)")
 
 
 def _check_task_clients(cfg) -> None:
@@ -47,6 +53,12 @@ def _check_task_clients(cfg) -> None:
     if cfg.fl.options.get("probe_heads") and cfg.data.federation != "task_clients":
         raise ConfigError("fl.options.probe_heads", True, "false unless data.federation='task_clients' (the probe "
                                                           "carve the heads are fitted on)")
+    if cfg.fl.options.get("zero_shot_heads"):
+        from fedbench.models.zero_shot import zero_shot_tasks
+        tasks = cfg.data.federation_options.get("tasks") if cfg.data.federation == "task_clients" else None
+        if tasks is None or any(t not in zero_shot_tasks() for t in tasks):
+            raise ConfigError("fl.options.zero_shot_heads", True, "false unless data.federation='task_clients' "
+                                                                  f"over tasks with prompts {zero_shot_tasks()}")
     for key in ("client_steps", "client_lrs"):
         v = cfg.fl.options.get(key)
         if v is not None and len(v) != cfg.data.num_clients:
@@ -68,6 +80,8 @@ class TaskClients(FedAvg):
     def initial_model(self, model):
         if self.options.probe_heads:           # the head (if trainable: full FT) starts as the probe, frozen
             fit_probe_heads(model, self.data)
+        elif self.options.zero_shot_heads:     # or as the tasks' zero-shot heads, frozen
+            fit_zero_shot_heads(model, self.data, self.cfg)
         return super().initial_model(model)
 
     def encoder_keys(self, global_model) -> tuple[str, ...]:
@@ -126,3 +140,16 @@ def fit_probe_heads(model, td) -> None:
     with torch.no_grad():
         model.classifier.weight.copy_(W)
         model.classifier.bias.copy_(b)
+
+
+def fit_zero_shot_heads(model, td, cfg) -> None:
+    """Each task's rows of the head: its classes' prompt embeddings by theta_0 (the model as built: LoRA's B is
+    zero), a cosine head at a fixed temperature (:func:`fedbench.models.zero_shot.install_zero_shot_heads`)."""
+    from fedbench.models import load_tokenizer
+    from fedbench.models.zero_shot import class_prompts, install_zero_shot_heads
+    tasks = list(cfg.data.federation_options["tasks"])
+    prompts = []
+    for t, task in enumerate(tasks):
+        names = td.class_names[td.offsets[t]:td.offsets[t] + td.num_classes[t]]
+        prompts.append(class_prompts(task, [n.split(":", 1)[1] for n in names]))
+    install_zero_shot_heads(model, load_tokenizer(cfg.model.backbone), prompts)
