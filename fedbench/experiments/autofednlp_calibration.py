@@ -118,9 +118,10 @@ def verdict_text(cross: pd.DataFrame) -> str:
     if len(cross) == 0:
         return "not testable at this scale: one configuration in the grid, nothing to overtake"
     best = cross.sort_values("gap", ascending=False).iloc[0]
-    return ("not testable at this scale: no deeper configuration overtakes a shallower one on validation "
-            f"(largest plateau gap {best['gap']:+.3f}, {best['deeper']} over {best['shallower']}; "
-            "calibration.csv, crossover.csv)")
+    se = f" (paired se {best['gap_se']:.3f})" if np.isfinite(best.get("gap_se", np.nan)) else ""
+    return ("not testable at this scale: no deeper configuration overtakes a shallower one on validation by more "
+            f"than the crossover margin and 2 paired standard errors (largest plateau gap {best['gap']:+.3f}{se}, "
+            f"{best['deeper']} over {best['shallower']}; calibration.csv, crossover.csv)")
 
 
 def curves_of(results: dict, clock: dict) -> tuple[pd.DataFrame, dict]:
@@ -132,7 +133,8 @@ def curves_of(results: dict, clock: dict) -> tuple[pd.DataFrame, dict]:
         m = fixed_name(d, w)
         t = r.rounds
         frames.append(pd.DataFrame({"method": m, "depth": d, "width": w, "round": t["round"].to_numpy(),
-                                    "sim_s": t["round"].to_numpy() * clock[m], "val_accuracy": t["accuracy"]}))
+                                    "sim_s": t["round"].to_numpy() * clock[m],
+                                    "val_accuracy": t["accuracy"].to_numpy()}))
         if r.predictions:
             p = r.predictions
             correct[m] = (np.asarray(p["prediction"]) == np.asarray(p["label"])).astype(float)

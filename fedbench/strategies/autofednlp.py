@@ -399,6 +399,8 @@ class AutoFedNLP(FedAvg):
         """The loop's extra columns of the round just finished."""
         rec = {"group": -1, "group_depth": 0, "group_width": 0, "period": 0, "sim_s": float("nan"), "decision": "",
                "val_accuracy": float("nan")}
+        if self.options.decision_z > 0:     # every round has the decision columns (NaN between decisions)
+            rec.update(decision_gap=float("nan"), decision_se=float("nan"))
         rec.update(self._last)
         # the deployable model's configuration (what `evaluate` scored): group 0's, the winner after a decision
         rec["depth"], rec["width"] = int(self.configs[0][0]), int(self.configs[0][1])
