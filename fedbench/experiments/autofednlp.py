@@ -492,6 +492,7 @@ def compute_claims(res: AutoFedNlpResult) -> pd.DataFrame:
                                                 "configuration's (non-inferiority margin 0.02)",
                                                 "reaches a comparable accuracy", threshold=-0.02,
                                                 comparison="acc(AutoFedNLP) - acc(best fixed)"))
+        out[-1] = C.gate(out[-1], gate)
     nc = res.trace[res.trace["method"] == "autofednlp_nocache"]
     if len(nc):
         seed = int(nc["seed"].iloc[0])
