@@ -129,11 +129,16 @@ def test_every_round_trains_one_group_with_the_whole_cohort_and_only_its_tensors
     assert n_groups == 3
 
 
+def _ev(acc, n=10):
+    """A validation result of accuracy `acc` on n rows (the first acc * n right)."""
+    return {"accuracy": acc, "correct": (np.arange(n) < round(acc * n)).astype(float)}
+
+
 def test_the_decision_picks_the_best_validation_group_and_every_group_restarts_from_it(data, monkeypatch):
     run = FederatedRun(tiny(), data)
     st = run.strategy
-    monkeypatch.setattr(st, "validation_accuracy", lambda config, state: {(1, 4): 0.5, (2, 4): 0.7, (1, 8): 0.6}[
-        tuple(config)])
+    monkeypatch.setattr(st, "validation_eval", lambda config, state: _ev({(1, 4): 0.5, (2, 4): 0.7, (1, 8): 0.6}[
+        tuple(config)]))
     n = len(st.plan)
     for r in range(1, n + 1):
         rec = run.run_round(r)
@@ -143,7 +148,7 @@ def test_the_decision_picks_the_best_validation_group_and_every_group_restarts_f
     # the new current group holds the winner's trained weights; the others the same function, grown
     assert st.history[-1]["winner"] == [2, 4]
     # ties: current first, then wider, then deeper (the official order)
-    monkeypatch.setattr(st, "validation_accuracy", lambda config, state: 0.5)
+    monkeypatch.setattr(st, "validation_eval", lambda config, state: _ev(0.5))
     for r in range(n + 1, n + 1 + len(st.plan)):
         rec = run.run_round(r)
     assert rec["decision"] == "2x4"
@@ -262,16 +267,22 @@ def test_bad_settings_raise_config_error():
         A.settings_for("smoke", target_fraction=1.5)
     with pytest.raises(ConfigError, match="peft.method"):
         A.settings_for("smoke", **{"peft.method": "lora"})
+    with pytest.raises(ConfigError, match="grid_seeds"):
+        A.settings_for("smoke", grid_seeds=[7])
+    with pytest.raises(ConfigError, match="decision_z"):
+        A.settings_for("smoke", decision_z=-1)
+    with pytest.raises(ConfigError, match="calibration_horizon_s"):
+        A.settings_for("smoke", calibration_horizon_s=0)
+    assert A.settings_for("smoke", decision_z=2)[0].options()["decision_z"] == 2.0
 
 
-def test_the_target_comes_from_the_fixed_configurations_only():
-    s, _ = A.settings_for("smoke")
+def test_time_to_target_uses_the_calibrations_target_for_every_method():
     rows = []
     for m, accs in {"autofednlp": [0.1, 0.9], "fixed_d1_w8": [0.2, 0.4], "fixed_d2_w16": [0.3, 0.5]}.items():
         for r, acc in enumerate(accs, 1):
             rows.append({"method": m, "seed": 0, "round": r, "depth": 1, "width": 8, "accuracy": acc,
                          "sim_s": 10.0 * r, "cum_wall_s": 1.0 * r, "cumulative_bytes": 5 * r, "wall_s": 1.0})
-    sm = A.summarize(pd.DataFrame(rows), s)
+    sm = A.summarize(pd.DataFrame(rows), 0.95 * 0.5)
     assert sm["target_accuracy"].unique().tolist() == [pytest.approx(0.95 * 0.5)]
     by = sm.set_index("method")
     assert by.loc["autofednlp", "time_to_target_sim_s"] == 20.0
@@ -293,8 +304,17 @@ def test_smoke_experiment_end_to_end_reproduces_from_the_store(tmp_path, monkeyp
     assert t["accuracy"].notna().all()                         # every round evaluated
     from fedbench.claims import check_table
     assert check_table(a.claims) is a.claims            # roles, labels, no decision from < 3 seeds
-    assert {"accuracy_vs_sim_time", "config_path", "speedup"} <= set(a.figures)
+    assert {"accuracy_vs_sim_time", "config_path", "speedup", "calibration"} <= set(a.figures)
     assert (a.out / "summary.csv").exists() and (a.out / "trace.csv").exists()
+    # the calibration: on the validation rows only, and it alone fixes the target and the best fixed configuration
+    from fedbench.experiments import autofednlp_calibration as K
+    cal = a.calibration
+    assert set(cal["calibration"]["method"]) == {"fixed_d1_w8", "fixed_d2_w16"}
+    target, best, _ = K.choose(cal["calibration"], cal["plateaus"], 0.95)
+    assert (cal["target"], cal["best"]) == (target, best)
+    assert a.summary["target_accuracy"].unique().tolist() == [target]
+    for f in ("calibration.csv", "plateaus.csv", "crossover.csv", "calibration.png"):
+        assert (a.out / f).exists()
     # the adapters' lr: chosen on validation from the grid and used by every adapter run (configurator included)
     sel = a.lr_selection[a.lr_selection["applies_to"] == "every adapter run"]
     assert sel["lr"].tolist() == [5e-3, 1e-2] and sel["chosen"].sum() == 1
@@ -321,8 +341,104 @@ def test_a_speed_up_is_not_called_when_the_censored_side_could_reverse_it():
 
     for ours_reached, verdict in ((True, "agrees"), (False, "inconclusive")):
         res = A.AutoFedNlpResult(settings=s, base=None, summary=rows(ours_reached), trace=pd.DataFrame({"method": []}),
-                                 lr_selection=None, decisions=None, claims=None)
+                                 lr_selection=None, decisions=None, claims=None,
+                                 calibration={"best": "fixed_d1_w8", "gate": ""})
         c = A.compute_claims(res)
         full = c[c["claim"].str.contains("full FT")].iloc[0]
         assert full["estimate"] > 50 and full["verdict"] == verdict      # full FT censored: a lower bound
-        assert full["role"] == "primary" and c["role"].tolist().count("primary") == 1
+        assert c["role"].tolist()[:2] == ["primary", "primary"] and c["role"].tolist().count("primary") == 2
+        assert full["p_holm"] >= full["p_value"] or verdict == "inconclusive"     # Holm over the two primaries
+
+
+def test_without_a_crossover_the_fixed_configuration_comparison_reads_not_testable():
+    import dataclasses
+
+    from fedbench.experiments import autofednlp_calibration as K
+    s, _ = A.settings_for("smoke")
+    s = dataclasses.replace(s, seeds=(0, 1, 2, 3, 4))
+    sm = pd.DataFrame([{"method": m, "seed": x, "reached": True, "time_to_target_sim_s": t + x, "total_sim_s": t + x,
+                        "final_accuracy": 0.5} for x in s.seeds
+                       for m, t in (("autofednlp", 10.0), ("full_ft", 1000.0), ("fixed_d1_w8", 50.0))])
+    cross = pd.DataFrame([{"shallower": "fixed_d1_w8", "deeper": "fixed_d2_w16", "gap": -0.01, "crosses": False}])
+    gate = K.verdict_text(cross)
+    assert gate.startswith("not testable at this scale")
+    res = A.AutoFedNlpResult(settings=s, base=None, summary=sm, trace=pd.DataFrame({"method": []}), lr_selection=None,
+                             decisions=None, claims=None, calibration={"best": "fixed_d1_w8", "gate": gate})
+    c = A.compute_claims(res).set_index("claim")
+    fixed = c.loc[next(k for k in c.index if "best fixed configuration on validation" in k)]
+    assert fixed["role"] == "primary" and fixed["verdict"] == gate and np.isnan(fixed["p_holm"])
+    full = c.loc[next(k for k in c.index if "full FT" in k)]
+    assert full["verdict"] == "agrees" and full["role"] == "primary"     # the speed-up over full FT stays decided
+
+
+def _curve(method, d, w, t_round, accs):
+    return pd.DataFrame({"method": method, "depth": d, "width": w, "round": np.arange(1, len(accs) + 1),
+                         "sim_s": t_round * np.arange(1, len(accs) + 1), "val_accuracy": accs})
+
+
+def test_calibration_finds_when_a_deeper_configuration_overtakes_and_fixes_target_and_best_on_it():
+    from fedbench.experiments import autofednlp_calibration as K
+    shallow = _curve("fixed_d1_w8", 1, 8, 1.0, [0.3, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])   # ends t=10
+    deep = _curve("fixed_d2_w16", 2, 16, 2.0, [0.1, 0.2, 0.3, 0.45, 0.55, 0.6, 0.7, 0.7, 0.7, 0.7])  # ends t=20
+    curves = pd.concat([shallow, deep], ignore_index=True)
+    plat = K.plateaus(curves, k=2, tol=0.01).set_index("method")
+    assert plat.loc["fixed_d1_w8", "plateau"] == pytest.approx(0.5) and plat.loc["fixed_d1_w8", "plateaued"]
+    assert plat.loc["fixed_d2_w16", "plateau"] == pytest.approx(0.7) and plat.loc["fixed_d2_w16", "plateaued"]
+    # trailing means (k=2) of the deeper curve: ... 0.375 (t=8), 0.5 (t=10), 0.575 (t=12): above 0.5 from t=12 on
+    assert K.crossover_time(shallow, deep, 2) == 12.0
+    assert np.isnan(K.crossover_time(deep, shallow, 2))                  # the shallower one never stays above
+    n = 200
+    correct = {"fixed_d1_w8": (np.arange(n) < 100).astype(float), "fixed_d2_w16": (np.arange(n) < 140).astype(float)}
+    cross = K.crossovers(curves, plat.reset_index(), correct, k=2, margin=0.01)
+    row = cross.iloc[0]
+    assert (row["shallower"], row["deeper"]) == ("fixed_d1_w8", "fixed_d2_w16") and row["crosses"]
+    assert row["gap"] == pytest.approx(0.2) and row["gap_se"] == pytest.approx(CF.paired_se(
+        correct["fixed_d2_w16"], correct["fixed_d1_w8"]))
+    assert K.verdict_text(cross) == ""
+    assert not K.crossovers(curves, plat.reset_index(), correct, k=2, margin=0.25)["crosses"].any()
+    target, best, p = K.choose(curves, plat.reset_index(), 0.95)
+    assert target == pytest.approx(0.95 * 0.7) and best == "fixed_d2_w16"      # only the deeper one reaches 0.665
+    assert p.set_index("method").loc["fixed_d2_w16", "time_to_target_sim_s"] == 14.0
+    target, best, _ = K.choose(curves, plat.reset_index(), 0.7)               # 0.49: the shallower one first (t=3)
+    assert best == "fixed_d1_w8"
+
+
+def test_paired_se_is_the_sd_of_row_differences_over_root_n():
+    a = np.array([1, 1, 0, 1, 0, 1, 1, 0.])
+    b = np.array([1, 0, 0, 1, 1, 1, 0, 0.])
+    d = a - b
+    assert CF.paired_se(a, b) == pytest.approx(np.sqrt(np.sum((d - d.mean()) ** 2) / 7 / 8))
+    assert CF.paired_se(a, a) == 0.0                    # identical predictions: no noise in the difference
+
+
+def test_choose_group_stays_unless_a_challenger_is_ahead_by_the_interval():
+    n = 400
+    cur = (np.arange(n) < 200).astype(float)            # 0.50
+    close = cur.copy(); close[200:208] = 1              # 0.52, +8 rows: paired se ~0.007, gain ~2.8 se
+    far = cur.copy(); far[200:240] = 1                  # 0.60
+    accs = [cur.mean(), close.mean(), far.mean()]
+    assert CF.choose_group(accs, [cur, close, far], 0.0)[0] == 2                 # official: the best
+    assert CF.choose_group([0.5, 0.52], [cur, close], 0.0)[0] == 1
+    best, se = CF.choose_group([0.5, 0.52], [cur, close], 3.0)
+    assert best == 0 and se[1] == pytest.approx(CF.paired_se(close, cur))       # 2.8 se < 3: stay
+    assert CF.choose_group([0.5, 0.52], [cur, close], 2.0)[0] == 1              # > 2 se: move
+    assert CF.choose_group(accs, [cur, close, far], 3.0)[0] == 2
+    # ties under z = 0 keep the official order: current, then wider (group 2), then deeper (group 1)
+    assert CF.choose_group([0.5, 0.6, 0.6], [cur, cur, cur], 0.0)[0] == 2
+    assert CF.choose_group([0.6, 0.6, 0.6], [cur, cur, cur], 0.0)[0] == 0
+
+
+def test_an_interval_decision_on_the_loop_keeps_the_current_configuration_and_records_its_evidence(data, monkeypatch):
+    run = FederatedRun(tiny(**{"fl.options": {**OPTS, "decision_z": 2.0}}), data)
+    st = run.strategy
+    base = (np.arange(10) < 5).astype(float)
+    ahead = base.copy(); ahead[5] = 1                   # +0.1 on 10 rows: se 0.1, below 2 se
+    monkeypatch.setattr(st, "validation_eval", lambda config, state: {
+        "accuracy": float((ahead if tuple(config) == (2, 4) else base).mean()),
+        "correct": ahead if tuple(config) == (2, 4) else base})
+    for r in range(1, len(st.plan) + 1):
+        rec = run.run_round(r)
+    assert rec["decision"] == "1x4" and rec["decision_gap"] == pytest.approx(0.1)
+    assert rec["decision_se"] == pytest.approx(CF.paired_se(ahead, base))
+    with pytest.raises(ConfigError, match="decision_z"):
+        tiny(**{"fl.options": {**OPTS, "decision_z": -1.0}})

@@ -134,16 +134,40 @@ class ConfiguratorOptions(Options):
     # simulated seconds the run trains for: it ends after the first round whose clock reaches this (the fixed
     # configurations' horizon, so every method gets the same simulated time); None = fl.rounds loop rounds
     horizon_s: float | None = None
+    # a decision on an interval: a challenger (deeper or wider) replaces the current configuration only when its
+    # validation accuracy exceeds the current one's by more than decision_z standard errors of the paired
+    # difference on the validation rows (per-example correctness of both models on the same rows); 0 = the
+    # official rule, the plain best accuracy (a gap of 0.01 on 500 rows has a standard error near 0.02: noise)
+    decision_z: float = 0.0
 
     def validate(self, prefix: str = "fl.options") -> None:
         for key in ("depth_step", "width_step", "max_width", "expand", "validation_samples"):
             check_int(f"{prefix}.{key}", getattr(self, key), 1)
+        check_number(f"{prefix}.decision_z", self.decision_z, 0, float("inf"), high_open=True)
         check_number(f"{prefix}.time_threshold", self.time_threshold, 0, float("inf"), low_open=True,
                      high_open=True)
         check_choice(f"{prefix}.device", self.device, sorted(DEVICES))
         check_bool(f"{prefix}.cache", self.cache)
         if self.horizon_s is not None:
             check_number(f"{prefix}.horizon_s", self.horizon_s, 0, float("inf"), low_open=True, high_open=True)
+
+
+def paired_se(correct_a, correct_b) -> float:
+    """Standard error of mean(correct_a) - mean(correct_b) on the same rows: sd of the per-row differences / sqrt(n)
+    (the rows both models got right or wrong cancel, so this is the McNemar-style paired error)."""
+    d = np.asarray(correct_a, float) - np.asarray(correct_b, float)
+    return float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+
+
+def choose_group(accs, correct, z: float = 0.0) -> tuple[int, list[float]]:
+    """(the winning group, each group's paired standard error against group 0). Group 0 is the current
+    configuration, 1 the deeper, 2 the wider (those that exist). z = 0: the official rule, the best accuracy
+    (ties: current, then wider, then deeper, the official if-chain). z > 0: only challengers whose gain over the
+    current configuration exceeds z paired standard errors compete; none does: stay."""
+    se = [0.0] + [paired_se(c, correct[0]) for c in correct[1:]]
+    pref = {0: 0, 2: 1, 1: 2}
+    ok = [g for g in range(len(accs)) if g == 0 or z == 0 or accs[g] - accs[0] > z * se[g]]
+    return max(ok, key=lambda g: (accs[g], -pref.get(g, g))), se
 
 
 def _check(cfg) -> None:
@@ -297,16 +321,20 @@ class AutoFedNLP(FedAvg):
         return h is not None and float(self._last.get("sim_s", 0.0)) >= float(h) - 1e-9
 
     def decide(self, gm: GlobalModel, round_idx: int) -> GlobalModel:
-        accs = [self.validation_accuracy(c, self.unprefix(gm.state, g)) for g, c in enumerate(self.configs)]
-        # ties: current, then wider, then deeper (the official if-chain)
-        pref = {0: 0, 2: 1, 1: 2}
-        best = max(range(len(accs)), key=lambda g: (accs[g], -pref.get(g, g)))
+        evals = [self.validation_eval(c, self.unprefix(gm.state, g)) for g, c in enumerate(self.configs)]
+        accs = [e["accuracy"] for e in evals]
+        best, se = choose_group(accs, [e["correct"] for e in evals], self.options.decision_z)
         winner, state = self.configs[best], self.unprefix(gm.state, best)
         end = self.period_start + max(self.plan.count(g) * self.round_time(c) for g, c in enumerate(self.configs))
         self.history.append({"period": self.period, "round": int(round_idx), "winner": list(winner),
-                             "val_accuracy": accs, "configs": [list(c) for c in self.configs], "end_s": end})
+                             "val_accuracy": accs, "configs": [list(c) for c in self.configs], "end_s": end,
+                             "gap_se": se})
         self._last.update(sim_s=end, decision=f"{winner[0]}x{winner[1]}",
                           val_accuracy=float(accs[best]))
+        if self.options.decision_z > 0:     # the decision's evidence (columns only where the interval rule is on)
+            gaps = [a - accs[0] for a in accs[1:]]
+            self._last.update(decision_gap=float(max(gaps)) if gaps else float("nan"),
+                              decision_se=float(se[int(np.argmax(gaps)) + 1]) if gaps else float("nan"))
         self.period += 1
         self.start_period(winner, state, end)
         if self.optimizer is not None:        # the layouts changed: restart the server optimizer's moments
@@ -336,6 +364,10 @@ class AutoFedNLP(FedAvg):
         return self.val
 
     def validation_accuracy(self, config, state) -> float:
+        return self.validation_eval(config, state)["accuracy"]
+
+    def validation_eval(self, config, state) -> dict:
+        """{"accuracy", "correct" (per validation row, 0/1)} of `config` at `state`."""
         from fedbench.fl.client import evaluate
         from fedbench.models import load_trainable_state
         split, idx, cache, pad_id = self.validation_data()
@@ -343,8 +375,10 @@ class AutoFedNLP(FedAvg):
         load_trainable_state(model, state)
         if model.frozen_prefix > 0:
             cache.fill(model, idx, model.frozen_prefix)
-        return float(evaluate(model, split, idx, cache=cache if model.frozen_prefix > 0 else None,
-                              pad_id=pad_id)["accuracy"])
+        ev = evaluate(model, split, idx, cache=cache if model.frozen_prefix > 0 else None, pad_id=pad_id,
+                      return_predictions=True)
+        p = ev["predictions"]
+        return {"accuracy": float(ev["accuracy"]), "correct": (p["prediction"] == p["label"]).astype(float)}
 
     def evaluate(self, run, global_model, predictions: bool = False) -> dict:
         """Test accuracy of the deployable model: group 0 (the current configuration; the winner after a
@@ -365,6 +399,8 @@ class AutoFedNLP(FedAvg):
         """The loop's extra columns of the round just finished."""
         rec = {"group": -1, "group_depth": 0, "group_width": 0, "period": 0, "sim_s": float("nan"), "decision": "",
                "val_accuracy": float("nan")}
+        if self.options.decision_z > 0:     # every round has the decision columns (NaN between decisions)
+            rec.update(decision_gap=float("nan"), decision_se=float("nan"))
         rec.update(self._last)
         # the deployable model's configuration (what `evaluate` scored): group 0's, the winner after a decision
         rec["depth"], rec["width"] = int(self.configs[0][0]), int(self.configs[0][1])
