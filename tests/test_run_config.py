@@ -152,7 +152,8 @@ def test_changing_the_strategy_starts_it_from_its_default_options():
     back = plain.replace(**{"fl.strategy": "lorm"})
     assert back.fl.options["ridge"] == 1e-4
     assert lorm.replace(**{"fl.strategy": "regmean", "fl.lora_aggregation": "svd",
-                           "fl.options.ridge": 0.5}).fl.options == {"ridge": 0.5}
+                           "fl.options.ridge": 0.5}).fl.options == {"ridge": 0.5, "cross_task": "gram",
+                                                                    "score_running_mean": False}
     assert lorm.replace(**{"fl.rounds": 2}).fl.options["ridge"] == 0.5      # other changes keep them
 
 
