@@ -25,7 +25,8 @@ def cfg(**fl) -> ExperimentConfig:
 def test_options_are_normalised_so_a_default_written_out_keys_the_same_run():
     implicit = cfg(strategy="lorm", lora_aggregation="factors")
     explicit = cfg(strategy="lorm", lora_aggregation="factors", options={"ridge": 1e-4, "merge_check": False})
-    assert implicit.fl.options == {"ridge": 1e-4, "merge_check": False}
+    assert implicit.fl.options == {"ridge": 1e-4, "cross_task": "gram", "score_running_mean": False,
+                                   "merge_check": False, "solve": "closed_form"}
     assert implicit.hash() == explicit.hash()
     changed = cfg(strategy="lorm", options={"ridge": 1e-3})
     assert changed.hash() != implicit.hash()
