@@ -168,6 +168,30 @@ def test_bad_ridge_weights_and_grams_are_config_errors():
 
 
 
+@pytest.mark.parametrize("ridge", [0.0, 1e-2])
+def test_cross_task_merge_is_the_direct_float64_computation(ridge):
+    """(sum_t D_t G_t) pinv(sum_t G_t), the official end_task_server's merge, against numpy in float64 (a ridge:
+    (sum_t D_t G_t + lam' mean_t D_t)(sum_t G_t + lam' I)^-1, lam' relative to the mean eigenvalue); the running
+    sums give the same; a huge ridge gives the running mean."""
+    rng = np.random.default_rng(3)
+    D = [rng.standard_normal((5, 7)) for _ in range(3)]
+    X = [rng.standard_normal((n, 7)) for n in (4, 9, 6)]        # the first task's Gram is rank-deficient
+    G = [x.T @ x for x in X]
+    g = sum(G)
+    if ridge == 0:
+        want = sum(d @ gi for d, gi in zip(D, G)) @ np.linalg.pinv(g)
+    else:
+        lam = ridge * np.trace(g) / 7
+        want = (sum(d @ gi for d, gi in zip(D, G)) + lam * sum(D) / 3) @ np.linalg.inv(g + lam * np.eye(7))
+    got = L.cross_task_merge([_t(d) for d in D], [_t(x) for x in G], ridge=ridge)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)
+    sums = L.merge_from_sums(_t(sum(d @ gi for d, gi in zip(D, G))), _t(g), _t(sum(D) / 3), ridge)
+    np.testing.assert_allclose(sums.numpy(), want, rtol=1e-9, atol=1e-9)
+    far = L.cross_task_merge([_t(d) for d in D], [_t(x) for x in G], ridge=1e12)
+    np.testing.assert_allclose(far.numpy(), sum(D) / 3, rtol=1e-6, atol=1e-8)
+
+
 # -- the strategies on the shared loop ------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, field", [
@@ -175,7 +199,9 @@ def test_bad_ridge_weights_and_grams_are_config_errors():
     ({"num_tasks": 21}, "num_tasks"), ({"methods": ["lorm", "flora"]}, "methods"), ({"ridge": -1.0}, "ridge"),
     ({"seeds": [0, 0]}, "seeds"), ({"rounds_per_task": 0}, "rounds_per_task"), ({"lr_grid": []}, "lr_grid"),
     ({"val_fraction": 1.0}, "val_fraction"), ({"fl.dropout": 2.0}, "fl.dropout"), ({"peft.depth": 9}, "peft.depth"),
-    ({"colour": 1}, "colour")])
+    ({"colour": 1}, "colour"), ({"lr_extend": -1}, "lr_extend"), ({"exploratory_seeds": 1.5}, "exploratory_seeds"),
+    ({"methods": ["fedit", "lorm_avg"]}, "methods"), ({"methods": ["lorm_mean"]}, "methods"),
+    ({"lr_extend": 1}, "lr_extend")])
 def test_bad_settings_name_the_parameter(override, field):
     from fedbench.experiments import lorm
     with pytest.raises(ConfigError) as e:
@@ -431,7 +457,7 @@ def test_end_to_end_reproduces_exactly_and_resumes(tmp_path, monkeypatch):
     from fedbench.experiments import lorm
     from fedbench.experiments.common import output_dir
     monkeypatch.delenv("FEDBENCH_RESULTS", raising=False)
-    kw = dict(TINY, methods=["lorm", "fedit", "joint"])
+    kw = dict(TINY, methods=["lorm", "lorm_mean", "lorm_avg", "fedit", "fedit_lorm_lr", "joint"])
     names = ("summary.csv", "per_task.csv", "merge_error.csv", "claims.csv")
     tables = []
     for root in ("a", "b"):       # two cold runs in two empty result roots
@@ -450,7 +476,19 @@ def test_end_to_end_reproduces_exactly_and_resumes(tmp_path, monkeypatch):
     assert list(summary.columns)[:6] == ["method", "seed", "final_avg_accuracy", "avg_incremental_accuracy",
                                          "forgetting", "mb_up"]
     b = summary.groupby("method")["mb_up"].mean()
-    assert b["joint"] == 0 and b["lorm"] > b["fedit"]
+    assert b["joint"] == 0 and b["lorm"] > b["lorm_avg"] > b["fedit"] == b["fedit_lorm_lr"]
+    # the controls: the running mean read off LoRM's runs, the solve control and FedIT at LoRM's lr (FedIT's runs
+    # where the lr is the same), each lr from LoRM's choice; the solve control's grid scored on the first seed
+    runs = res.runs.set_index(["method", "seed"])
+    assert (runs.loc["lorm_mean", "run"] == runs.loc["lorm", "run"]).all()
+    assert (runs.loc["fedit_lorm_lr", "run"] == runs.loc["fedit", "run"]).all()     # one lr in smoke: same runs
+    assert set(res.summary.loc[res.summary.method != "joint", "lr"]) == {3e-3}
+    sel = res.lr_selection
+    assert list(sel.loc[sel.method == "lorm_avg", "lr_from"]) == ["lorm"]
+    assert set(res.merge_error["method"]) == {"lorm"}
+    assert set(res.claims["comparison"]) >= {"lorm - fedit", "lorm - lorm_mean", "lorm - lorm_avg",
+                                             "fedit - fedit_lorm_lr", "lorm - fedit_lorm_lr"}
+    assert res.claims["role"].tolist()[0] == "primary" and (res.claims["role"] == "primary").sum() == 1
     err = res.merge_error
     lo = err[err["split"] == "fit"].pivot_table(index=["seed", "task", "round", "layer"], columns="rule",
                                                 values="error")
@@ -472,7 +510,84 @@ def test_a_run_built_from_its_config_alone_equals_the_experiments(tiny):
     run = FederatedRun(cfg)
     for r in range(1, cfg.fl.rounds + 1):
         run.run_round(r)
-    alone = pd.DataFrame(run.strategy.acc_rows, columns=["split", "after_task", "task", "accuracy"])
+    alone = pd.DataFrame(run.strategy.acc_rows, columns=lorm.ACC_COLS)
     pd.testing.assert_frame_equal(alone, shared["accuracy"])
     assert (pd.DataFrame(run.final_predictions)["prediction"].to_numpy() ==
-            shared["predictions"]["prediction"].to_numpy()).all()
+            lorm.view(shared)["predictions"]["prediction"].to_numpy()).all()
+
+
+def test_the_served_model_is_the_cross_task_merge_of_the_tasks(tiny):
+    """LoRM's served model from the second task on: W0 + (D_0 G_0 + D_1 G_1) pinv(G_0 + G_1), G_t the sum of the
+    Gram matrices the clients sent in task t's last round, D_t the task's product; the first task alone is served
+    as it is (the official code merges from the second task on)."""
+    from fedbench.strategies.continual import input_groups, unpack_upper
+    run, _ = _run(tiny, "lorm", rounds=2)
+    st, mods = run.strategy, run.strategy.lora.modules
+
+    def last_round(r):
+        plan = run.select_clients(r)
+        ins = run.configure(plan)
+        updates = [run.client_update(c, r, ins[c]) for c in plan.reporting]
+        sent = {g: sum(unpack_upper(u.extras[f"gram/{g}"]).double() for u in updates)
+                for g in input_groups(mods)}
+        before = {m.base_key: st.task_delta(run.global_model, m) for m in mods}
+        run.finish_round(plan, updates, 0.0, instructions=ins)
+        return sent, before
+
+    G0, _ = last_round(3)
+    D0 = {m.base_key: st.old_sum[m.base_key].clone() for m in mods}
+    served = st.served_model(run.global_model)           # one task: its own product (the running mean of one)
+    for m in mods:
+        torch.testing.assert_close(served.base_delta[m.base_key].double(), D0[m.base_key], rtol=1e-6, atol=1e-7)
+    run.run_round(4)
+    run.run_round(5)
+    G1, _ = last_round(6)
+    served = st.served_model(run.global_model)
+    mean = st.served_model(run.global_model, "mean")
+    for m in mods:
+        g = st.gram_name(m)
+        D1 = st.task_delta(run.global_model, m)
+        want = L.cross_task_merge([D0[m.base_key], D1], [G0[g], G1[g]], ridge=st.options.ridge)
+        torch.testing.assert_close(served.base_delta[m.base_key].double(), want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(mean.base_delta[m.base_key].double(), (D0[m.base_key] + D1) / 2,
+                                   rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(served.base_delta[m.base_key], mean.base_delta[m.base_key])
+
+
+def test_the_running_mean_row_is_a_run_served_by_the_running_mean(tiny):
+    """lorm_mean is read off LoRM's runs (which score the running mean beside the cross-task merge): the same
+    numbers as a run configured with cross_task='mean' (training never sees the served model)."""
+    from fedbench.experiments import lorm
+    s, base, pool, data = tiny
+    s2 = lorm.LormSettings(**{**s.__dict__, "methods": ("lorm", "lorm_mean")})
+    both = lorm.run_one(s2, lorm.run_config(s2, base, "lorm", 0, 3e-3), "lorm", data, pool.caches)
+    assert set(both["accuracy"]["merge"]) == {"gram", "mean"} and both["summary"]["served"] == "gram"
+    cfg = lorm.run_config(s2, base, "lorm_mean", 0, 3e-3)
+    assert cfg.fl.options["cross_task"] == "mean" and cfg.fl.strategy == "lorm"
+    alone = lorm.run_one(s2, cfg, "lorm", data, pool.caches)
+    for name in ("accuracy", "predictions"):
+        pd.testing.assert_frame_equal(lorm.view(both, "mean")[name], lorm.view(alone)[name])
+    assert not lorm.view(both)["accuracy"].equals(lorm.view(both, "mean")["accuracy"])
+
+
+def test_the_solve_control_averages_the_trained_factor_and_sends_grams_at_a_tasks_end(tiny):
+    from fedbench.experiments import lorm
+    from fedbench.fl import FederatedRun
+    s, base, pool, data = tiny
+    cfg = lorm.run_config(s, base, "lorm_avg", 0, 3e-3)
+    assert cfg.fl.options["solve"] == "average" and not cfg.fl.options["merge_check"]
+    run = FederatedRun(cfg, data, pool.caches)
+    mods = run.strategy.lora.modules
+    for r in range(1, 4):
+        plan = run.select_clients(r)
+        ins = run.configure(plan)
+        updates = [run.client_update(c, r, ins[c]) for c in plan.reporting]
+        assert all(bool(u.extras) == (r == 3) for u in updates)       # Grams only for the cross-task merge
+        run.finish_round(plan, updates, 0.0, instructions=ins)
+        if r == 2:                       # an A round: A is the weighted average, B (shared) unchanged
+            w = np.array([u.num_samples for u in updates], dtype=float)
+            for m in mods:
+                want = sum(wi * u.state[m.a_key].double() for wi, u in zip(w / w.sum(), updates))
+                torch.testing.assert_close(run.global_model.state[m.a_key].double(), want, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ConfigError, match="merge_check"):
+        cfg.replace(**{"fl.options": {**cfg.fl.options, "merge_check": True}})

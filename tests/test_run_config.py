@@ -25,7 +25,8 @@ def cfg(**fl) -> ExperimentConfig:
 def test_options_are_normalised_so_a_default_written_out_keys_the_same_run():
     implicit = cfg(strategy="lorm", lora_aggregation="factors")
     explicit = cfg(strategy="lorm", lora_aggregation="factors", options={"ridge": 1e-4, "merge_check": False})
-    assert implicit.fl.options == {"ridge": 1e-4, "merge_check": False}
+    assert implicit.fl.options == {"ridge": 1e-4, "cross_task": "gram", "score_running_mean": False,
+                                   "merge_check": False, "solve": "closed_form"}
     assert implicit.hash() == explicit.hash()
     changed = cfg(strategy="lorm", options={"ridge": 1e-3})
     assert changed.hash() != implicit.hash()
@@ -152,7 +153,8 @@ def test_changing_the_strategy_starts_it_from_its_default_options():
     back = plain.replace(**{"fl.strategy": "lorm"})
     assert back.fl.options["ridge"] == 1e-4
     assert lorm.replace(**{"fl.strategy": "regmean", "fl.lora_aggregation": "svd",
-                           "fl.options.ridge": 0.5}).fl.options == {"ridge": 0.5}
+                           "fl.options.ridge": 0.5}).fl.options == {"ridge": 0.5, "cross_task": "gram",
+                                                                    "score_running_mean": False}
     assert lorm.replace(**{"fl.rounds": 2}).fl.options["ridge"] == 0.5      # other changes keep them
 
 

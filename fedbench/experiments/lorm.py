@@ -18,14 +18,22 @@ forgetting = mean_{j<T-1} (max_{j<=t<T-1} a[t, j] - a[T-1, j]); mb_up = MB every
 included, upper triangles, exact).
 
 Methods (:data:`METHODS`; every LoRA method the same placement and rank r, the same continual protocol):
-``lorm``; ``fedit`` (factor averaging); ``product_svd`` (exact product average re-factorised at rank r);
+``lorm`` (served by LoRM's cross-task merge); ``lorm_mean`` (the same LoRM runs served by the running mean of
+the task products instead: read off LoRM's runs, which score both); ``lorm_avg`` (LoRM's B/A schedule at
+LoRM's lr with the trained factor averaged: only the closed-form solve differs); ``fedit`` (factor averaging);
+``fedit_lorm_lr`` (FedIT at the lr LoRM chose); ``product_svd`` (exact product average re-factorised at rank r);
 ``regmean_svd`` (RegMean of the dense products re-factorised at rank r); the rank-growing variants
 ``product_stack`` and ``regmean_dense`` (folded into the base every round, labelled as such);
 ``full_top`` (full fine-tuning of the top layer + head, FedAvg, sequential over the tasks); ``joint``
 (centralised LoRA on every task's pooled data at once: the upper bound).
 
 Learning rate: per method, each value of ``lr_grid`` is run on the first seed and the one with the best final
-average accuracy on the validation split is used for every seed (ties: the smaller lr).
+average accuracy on the validation split is used for every seed (ties: the smaller lr); ``lr_extend`` > 0
+scores one grid step beyond a choice at an end of the values scored, up to that many times (``extension``
+rows of lr_selection.csv). The controls ``lorm_avg`` and ``fedit_lorm_lr`` take LoRM's lr.
+
+Seeds: the primary methods (:data:`PRIMARY`) run every seed of ``seeds``; the others the first
+``exploratory_seeds`` of them (0: every seed).
 """
 from __future__ import annotations
 
@@ -46,18 +54,31 @@ from fedbench.experiments.common import select_lr as common_select_lr
 from fedbench.fl.seeding import derive_seed
 
 EXPERIMENT = "lorm"
-METHODS = ("lorm", "fedit", "product_svd", "regmean_svd", "product_stack", "regmean_dense", "full_top", "joint")
-LABELS = {"lorm": "LoRM (closed-form factor, rank r)", "fedit": "FedIT (factor average, rank r)",
+METHODS = ("lorm", "lorm_mean", "lorm_avg", "fedit", "fedit_lorm_lr", "product_svd", "regmean_svd", "product_stack", "regmean_dense", "full_top", "joint")
+LABELS = {"lorm": "LoRM (closed-form factor, rank r)",
+          "lorm_mean": "LoRM served by the running mean of task products",
+          "lorm_avg": "LoRM's schedule, trained factor averaged", "fedit": "FedIT (factor average, rank r)",
+          "fedit_lorm_lr": "FedIT at LoRM's lr",
           "product_svd": "exact product average, SVD to rank r", "regmean_svd": "RegMean, SVD to rank r",
           "product_stack": "exact product average, stacked (rank grows)",
           "regmean_dense": "RegMean, dense (unbounded rank)", "full_top": "full FT of the top layer",
           "joint": "joint (centralised upper bound)"}
 # fl.strategy / fl.lora_aggregation of each federated method
-STRATEGY = {"lorm": ("lorm", "factors"), "fedit": ("continual", "factors"), "product_svd": ("continual", "svd"),
+STRATEGY = {"lorm": ("lorm", "factors"), "lorm_avg": ("lorm", "factors"), "fedit": ("continual", "factors"), "product_svd": ("continual", "svd"),
             "regmean_svd": ("regmean", "svd"), "product_stack": ("continual", "stack"),
             "regmean_dense": ("regmean", "stack"), "full_top": ("continual", "factors")}
 # methods that train something else than the profile's LoRA: full fine-tuning of the top layer + the head
 PEFT = {"full_top": {"peft.method": "full", "peft.depth": 1}}
+# the primary comparison's methods: every seed of the profile
+PRIMARY = ("lorm", "fedit")
+# controls run with the lr another method chose (no grid of their own)
+LR_FROM = {"lorm_avg": "lorm", "fedit_lorm_lr": "lorm", "lorm_mean": "lorm"}
+# rows read off another method's runs: (its runs, the cross-task rule whose rows they are)
+DERIVED = {"lorm_mean": ("lorm", "mean")}
+# controls whose grid is scored on the first seed as well (their reported runs still take LR_FROM's lr)
+GRID_SCORED = ("lorm_avg",)
+# runs that are another method's config (so a control at an lr that method scored reuses that run)
+CONFIG_OF = {"fedit_lorm_lr": "fedit"}
 
 
 @dataclass
@@ -71,9 +92,11 @@ class LormSettings(Settings):
     val_fraction: float = 0.2
     rounds_per_task: int = 3
     lr_grid: tuple[float, ...] = (1e-3, 3e-3)
+    lr_extend: int = 0
     ridge: float = 1e-4
     merge_check: bool = True
     seeds: tuple[int, ...] = (0, 1, 2)
+    exploratory_seeds: int = 0
     methods: tuple[str, ...] = METHODS
 
     def validate(self) -> None:
@@ -83,7 +106,7 @@ class LormSettings(Settings):
         if self.dataset not in text:
             raise ConfigError("dataset", self.dataset, f"an offline text task with >= 4 classes: {text}")
         for key, low in [("data_seed", 0), ("num_tasks", 2), ("max_train_per_class", 4), ("max_test_per_class", 1),
-                         ("rounds_per_task", 1)]:
+                         ("rounds_per_task", 1), ("lr_extend", 0), ("exploratory_seeds", 0)]:
             if not is_int(getattr(self, key)) or getattr(self, key) < low:
                 raise ConfigError(key, getattr(self, key), f"an integer >= {low}")
         if self.num_tasks > info[self.dataset].num_classes:
@@ -91,12 +114,18 @@ class LormSettings(Settings):
         if not is_number(self.val_fraction) or not 0 < self.val_fraction < 1:
             raise ConfigError("val_fraction", self.val_fraction, "a number in (0, 1)")
         check_list("lr_grid", self.lr_grid, lambda x: is_number(x) and x > 0, "a non-empty list of numbers > 0")
+        if self.lr_extend and len(set(self.lr_grid)) < 2:
+            raise ConfigError("lr_extend", self.lr_extend, "0 with a one-value lr_grid (no grid step to extend by)")
         if not is_number(self.ridge) or not 0 <= self.ridge < float("inf"):
             raise ConfigError("ridge", self.ridge, "a number >= 0 (relative to the mean eigenvalue)")
         if not isinstance(self.merge_check, bool):
             raise ConfigError("merge_check", self.merge_check, "true or false")
         self.seeds = check_seeds("seeds", self.seeds)
         self.methods = check_subset("methods", self.methods, METHODS)
+        needs = sorted({LR_FROM[m] for m in self.methods if m in LR_FROM} - set(self.methods))
+        if needs:
+            raise ConfigError("methods", list(self.methods), f"{needs} with {sorted(set(LR_FROM) & set(self.methods))}"
+                              " (they take its lr or its runs)")
         self.lr_grid = tuple(sorted(float(x) for x in self.lr_grid))
 
 
@@ -130,13 +159,25 @@ def shared_caches(s: LormSettings, base: ExperimentConfig) -> tuple:
 
 
 def run_config(s: LormSettings, base: ExperimentConfig, method: str, seed: int, lr: float) -> ExperimentConfig:
-    """The core config of one federated (or joint) run."""
+    """The core config of one federated (or joint) run (``lorm_mean``: LoRM's run served by the running mean,
+    the run whose rows it is; a control that is another method's config: that method's)."""
     from fedbench.options import option_fields
     from fedbench.registry import STRATEGIES
+    if method in DERIVED:
+        src, rule = DERIVED[method]
+        return run_config(s, base, src, seed, lr).replace(**{
+            "fl.options": {**run_config(s, base, src, seed, lr).fl.options, "cross_task": rule,
+                           "score_running_mean": False, "merge_check": False}})
+    method = CONFIG_OF.get(method, method)
     strategy, semantics = STRATEGY.get(method, ("continual", "factors"))
-    # the closed-form solves' ridge and LoRM's merge diagnostic, for the strategies that take them
-    options = {k: v for k, v in (("ridge", float(s.ridge)), ("merge_check", bool(s.merge_check)))
-               if k in option_fields(STRATEGIES, strategy)}
+    # the closed-form solves' ridge, LoRM's merge diagnostic (LoRM's own solve only), the control's averaged
+    # factor, and the running mean scored beside the cross-task merge when lorm_mean is asked for
+    wanted = {"ridge": float(s.ridge), "merge_check": bool(s.merge_check) and method == "lorm"}
+    if method == "lorm_avg":
+        wanted["solve"] = "average"
+    if method == "lorm" and "lorm_mean" in s.methods:
+        wanted["score_running_mean"] = True
+    options = {k: v for k, v in wanted.items() if k in option_fields(STRATEGIES, strategy)}
     changes = {"seed": int(seed), "name": f"lorm-{method}", "data.task": s.dataset, "train.lr": float(lr),
                "fl.rounds": s.num_tasks * s.rounds_per_task, "fl.eval_every": s.rounds_per_task,
                "fl.strategy": strategy, "fl.lora_aggregation": semantics, "fl.options": options,
@@ -159,13 +200,31 @@ def run_one(s: LormSettings, cfg: ExperimentConfig, method: str, data, caches) -
     for r in range(1, cfg.fl.rounds + 1):
         run.run_round(r)
     rounds = pd.DataFrame(run.records)
-    pred = run.final_predictions
-    return {"accuracy": pd.DataFrame(run.strategy.acc_rows, columns=["split", "after_task", "task", "accuracy"]),
-            "merge_error": pd.DataFrame(run.strategy.merge_rows, columns=MERGE_COLS),
+    st = run.strategy
+    served = st.cross_task
+    pred = pd.DataFrame(run.final_predictions).assign(merge=served)
+    if st.mean_predictions is not None:      # the running mean scored beside the served cross-task merge
+        pred = pd.concat([pred, pd.DataFrame(st.mean_predictions).assign(merge="mean")], ignore_index=True)
+    return {"accuracy": pd.DataFrame(st.acc_rows, columns=ACC_COLS),
+            "merge_error": pd.DataFrame(st.merge_rows, columns=MERGE_COLS),
             "rounds": rounds,
-            "predictions": pd.DataFrame(pred),
+            "predictions": pred,
             "summary": {"bytes_up": int(rounds["bytes_up"].sum()), "bytes_down": int(rounds["bytes_down"].sum()),
-                        "wall_s": time.perf_counter() - t0}}
+                        "served": served, "wall_s": time.perf_counter() - t0}}
+
+
+ACC_COLS = ["split", "after_task", "task", "accuracy", "merge"]
+
+
+def view(res: dict, merge: str | None = None) -> dict:
+    """A run's accuracy and prediction tables of one cross-task rule (default: the served one), without the
+    merge column."""
+    merge = merge or res["summary"]["served"]
+    out = dict(res)
+    for name in ("accuracy", "predictions"):
+        t = res[name]
+        out[name] = t[t["merge"] == merge].drop(columns="merge").reset_index(drop=True)
+    return out
 
 
 MERGE_COLS = ["task", "round", "layer", "factor", "rule", "split", "error", "rel_error"]
@@ -206,11 +265,11 @@ def run_joint(s, cfg, data, caches, t0) -> dict:
     final = {"predictions": {"test_index": test_rows.astype(np.int64),
                              "label": data.test.labels[torch.as_tensor(test_rows)].numpy().astype(np.int64),
                              "prediction": last.numpy().astype(np.int64)}}
-    return {"accuracy": pd.DataFrame(rows, columns=["split", "after_task", "task", "accuracy"]),
+    return {"accuracy": pd.DataFrame(rows, columns=ACC_COLS[:-1]).assign(merge="joint"),
             "merge_error": pd.DataFrame(columns=MERGE_COLS),
             "rounds": pd.DataFrame([{"round": 0, "train_loss": u.train_loss, "local_steps": u.num_steps}]),
-            "predictions": pd.DataFrame(final["predictions"]),
-            "summary": {"bytes_up": 0, "bytes_down": 0, "wall_s": time.perf_counter() - t0}}
+            "predictions": pd.DataFrame(final["predictions"]).assign(merge="joint"),
+            "summary": {"bytes_up": 0, "bytes_down": 0, "served": "joint", "wall_s": time.perf_counter() - t0}}
 
 
 @torch.no_grad()
@@ -277,7 +336,7 @@ class LormResult:
     lr_selection: pd.DataFrame
     claims: pd.DataFrame
     runs: pd.DataFrame
-    correct: dict = field(default_factory=dict)      # method -> (n_seeds, n_test) 0/1
+    correct: dict = field(default_factory=dict)      # method -> {seed: (n_test,) 0/1}
     out: Path = None
     figures: dict = field(default_factory=dict)
 
@@ -288,7 +347,7 @@ def export(profile: str = "quick", path=None, method: str = "lorm", seed: int = 
     the lr the profile chose on validation. ``joint`` (centralised) is not a federated run."""
     s, base = settings_for(profile, path, **overrides)
     check_method(method, tuple(m for m in METHODS if m != "joint"))
-    lr = lr if lr is not None else chosen_lr(EXPERIMENT, profile, path, method=method)
+    lr = lr if lr is not None else chosen_lr(EXPERIMENT, profile, path, method=LR_FROM.get(method, method))
     if lr is None:
         raise no_lr(profile, method)
     return run_config(s, base, method, int(seed), float(lr))
@@ -311,20 +370,43 @@ class _Runner:
             res = run_one(self.s, cfg, method, self.data[seed], caches)
             STORE.save(key, res)
             if self.progress:
-                m = cl_metrics(accuracy_matrix(res["accuracy"], self.s.num_tasks))
+                acc = view(res)["accuracy"]
+                m = cl_metrics(accuracy_matrix(acc, self.s.num_tasks))
                 print(f"[lorm] {method:<14} seed {seed} lr {lr:g}: {res['summary']['wall_s']:.0f} s, final avg acc "
-                      f"{m['final_avg_accuracy']:.3f}, val {val_accuracy(res['accuracy']):.3f}", flush=True)
+                      f"{m['final_avg_accuracy']:.3f}, val {val_accuracy(acc):.3f}", flush=True)
             res = STORE.load(key)          # what a later load gives (bit-identical tables either way)
         return res, config_hash(key)
 
 
-def select_lr(method: str, grid, get) -> tuple[float, list[dict]]:
+def select_lr(method: str, grid, get, extend: int = 0) -> tuple[float, list[dict]]:
     """The lr of `grid` whose run (``get(lr) -> (tables, run hash)``, the first seed's) has the best final average
-    accuracy on the validation split (ties: the smaller lr), and one lr_selection row per value."""
+    accuracy on the validation split (ties: the smaller lr; `extend`: brackets an edge choice), and one
+    lr_selection row per value."""
     def score(lr):
         res, h = get(lr)
-        return val_accuracy(res["accuracy"]), {"run": h}
-    return common_select_lr(method, grid, score, metric="val_final_avg_accuracy")
+        acc = view(res)["accuracy"] if "merge" in res["accuracy"] else res["accuracy"]
+        return val_accuracy(acc), {"run": h}
+    return common_select_lr(method, grid, score, metric="val_final_avg_accuracy", extend=extend)
+
+
+def control_grid(s: LormSettings, method: str, used: float, runner) -> list[dict]:
+    """A control that takes another method's lr, scored on the first seed's validation at every grid value too
+    (what it would have chosen: does it degrade where that method does?); ``chosen`` marks the lr its reported
+    runs use, ``lr_from`` whose choice that is."""
+    rows = []
+    for lr in sorted(set(s.lr_grid) | {used}):
+        res, h = runner.get(method, s.seeds[0], lr)
+        rows.append({"method": method, "lr": lr, "val_final_avg_accuracy": val_accuracy(view(res)["accuracy"]),
+                     "run": h, "chosen": lr == used, "chosen_at_grid_edge": False, "extension": 0,
+                     "lr_from": LR_FROM[method]})
+    return rows
+
+
+def method_seeds(s: LormSettings, method: str) -> tuple:
+    """Every seed for the primary comparison's methods; the first ``exploratory_seeds`` for the others."""
+    if method in PRIMARY or not s.exploratory_seeds:
+        return s.seeds
+    return s.seeds[:s.exploratory_seeds]
 
 
 def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -> LormResult:
@@ -332,12 +414,26 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
     s, base = settings_for(profile, path, **overrides)
     out = output_dir(EXPERIMENT, profile, path, overrides)
     runner = _Runner(s, base, progress)
-    per_run, lr_rows = {}, []
+    per_run, lr_rows, chosen, raw = {}, [], {}, {}
     for method in s.methods:
-        best, rows = select_lr(method, s.lr_grid, lambda lr: runner.get(method, s.seeds[0], lr))
-        lr_rows += rows
-        for seed in s.seeds:
-            per_run[(method, seed)] = (*runner.get(method, seed, best), best)
+        if method in DERIVED:             # read off the runs of the method it is an ablation of (its seeds: free)
+            src, rule = DERIVED[method]
+            for seed in method_seeds(s, src):
+                res = view(raw[(src, seed)], rule)
+                res["merge_error"] = res["merge_error"].iloc[0:0]       # the diagnostic belongs to the source
+                per_run[(method, seed)] = (res, *per_run[(src, seed)][1:])
+            continue
+        if method in LR_FROM:
+            best = chosen[LR_FROM[method]]
+            if method in GRID_SCORED:
+                lr_rows += control_grid(s, method, best, runner)
+        else:
+            best, rows = select_lr(method, s.lr_grid, lambda lr: runner.get(method, s.seeds[0], lr), s.lr_extend)
+            lr_rows += rows
+        chosen[method] = best
+        for seed in method_seeds(s, method):
+            raw[(method, seed)], h = runner.get(method, seed, best)
+            per_run[(method, seed)] = (view(raw[(method, seed)]), h, best)
     result = tables(s, base, per_run, pd.DataFrame(lr_rows))
     result.out = out
     for name in ("summary", "per_task", "merge_error", "lr_selection", "claims", "runs"):
@@ -364,13 +460,12 @@ def tables(s: LormSettings, base, per_run: dict, lr_selection: pd.DataFrame) -> 
         if len(res["merge_error"]):
             errs.append(res["merge_error"].assign(method=m, seed=seed))
         p = res["predictions"].sort_values("test_index")
-        correct.setdefault(m, []).append((p["label"].to_numpy() == p["prediction"].to_numpy()).astype(float))
+        correct.setdefault(m, {})[seed] = (p["label"].to_numpy() == p["prediction"].to_numpy()).astype(float)
         runs.append({"method": m, "seed": seed, "lr": lr, "wall_s": round(res["summary"]["wall_s"], 1), "run": h})
     summary = pd.DataFrame(summary)
     per_task = pd.concat(per_task, ignore_index=True)[["method", "seed", "after_task", "task", "accuracy"]]
     cols = ["method", "seed"] + MERGE_COLS
     errs = pd.concat(errs, ignore_index=True)[cols] if errs else pd.DataFrame(columns=cols)
-    correct = {m: np.stack(v) for m, v in correct.items()}
     return LormResult(s, base, summary, per_task, pd.DataFrame(curve), errs, lr_selection,
                       compute_claims(summary, errs, correct), pd.DataFrame(runs), correct)
 
@@ -380,7 +475,12 @@ def tables(s: LormSettings, base, per_run: dict, lr_selection: pd.DataFrame) -> 
 PAPER = "LoRM beats FedAvg-style LoRA aggregation in FCIL (ViT-B/16; CIFAR-100, ImageNet-R, ...)"
 
 
+PRIMARY_CLAIM = "LoRM beats FedIT (factor average, rank r) (final avg accuracy)"
+
+
 def compute_claims(summary: pd.DataFrame, errs: pd.DataFrame, correct: dict) -> pd.DataFrame:
+    """The primary claim (LoRM with its cross-task merge vs FedIT, every seed), then the controls that say why
+    (exploratory: each on the seeds both of its methods ran)."""
     from fedbench import claims as C
     out = []
     methods = set(summary["method"])
@@ -388,13 +488,34 @@ def compute_claims(summary: pd.DataFrame, errs: pd.DataFrame, correct: dict) -> 
     def per_seed(m, col):
         return summary[summary["method"] == m].sort_values("seed")[col].to_numpy()
 
+    def paired(a, b, claim, paper, role="exploratory"):
+        seeds = sorted(set(correct[a]) & set(correct[b]))
+        out.append(C.paired_accuracy_difference(np.stack([correct[a][s] for s in seeds]),
+                                                np.stack([correct[b][s] for s in seeds]), claim, paper,
+                                                comparison=f"{a} - {b}", role=role))
+
     if "lorm" in methods:
         for other, paper in (("fedit", PAPER), ("product_svd", "LoRM > exact product averaging at equal rank"),
                              ("regmean_svd", "LoRM > RegMean at equal rank")):
             if other in methods:
-                out.append(C.paired_accuracy_difference(
-                    correct["lorm"], correct[other], f"LoRM beats {LABELS[other]} (final avg accuracy)", paper,
-                    comparison=f"lorm - {other}", role="primary" if other == "fedit" else "exploratory"))
+                paired("lorm", other, f"LoRM beats {LABELS[other]} (final avg accuracy)", paper,
+                       role="primary" if other == "fedit" else "exploratory")
+        # the controls: which part of LoRM moves its accuracy
+        for other, claim, paper in (
+                ("lorm_mean", "LoRM's cross-task merge beats serving the running mean of task products",
+                 "alignment of model responses across tasks (abstract)"),
+                ("lorm_avg", "LoRM's closed-form solve beats averaging the trained factor (same schedule, same lr)",
+                 "alignment of model responses between clients (abstract)")):
+            if other in methods:
+                paired("lorm", other, claim, paper)
+        if {"fedit", "fedit_lorm_lr"} <= methods:
+            paired("fedit", "fedit_lorm_lr", "FedIT's own lr beats FedIT at LoRM's lr", "(a control: the lr)")
+        if "fedit_lorm_lr" in methods:
+            paired("lorm", "fedit_lorm_lr", "LoRM beats FedIT at one shared lr (LoRM's)", "(a control: the lr)")
+        if {"lorm_avg", "fedit_lorm_lr"} <= methods:
+            paired("lorm_avg", "fedit_lorm_lr", "LoRM's schedule with averaging beats FedIT at the same lr",
+                   "(a control: alternating one factor per round vs both; served by the cross-task merge vs "
+                   "the running mean)")
         if "fedit" in methods:
             out.append(C.paired_seed_difference(per_seed("lorm", "forgetting"), per_seed("fedit", "forgetting"),
                                                 "LoRM forgets less than FedIT", "(not a headline of the paper)",
@@ -418,10 +539,8 @@ def compute_claims(summary: pd.DataFrame, errs: pd.DataFrame, correct: dict) -> 
         fed = [m for m in methods if m != "joint"]
         if fed:
             best = max(fed, key=lambda m: per_seed(m, "final_avg_accuracy").mean())
-            out.append(C.paired_accuracy_difference(correct["joint"], correct[best], "joint training is an upper "
-                                                    "bound", "joint >= every FCIL method",
-                                                    comparison=f"joint - {best} (best federated)"))
-    return C.claims_table(out)
+            paired("joint", best, "joint training is an upper bound", "joint >= every FCIL method")
+    return C.claims_table(out, primary=[PRIMARY_CLAIM])
 
 
 # -- figures (fedbench.plots) ------------------------------------------------------------------------------------
@@ -453,14 +572,15 @@ PROTOCOL = """\
 | trained factor | one factor at a time, alternating | per **round**: B, A, B, ..., restarting at B each task (`set_train_matrix`, `cur_round = 0` in `begin_task`) | same (`configure_round`: `train_keys`/`send_keys`) | - |
 | LoRA placement, rank | qkv, attention output, MLP of every block, r = 16 | same | q, v, attention output and the FFN's first linear of the top 2 layers, r = 8, alpha 16 | CPU cost; the FFN's second linear (1536-d input: a 1536 x 1536 Gram matrix per client per round) left out |
 | new task | fresh LoRA | `init_matrices` at `begin_task` | fresh factors (peft init: A kaiming-uniform, B = 0, seeded per task) for **every** LoRA method | - |
-| previous tasks | running mean of task updates | `old_delta` = running mean of the tasks' B A; `cl_merge='individual_mean'`: each task trains on W0 + its own B A, the model is W0 + mean over tasks | the same rule for every LoRA method (the rank-growing variants bank what they folded into the base during the task) | - |
-| end-of-task cross-task merge | - | `end_task_server` also computes a Gram-weighted merge of the tasks' products | not applied: one rule (the running mean) for every method | the issue asks for one stated rule for all methods; FedIT et al. send no Gram matrices |
+| previous tasks (training) | - | `cl_merge='individual_mean'`: each task trains on W0 + its own B A | same, for every LoRA method (the rank-growing variants bank what they folded into the base during the task) | - |
+| cross-task merge (the served model) | "alignment of model responses ... across tasks" (abstract) | `end_task_server`: at a task's end the clients send Gram matrices of the task's data (`end_task_client`, on W0 + the running mean incl. the task, head excluded); the server keeps sum_t B_t A_t G_t and sum_t G_t and serves W0 + (sum_t B_t A_t G_t) pinv(sum_t G_t) from the second task on; the running mean `old_delta` is only the filler for evaluations within a task | LoRM and RegMean (`fl.options.cross_task='gram'`): the same merge (`merging.lorm.cross_task_merge`, float64, relative ridge 1e-4 towards the running mean), G_t = the sum of the Gram matrices the clients sent in the task's last round (on the model each client trained); FedIT and the other methods (no Gram matrices): the running mean of the task products; `lorm_mean`: LoRM's own runs served by the running mean (scored on the same runs: training never sees the served model) | no extra client pass: the last round's Grams are already sent, and a layer's inputs differ from the official ones only through the LoRA layers below it |
 | Gram matrices | G_i = X_i^T X_i per layer | float32 (`gram_dtype='32'`), one per LoRA layer, on the model (old_delta*t + B_i A_i)/(t+1) | float32, **one per distinct layer input** (query and value share one), sent as the upper triangle (exact bytes); on the model the client trained (W0 + its current B_i A_i) | fewer bytes for the same information; the inputs of the responses the client fitted |
-| solve | closed form | float64, `torch.pinverse` | float64, relative ridge 1e-4 (towards the factor average) | numerical stability on rank-deficient Grams at CPU scale; its error never exceeds averaging's |
+| solve | closed form | float64, `torch.pinverse`: no ridge (also in the cross-task merge) | float64, relative ridge 1e-4 (towards the factor average) | numerical stability on rank-deficient Grams at CPU scale; its error never exceeds averaging's |
+| solve control | - | - | `lorm_avg`: LoRM's B, A, B schedule at LoRM's lr with the trained factor averaged by sample count (the other factor shared: the exact product average), served by the same cross-task merge (its clients send Grams in a task's last round only); its grid is scored on the first seed too (lr_selection.csv, `lr_from`) | measures the solve apart from schedule and lr |
 | head | - | RegMean on the head weight (`regmean_all`, alpha 0.5), bias FedAvg'd | FedAvg'd by sample count, for every method | the same head rule for every method isolates the LoRA merge |
 | logits | train on the current task's classes | `outputs[:, cur_offset:cur_offset + cpt]` | logits outside the task masked; evaluated by argmax over every seen class (no task id) | - |
-| optimizer, lr | AdamW, lr 3e-4 | AdamW, lr 3e-4, weight decay 0.1 | AdamW, no weight decay; lr per method from a grid, chosen by final average accuracy on a validation split carved from the training data (first seed; `lr_selection.csv`, with `chosen_at_grid_edge`); quick: [3e-3, 1e-2]; full: [1e-3, 3e-3, 1e-2] | an lr tuned for ViT/CIFAR does not carry over; never chosen on test; quick: two values at CPU cost (an earlier two-value run [1e-3, 3e-3] had 1e-3 near chance at 3 local steps for LoRM and FedIT) |
-| baselines | FedAvg-style LoRA, merging methods, ... | `lora.py`, `regmean.py`, ... | FedIT (factor average), exact product average SVD'd to rank r, RegMean SVD'd to rank r (both SVDs of the product of the stacked factors, via QR: no dense d_out x d_in SVD), and separately labelled the rank-growing variants (stacked product average; dense RegMean), full FT of the top layer, joint training; quick runs the equal-rank ones, the rank-growing variants run in full (and in the unit tests) | equal capacity: every rank-r method ends each round at rank r; quick: the 12-minute bar |
+| optimizer, lr | AdamW, lr 3e-4 | AdamW, lr 3e-4, weight decay 0.1 | AdamW, no weight decay; lr per method from a grid, chosen by final average accuracy on a validation split carved from the training data (first seed; `lr_selection.csv`, with `chosen_at_grid_edge`); a choice at an end of the values scored extends the grid by one step beyond it, up to twice (`lr_extend`, `extension` rows); quick: [3e-3, 1e-2] + extensions; full: [1e-3, 3e-3, 1e-2, 3e-2] + extensions; the controls `lorm_avg` and `fedit_lorm_lr` (FedIT at LoRM's lr) take LoRM's | an lr tuned for ViT/CIFAR does not carry over; never chosen on test; quick: two values at CPU cost, bracketed by the extensions |
+| baselines | FedAvg-style LoRA, merging methods, ... | `lora.py`, `regmean.py`, ... | FedIT (factor average), exact product average SVD'd to rank r, RegMean SVD'd to rank r (both SVDs of the product of the stacked factors, via QR: no dense d_out x d_in SVD), and separately labelled the rank-growing variants (stacked product average; dense RegMean), full FT of the top layer, joint training; quick runs LoRM, its controls and FedIT; the other baselines run in full (and in the unit tests) | equal capacity: every rank-r method ends each round at rank r; quick: the 12-minute bar with the primary on 5 seeds |
 | merge check (diagnostic, lorm only) | - | - | each round, per layer: response error of LoRM's solve, factor average, product average and RegMean on the same client updates, on the inputs of the Gram matrices (fit) and on held-out inputs of each client, relative to keeping the previous factors; every rule scored from its factors, tr(P Q G Q^T P^T) = sum((P^T P) * (Q G Q^T)) (exact, float64; RegMean of rank-r updates is itself a product of factors with clients x r columns) | the factored form is exact at a fraction of the dense cost (quick <= 12 min) |
-| statistics | mean of runs | - | 3 seeds with the task order drawn per seed; claims via `fedbench.claims` (seed-level intervals: seeds x test examples as crossed random effects; t interval for forgetting) | - |
+| statistics | mean of runs | - | the task order drawn per seed; the primary claim (LoRM vs FedIT) on 5 seeds, Holm over the primary family (`claims_table(primary=...)`); the controls and every other row exploratory on the first 3 seeds (quick); claims via `fedbench.claims` (seed-level intervals: seeds x test examples as crossed random effects; t interval for forgetting) | - |
 """

@@ -101,6 +101,20 @@ def regmean(W_list: Sequence, G_list: Sequence, weights=None, ridge: float = 0.0
     return _solve_right(rhs, g_total, average, ridge)
 
 
+def cross_task_merge(products: Sequence, grams: Sequence, ridge: float = 0.0) -> torch.Tensor:
+    """LoRM's cross-task merge (official code: ``end_task_server``): the tasks' dense products D_t merged by
+    RegMean over tasks, W = (sum_t D_t G_t) pinv(sum_t G_t), G_t the clients' summed Gram matrices of task t;
+    a ridge pulls towards the running mean of the D_t (lam -> inf: the running mean). float64. The continual
+    strategy keeps the sums (:func:`merge_from_sums`) instead of every task's matrices."""
+    return regmean(products, grams, weights=None, ridge=ridge)
+
+
+def merge_from_sums(dg_sum, g_sum, d_mean, ridge: float = 0.0) -> torch.Tensor:
+    """:func:`cross_task_merge` from running sums: dg_sum = sum_t D_t G_t, g_sum = sum_t G_t and d_mean = the
+    mean of the D_t (what a ridge pulls towards). float64."""
+    return _solve_right(_f64(dg_sum), _f64(g_sum), _f64(d_mean), _check_ridge(ridge))
+
+
 def regmean_factored(B_list: Sequence, A_list: Sequence, G_list: Sequence, weights=None,
                      ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`regmean` of low-rank updates W_i = B_i A_i, as factors (U, V) with U V = the dense RegMean merge:

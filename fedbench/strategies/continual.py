@@ -8,7 +8,12 @@ One continual protocol for every method, the official one (aimagelab/fed-mammoth
   task's factors on the frozen pretrained weight W0 (the previous tasks' products do not enter training);
 - at the end of task t the server adds the task's dense product D_t (the factors' s B A plus anything a
   rank-growing rule folded into the base during the task) to a running sum; the **served model** (what is
-  evaluated) is W0 + mean_{k <= t} D_k, the running mean the official code keeps as ``old_delta``;
+  evaluated) is W0 + mean_{k <= t} D_k, the running mean the official code keeps as ``old_delta``, for the
+  strategies whose clients send no Gram matrices; LoRM and RegMean (``fl.options.cross_task='gram'``, their
+  default) serve LoRM's **cross-task merge** instead (official ``end_task_server``): from the second task on,
+  W0 + (sum_t D_t G_t) pinv(sum_t G_t) (:func:`fedbench.merging.lorm.cross_task_merge`), G_t the clients'
+  summed Gram matrices of the task's last round that sent them; ``score_running_mean`` also scores the
+  running mean on the same run (an ablation: training never sees the served model, so it is the same run);
 - the classifier head is shared by every task and trains on (task-masked logits), FedAvg'd by sample count.
 
 Strategies (``fl.strategy``):
@@ -21,6 +26,9 @@ Strategies (``fl.strategy``):
   task, ``set_train_matrix``); only that factor (and the head) trains and travels up, with one Gram matrix
   G_i = X_i^T X_i per distinct layer input (query and value share one), float32, upper triangle only; the
   server solves the factor in closed form (:func:`fedbench.merging.lorm.solve_B` / ``solve_A``, float64).
+  ``solve='average'`` (a control) averages the trained factor instead: with the other factor shared that is
+  the exact product average, so only the solve differs from LoRM (Grams then travel in a task's last round
+  only, for the cross-task merge).
 - ``regmean``: every client trains both factors and sends its Gram matrices; the server merges the dense
   products s B_i A_i by RegMean, then represents the merge by the LoRA semantics: ``svd`` re-factorises it at
   rank r (equal capacity), ``stack`` folds it into the base (unbounded rank).
@@ -41,7 +49,7 @@ from fedbench.fl.federations import TaskSchedule, TaskSequenceData
 from fedbench.fl.strategy import FedAvg, GlobalModel, check_lora_semantics, has_lora_factors
 from fedbench.fl.grams import layer_input_grams
 from fedbench.merging import lorm as L
-from fedbench.options import Options, check_bool, check_number
+from fedbench.options import Options, check_bool, check_choice, check_number
 from fedbench.registry import STRATEGIES
 
 QKV = ("query", "key", "value")
@@ -120,6 +128,20 @@ class Continual(FedAvg):
         self.acc_rows: list[dict] = []      # a[t, j] after each task (test), and validation accuracy
         self.merge_rows: list[dict] = []
         self._heldout: dict = {}            # (round, client) -> held-out Gram matrices (diagnostic, never sent)
+        # the cross-task merge's running sums: sum_t D_t G_t per module, sum_t G_t per layer input, and the
+        # current task's latest summed client Grams (float64, CPU)
+        self.cross_dg: dict[str, torch.Tensor] = {}
+        self.cross_g: dict[str, torch.Tensor] = {}
+        self.task_grams: dict[str, torch.Tensor] = {}
+        self.mean_predictions = None        # final predictions of the running mean (score_running_mean)
+
+    @property
+    def cross_task(self) -> str:
+        """How the served model combines the tasks: 'mean' (running mean) or 'gram' (LoRM's cross-task merge)."""
+        return getattr(self.options, "cross_task", "mean")
+
+    def gram_name(self, m) -> str:
+        return next(g for g, ms in input_groups(self.lora.modules).items() if m in ms)
 
     def attach(self, data) -> None:
         """Called by the loop with its data: a :class:`TaskSequenceData` sets the task schedule."""
@@ -149,6 +171,12 @@ class Continual(FedAvg):
     def aggregate(self, global_model, updates, round_idx):
         return self.end_round(super().aggregate(global_model, updates, round_idx), round_idx)
 
+    def note_grams(self, updates) -> None:
+        """Keep the sum over clients of this round's Gram matrices: the task's G_t for the cross-task merge."""
+        grams = [self.grams_of(u) for u in updates]
+        if grams and grams[0]:
+            self.task_grams = {g: sum(x[g] for x in grams) for g in grams[0]}
+
     def task_delta(self, gm: GlobalModel, m) -> torch.Tensor:
         """The current task's dense update of module m: what is folded into the base plus s B A."""
         return gm.base_delta[m.base_key].double() + m.scaling * gm.state[m.b_key].double() @ gm.state[m.a_key].double()
@@ -160,33 +188,65 @@ class Continual(FedAvg):
         if not (last_of_task and round_idx < self.cfg.fl.rounds) or not self.lora.modules:
             return gm
         state = OrderedDict(gm.state)
+        if self.cross_task == "gram":
+            self.cross_dg, self.cross_g = self.cross_sums(gm)
         for i, m in enumerate(self.lora.modules):
             self.old_sum[m.base_key] = self.old_sum[m.base_key] + self.task_delta(gm, m)
             state[m.a_key], state[m.b_key] = self.fresh_factors(gm.state, m, i, round_idx)
-        self.done, self.rounds_in_task = self.done + 1, 0
+        self.done, self.rounds_in_task, self.task_grams = self.done + 1, 0, {}
         return GlobalModel(state, {k: torch.zeros_like(v) for k, v in gm.base_delta.items()})
 
-    def served_model(self, gm: GlobalModel) -> GlobalModel:
-        """W0 + the mean of the finished tasks' products and the current one (if it has trained)."""
+    def cross_sums(self, gm: GlobalModel) -> tuple[dict, dict]:
+        """(sum_t D_t G_t, sum_t G_t) over the finished tasks and the current one (if it has Grams). A task
+        whose clients never sent Grams (all dropped) has no G_t and stays out of the merge."""
+        dg, g = dict(self.cross_dg), dict(self.cross_g)
+        if not (self.rounds_in_task > 0 and self.task_grams):
+            return dg, g
+        for name, G in self.task_grams.items():
+            g[name] = g[name] + G if name in g else G
+        for m in self.lora.modules:
+            add = self.task_delta(gm, m) @ self.task_grams[self.gram_name(m)]
+            dg[m.base_key] = dg[m.base_key] + add if m.base_key in dg else add
+        return dg, g
+
+    def served_model(self, gm: GlobalModel, rule: str | None = None) -> GlobalModel:
+        """W0 + the tasks' products combined by `rule` (default the strategy's ``cross_task``): 'mean', the mean
+        of the finished tasks' products and the current one (if it has trained); 'gram', from the second task
+        on, (sum_t D_t G_t) pinv(sum_t G_t) (ridge as the strategy's solves, towards the mean)."""
         if not self.lora.modules:
             return gm
         k = self.done + (1 if self.rounds_in_task > 0 else 0)
         if k == 0:
             return gm
+        rule = rule or self.cross_task
+        dg, g = self.cross_sums(gm) if rule == "gram" and k >= 2 else ({}, {})
         state = OrderedDict(gm.state)
         base = {}
         for m in self.lora.modules:
             total = self.old_sum[m.base_key] + (self.task_delta(gm, m) if self.rounds_in_task > 0 else 0)
-            base[m.base_key] = (total / k).to(gm.base_delta[m.base_key].dtype)
+            merged = total / k
+            if m.base_key in dg:
+                merged = L.merge_from_sums(dg[m.base_key], g[self.gram_name(m)], merged, self.options.ridge)
+            base[m.base_key] = merged.to(gm.base_delta[m.base_key].dtype)
             state[m.b_key] = torch.zeros_like(gm.state[m.b_key])      # the product lives in the base now
         return GlobalModel(state, base)
 
     def evaluate(self, run, global_model, predictions: bool = False) -> dict:
-        from fedbench.fl.client import evaluate
         served = self.served_model(global_model)
-        data = run.data
-        if not isinstance(data, TaskSequenceData):
+        if not isinstance(run.data, TaskSequenceData):
             return run.evaluate_model(served, predictions=predictions)
+        if getattr(self.options, "score_running_mean", False) and self.cross_task != "mean":
+            # the ablation first, so that the served model is the one left loaded
+            out = self.score(run, self.served_model(global_model, "mean"), "mean", predictions)
+            if predictions:
+                self.mean_predictions = out["predictions"]
+        return self.score(run, served, self.cross_task, predictions)
+
+    def score(self, run, served: GlobalModel, merge: str, predictions: bool) -> dict:
+        """Evaluate `served` on the seen tasks' test rows; at a task's end record a[t, j] (``acc_rows``, with the
+        cross-task rule `merge`), and at the last task the validation accuracies."""
+        from fedbench.fl.client import evaluate
+        data = run.data
         t = self.schedule.task_of(max(self.last_round, 1))
         run.load(served)
         view = data.seen_view(data.test, t)
@@ -198,13 +258,14 @@ class Continual(FedAvg):
         out = evaluate(run.model, view, seen, return_predictions=predictions or end_of_task, **kw)
         if end_of_task:
             for j, acc in enumerate(per_task_accuracy(out["predictions"], data.task_test[:t + 1])):
-                self.acc_rows.append({"split": "test", "after_task": t, "task": j, "accuracy": acc})
+                self.acc_rows.append({"split": "test", "after_task": t, "task": j, "accuracy": acc, "merge": merge})
             if t == self.schedule.num_tasks - 1 and data.task_val:
                 vview = data.seen_view(data.train, t)
                 val = evaluate(run.model, vview, np.concatenate(data.task_val[:t + 1]), cache=run.train_cache,
                                pad_id=data.pad_id, return_predictions=True)
                 for j, acc in enumerate(per_task_accuracy(val["predictions"], data.task_val[:t + 1])):
-                    self.acc_rows.append({"split": "val", "after_task": t, "task": j, "accuracy": acc})
+                    self.acc_rows.append({"split": "val", "after_task": t, "task": j, "accuracy": acc,
+                                          "merge": merge})
             if not predictions:
                 out.pop("predictions")
         return out
@@ -238,13 +299,18 @@ class Continual(FedAvg):
     def state_dict(self):
         tensors, meta = super().state_dict()
         tensors.update({f"old_sum/{k}": v for k, v in self.old_sum.items()})
+        for prefix, d in (("cross_dg/", self.cross_dg), ("cross_g/", self.cross_g), ("task_grams/", self.task_grams)):
+            tensors.update({prefix + k: v for k, v in d.items()})
         meta.update(done=self.done, rounds_in_task=self.rounds_in_task, last_round=self.last_round,
                     acc_rows=self.acc_rows, merge_rows=self.merge_rows)
         return tensors, meta
 
     def load_state_dict(self, tensors, meta):
-        super().load_state_dict({k: v for k, v in tensors.items() if not k.startswith("old_sum/")}, meta)
+        mine = ("old_sum/", "cross_dg/", "cross_g/", "task_grams/")
+        super().load_state_dict({k: v for k, v in tensors.items() if not k.startswith(mine)}, meta)
         self.old_sum.update({k[len("old_sum/"):]: v for k, v in tensors.items() if k.startswith("old_sum/")})
+        self.cross_dg, self.cross_g, self.task_grams = (
+            {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)} for p in mine[1:])
         self.done, self.rounds_in_task, self.last_round = meta["done"], meta["rounds_in_task"], meta["last_round"]
         self.acc_rows, self.merge_rows = list(meta["acc_rows"]), list(meta["merge_rows"])
 
@@ -268,11 +334,18 @@ def _head_keys(strategy, state) -> list[str]:
 
 @dataclass(frozen=True)
 class RegMeanOptions(Options):
-    """The closed-form solves' relative ridge (:mod:`fedbench.merging.lorm`; 0 = pseudo-inverse)."""
+    """The closed-form solves' relative ridge (:mod:`fedbench.merging.lorm`; 0 = pseudo-inverse); how the served
+    model combines the tasks (``cross_task``: 'gram', LoRM's cross-task merge, or 'mean', the running mean);
+    ``score_running_mean``: with 'gram', also record the running mean's accuracies on the same run (merge
+    column 'mean'; an ablation that costs one more evaluation per task)."""
     ridge: float = 1e-4
+    cross_task: str = "gram"
+    score_running_mean: bool = False
 
     def validate(self, prefix):
         check_number(f"{prefix}.ridge", self.ridge, 0, float("inf"), high_open=True)
+        check_choice(f"{prefix}.cross_task", self.cross_task, ("gram", "mean"))
+        check_bool(f"{prefix}.score_running_mean", self.score_running_mean)
 
 
 @dataclass(frozen=True)
@@ -281,10 +354,15 @@ class LoRMOptions(RegMeanOptions):
     the alternatives on the fit inputs and on each client's held-out inputs (an in-process diagnostic; the
     held-out inputs come from the task data's ``task_heldout``, never sent)."""
     merge_check: bool = False
+    solve: str = "closed_form"      # 'average': the trained factor averaged (the control for the solve)
 
     def validate(self, prefix):
         super().validate(prefix)
         check_bool(f"{prefix}.merge_check", self.merge_check)
+        check_choice(f"{prefix}.solve", self.solve, ("closed_form", "average"))
+        if self.merge_check and self.solve != "closed_form":
+            raise ConfigError(f"{prefix}.merge_check", self.merge_check,
+                              "false with solve='average' (the check scores LoRM's solve)")
 
 
 @STRATEGIES.register("lorm", check=_check_lorm, options=LoRMOptions)
@@ -300,8 +378,18 @@ class LoRM(Continual):
         return [self.instruction(int(c), round_idx, global_model, train_keys=keys, send_keys=keys,
                                  options={"task": t, "factor": self.factor(round_idx)}) for c in clients]
 
+    def sends_grams(self, round_idx: int) -> bool:
+        """Every round for the closed-form solve; with solve='average' only a task's last round, for the
+        cross-task merge (none with cross_task='mean')."""
+        if self.options.solve == "closed_form":
+            return True
+        last = self.schedule.round_in_task(round_idx) == self.schedule.rounds_per_task - 1
+        return last and self.cross_task == "gram"
+
     def client_update(self, run, ins, store):
-        update = self.add_grams(run, ins, super().client_update(run, ins, store))
+        update = super().client_update(run, ins, store)
+        if self.sends_grams(ins.round_idx):
+            update = self.add_grams(run, ins, update)
         data = run.data
         if self.options.merge_check and isinstance(data, TaskSequenceData) and data.task_heldout:
             held = data.task_heldout[int(ins.options.get("task", 0))][ins.client_id]
@@ -317,10 +405,16 @@ class LoRM(Continual):
         combined = self.rule([{k: u.state[k] for k in head} for u in updates], weights, self.fl)
         state = OrderedDict((k, combined.get(k, v)) for k, v in global_model.state.items())
         grams = [self.grams_of(u) for u in updates]
+        self.note_grams(updates)
         for gname, ms in input_groups(self.lora.modules).items():
-            G = [g[gname] for g in grams]
+            G = [g[gname] for g in grams] if grams[0] else None
             for m in ms:
-                if factor == "B":
+                if self.options.solve == "average":
+                    # the other factor is shared, so this is the exact average of the products
+                    key = m.b_key if factor == "B" else m.a_key
+                    state[key] = L.factor_average([u.state[key] for u in updates], weights).to(
+                        global_model.state[key].dtype)
+                elif factor == "B":
                     solved = L.solve_B([u.state[m.b_key] for u in updates], global_model.state[m.a_key], G,
                                        weights, self.options.ridge)
                     state[m.b_key] = solved.to(global_model.state[m.b_key].dtype)
@@ -386,6 +480,7 @@ class RegMeanLoRA(Continual):
         state = OrderedDict((k, combined.get(k, v)) for k, v in global_model.state.items())
         base = dict(global_model.base_delta)
         grams = [self.grams_of(u) for u in updates]
+        self.note_grams(updates)
         down = sum(t.numel() * t.element_size() for k, t in state.items() if k not in self.lora.factor_keys)
         for gname, ms in input_groups(self.lora.modules).items():
             G = [g[gname] for g in grams]
