@@ -33,7 +33,9 @@ def test_heterogeneity_levels_parse_and_bad_ones_are_named():
     ("dp_lr_grid", {m: [] for m in fp.METHODS}, "dp_lr_grid"), ("clip_only", "yes", "clip_only"),
     ("validation_samples", 1, "validation_samples"), ("dp_methods", ["nope"], "dp_methods"),
     ("dp_seeds", [], "dp_seeds"), ("depth", 7, "peft.depth"),
-    ("heterogeneity", ["iid", "dirichlet--1"], "heterogeneity"),
+    ("heterogeneity", ["iid", "dirichlet--1"], "heterogeneity"), ("score_last_k", 0, "score_last_k"),
+    ("lr_extend", -1, "lr_extend"), ("dp_lr_extend", 1.5, "dp_lr_extend"), ("primary", ["bytes"], "primary"),
+    ("primary", ["near_full", "near_full"], "primary"), ("primary_method", "full", "primary_method"),
 ])
 def test_bad_parameters_raise_config_errors_naming_them(key, value, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -71,8 +73,8 @@ def test_grid_headline_plus_one_axis_at_a_time():
     assert levels == [float("inf"), 8.0]                # quick: the clipping-only control + eps 8 (eps 2: full)
     n_axis = len(s["axis_methods"]) * len(s["axis_seeds"]) * (len(s["heterogeneity"]) - 1 + len(s["stability"]) - 1)
     n_dp = sum(len(fp.dp_seeds_for(s, m, e)) for m in s["dp_methods"] for e in levels)
-    assert fp.dp_seeds_for(s, "full", 8.0) == [0, 1, 2] and fp.dp_seeds_for(s, "ia3", 8.0) == [0]
-    assert fp.dp_seeds_for(s, "lora", float("inf")) == [0] and fp.dp_seeds_for(s, "ia3", float("inf")) == []
+    assert fp.dp_seeds_for(s, "full", 8.0) == [0, 1, 2] and fp.dp_seeds_for(s, "ia3", 8.0) == []
+    assert fp.dp_seeds_for(s, "lora", float("inf")) == [0, 1, 2]        # clip only for every method compared
     assert fp.dp_seeds_for(s, "prompt", 8.0) == []                  # not in quick's dp_methods
     n_head = len(s["methods"]) * len(s["seeds"])
     n_other = (len(s["tasks"]) - 1) * len(s["task_methods"]) * len(s["task_seeds"])
@@ -81,14 +83,24 @@ def test_grid_headline_plus_one_axis_at_a_time():
 
 
 def test_quick_meets_the_issue_floor():
-    """10 clients, >= 3 headline seeds, >= 1000 test examples, full / head / LoRA under DP, delta 1e-5; the full
-    profile runs every method under DP."""
+    """10 clients, >= 1000 test examples, 1-3 primary claims on >= 5 seeds on the headroom task, the claims on
+    scores over >= 2 evaluations, full / head / LoRA under DP with each one's clip-only control on >= 3 seeds,
+    delta 1e-5; quick-complete puts back the other tasks and methods; the full profile runs every method under DP."""
     s = settings()
-    assert s["clients"] >= 10 and len(s["seeds"]) >= 3 and s["max_test_samples"] >= 1000
-    assert {"full", "head", "lora"} <= set(s["dp_methods"]) and s["clip_only"] and s["dp_delta"] == 1e-5
+    assert s["clients"] >= 10 and len(s["seeds"]) >= 5 and s["max_test_samples"] >= 1000
+    assert s["tasks"][0] == "wordnet_noun" and 1 <= len(s["primary"]) <= 3 and s["score_last_k"] >= 2
+    assert {"full", "head", s["primary_method"]} <= set(s["methods"])
+    if "skew_drop" in s["primary"]:
+        assert len(s["axis_seeds"]) >= 5 and s["heterogeneity"][-1] == ("dirichlet", 0.1)
+    assert {"full", "head", "lora"} <= set(s["dp_methods"]) <= set(s["clip_methods"]) and s["clip_only"]
+    assert len(s["dp_seeds"]) >= 3 and list(s["clip_seeds"]) == list(s["dp_seeds"]) and s["dp_delta"] == 1e-5
+    assert s["lr_extend"] >= 1
     f = settings("full")
     assert set(f["dp_methods"]) == set(f["methods"]) == set(fp.METHODS) and len(f["dp_seeds"]) >= 3
-    assert "ia3" in s["methods"] and len(s["task_seeds"]) >= 3
+    from fedbench.experiments.common import profile_path
+    c = settings("quick", path=profile_path("fedpeft", "quick").parent / "quick-complete.yaml")
+    assert set(c["methods"]) == set(fp.METHODS) and {"tweet_sentiment", "ng20"} <= set(c["tasks"])
+    assert len(c["task_seeds"]) >= 3
     b = s["base"]
     assert b.train.dp.delta * (b.data.max_train_samples / b.data.num_clients) < 1
 
@@ -113,14 +125,62 @@ def test_configs_follow_the_cell():
     assert fp.make_config(c, s).train.lr == 0.003
 
 
+class FakeRunner:
+    """Scores a validation config by a function of its method, privacy and lr (no training)."""
+    def __init__(self, acc):
+        self.acc, self.kept = acc, None
+
+    def run(self, cfg, test_cfg=None):
+        from fedbench.results import RunResult
+        dp = "none" if not cfg.train.dp.enabled else ("clip only" if cfg.train.dp.noise_multiplier == 0 else "eps")
+        a = self.acc(cfg.peft.method, dp, round(cfg.train.lr, 8))
+        return RunResult(config={}, rounds=pd.DataFrame(), summary={"final_accuracy": a, "wall_s": 0.0}), True
+
+    def keep_only(self, cfgs):
+        self.kept = [(c.peft.method, c.train.lr) for c in cfgs]
+
+
 def test_lr_is_the_validation_argmax_per_task_method_and_privacy_level():
-    c = fp.Cell("tweet_sentiment", "lora", "dirichlet", 1.0, 0.3, 0.0, None, 0)
-    d = fp.Cell("tweet_sentiment", "lora", "dirichlet", 1.0, 0.3, 0.0, 8.0, 0)
-    chosen, table = fp.select_lrs([(c, 0.01, 0.5), (c, 0.03, 0.6), (c, 0.1, 0.6), (d, 0.003, 0.45), (d, 0.01, 0.4)])
-    assert chosen == {fp.lr_key(c): 0.03, fp.lr_key(d): 0.003}      # ties: the first in grid order
+    s = settings("smoke", tasks=["tweet_sentiment"], methods=["lora"], task_methods=[], axis_methods=[],
+                 dp_methods=["lora"], dp_epsilons=[8.0], clip_only=False, lr_grid={"lora": [0.01, 0.03, 0.1]},
+                 dp_lr_grid={"lora": [0.003, 0.01]})
+    acc = {("none", 0.01): 0.5, ("none", 0.03): 0.6, ("none", 0.1): 0.6, ("eps", 0.003): 0.45, ("eps", 0.01): 0.4}
+    table = fp.tune(s, FakeRunner(lambda m, dp, lr: acc[(dp, lr)]), progress=False)
+    c = fp.base_cell(s, "tweet_sentiment", "lora", 0)
+    assert s["chosen_lr"] == {fp.lr_key(c): 0.03, ("tweet_sentiment", "lora", "eps=8"): 0.003}   # ties: smaller lr
     assert table["chosen"].tolist() == [False, True, False, True, False]
     assert table["chosen_at_grid_edge"].tolist() == [False, False, False, True, True]
-    assert (table["selected_on"] == "validation").all()
+    assert (table["selected_on"] == "validation").all() and "extension" not in table.columns
+
+
+def test_an_edge_choice_extends_the_grid_on_validation_until_bracketed():
+    """lr_extend: validation keeps improving past the grid's top, so the search adds grid steps (x3) until the
+    best is inside the values scored (or the extension budget is spent); the chosen lr is the one kept."""
+    s = settings("smoke", tasks=["tweet_sentiment"], methods=["full"], task_methods=[], axis_methods=[],
+                 dp_methods=[], lr_grid={"full": [1e-4, 3e-4]}, lr_extend=3)
+    peak = {1e-4: 0.3, 3e-4: 0.4, 9e-4: 0.5, 2.7e-3: 0.45, 8.1e-3: 0.1}
+    runner = FakeRunner(lambda m, dp, lr: peak[lr])
+    table = fp.tune(s, runner, progress=False)
+    assert table["lr"].tolist() == pytest.approx([1e-4, 3e-4, 9e-4, 2.7e-3])
+    assert table["extension"].tolist() == [0, 0, 1, 2]
+    assert s["chosen_lr"][("tweet_sentiment", "full", "none")] == pytest.approx(9e-4)
+    assert not table["chosen_at_grid_edge"].any() and runner.kept == [("full", pytest.approx(9e-4))]
+    s0 = settings("smoke", tasks=["tweet_sentiment"], methods=["full"], task_methods=[], axis_methods=[],
+                  dp_methods=[], lr_grid={"full": [1e-4, 3e-4]})
+    assert fp.tune(s0, FakeRunner(lambda m, dp, lr: peak[lr]), progress=False)["chosen_at_grid_edge"].all()
+
+
+def test_a_run_s_score_is_the_mean_of_its_last_k_evaluated_rounds():
+    rounds = pd.DataFrame({"round": [1, 2, 3, 4, 5, 6], "accuracy": [0.1, np.nan, 0.5, np.nan, 0.7, 0.3]})
+    assert fp.last_k_score(rounds, 1) == pytest.approx(0.3)
+    assert fp.last_k_score(rounds, 2) == pytest.approx(0.5)
+    assert fp.last_k_score(rounds, 3) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="score_last_k"):
+        fp.last_k_score(rounds, 5)
+    assert fp.n_evaluated(10, 5) == 2 and fp.n_evaluated(12, 5) == 3 and fp.n_evaluated(3, 1) == 3
+    with pytest.raises(ConfigError, match="score_last_k") as e:      # more than some run evaluates
+        settings(score_last_k=fp.n_evaluated(settings()["rounds"], settings()["axis_eval_every"]) + 1)
+    assert e.value.field_name == "score_last_k"
 
 
 def test_tuning_covers_every_reported_task_method_and_level_on_one_seed():
@@ -195,31 +255,35 @@ def test_lora_bytes_per_round_below_two_percent_of_full_exactly():
         assert nb / full < 0.02
 
 
-def synthetic_summary(full_acc=0.70, lora_acc=0.69, head_acc=0.60, dp_drop=None, unstable=None, n_test=800,
-                      seeds=(0, 1, 2, 3, 4), axis_seeds=(0, 1, 2), **over):
-    """A summary as run_cells writes it, with chosen accuracies, and per-example results to match: example e
-    is correct iff e < accuracy * n_test, so better runs get every example a worse run gets (paired noise-free)."""
+def synthetic_summary(full_acc=0.70, lora_acc=0.69, head_acc=0.60, dp_drop=None, unstable=None, clip_gain=None,
+                      skew_drop=None, n_test=800, seeds=(0, 1, 2, 3, 4), axis_seeds=(0, 1, 2), **over):
+    """A summary as run_cells writes it, with chosen scores (mean of the last k evaluations) and a final round
+    0.2 below each score (the claims must read the score), per-seed jitter so intervals have a width, and
+    per-example results to match the final accuracy."""
     s = settings(seeds=list(seeds), axis_seeds=list(axis_seeds), tasks=["tweet_sentiment"], task_methods=[],
                  methods=["full", "lora", "head"], axis_methods=["full", "lora", "head"],
                  **{"dp_methods": ["full", "lora", "head"], "dp_seeds": [0, 1, 2], "dp_epsilons": [8.0, 2.0],
-                    "clip_seeds": [0, 1, 2], **over})
+                    "clip_seeds": [0, 1, 2], "stability": [[0.3, 0.0], [0.3, 0.3]], **over})
     acc = {"full": full_acc, "lora": lora_acc, "head": head_acc}
     nbytes = {"full": 4 * 22_566_531, "lora": 4 * 25_731, "head": 4 * 1_155}
     dp_drop = dp_drop or {"full": 0.2, "lora": 0.05, "head": 0.02}
     unstable = unstable or {"full": 0.0, "lora": 0.0, "head": 0.0}
+    clip_gain = clip_gain or {"full": 0.0, "lora": 0.0, "head": 0.0}
+    skew_drop = skew_drop or {"full": 0.05, "lora": 0.05, "head": 0.05}
     rows, correct = [], {}
     for c in fp.build_cells(s):
-        a = acc[c.method] + (0.01 if c.seed == 1 else 0.0)
+        a = acc[c.method] + (0.01 if c.seed == 1 else 0.0) + 0.002 * ((3 * c.seed + len(c.method) + c.dropout * 10
+                                                                       + (c.alpha or 2) * 7) % 3 - 1)
         if c.dp_epsilon is not None:
-            a -= dp_drop[c.method] * (8.0 / c.dp_epsilon) ** 0.5
+            a += clip_gain[c.method] - dp_drop[c.method] * (8.0 / c.dp_epsilon) ** 0.5
         if c.dropout > 0:
             a -= unstable[c.method]
         if c.partition == "iid":
             a += 0.02
         if c.alpha == 0.1:
-            a -= 0.05
-        correct[c] = (np.arange(n_test) < round(a * n_test)).astype(np.int8)
-        a = correct[c].mean()
+            a -= skew_drop[c.method]
+        correct[c] = (np.arange(n_test) < round((a - 0.2) * n_test)).astype(np.int8)
+        final = correct[c].mean()
         rows.append({"task": c.task, "method": c.method, "partition": c.partition, "alpha": c.alpha,
                      "participation": c.participation, "dropout": c.dropout, "dp_epsilon_target": c.dp_epsilon,
                      "seed": c.seed, "variant": c.method, "heterogeneity": c.heterogeneity, "stability": c.stability,
@@ -227,49 +291,103 @@ def synthetic_summary(full_acc=0.70, lora_acc=0.69, head_acc=0.60, dp_drop=None,
                      "dp_mechanism": "x" if c.dp_epsilon else "", "trainable_params": nbytes[c.method] // 4,
                      "total_params": 22_566_531, "bytes_up_per_round": 6 * nbytes[c.method],
                      "bytes_down_per_round": 6 * nbytes[c.method], "state_bytes": nbytes[c.method],
-                     "total_bytes": 48 * nbytes[c.method], "final_accuracy": a, "best_accuracy": a,
+                     "total_bytes": 48 * nbytes[c.method], "final_accuracy": final, "best_accuracy": a, "score": a,
                      "final_loss": 1.0, "rounds": 4, "wall_s": 1.0, "lr": 0.01, "lr_selected_on": "validation",
                      "dp_delta": 1e-5 if c.dp_epsilon else np.nan})
     return pd.DataFrame(rows).astype({"alpha": float, "dp_epsilon_target": float}), correct, s
 
 
-def test_claims_are_decided_with_intervals_from_per_example_results():
-    df, correct, s = synthetic_summary()
-    claims = words(fp.make_claims(df, correct, s))
+def claims_of(df, s, gain=None):
+    from fedbench.experiments import fedpeft_claims as fc
+    headroom = None if gain is None else pd.DataFrame({"task": [s["tasks"][0]], "gain": [gain]})
+    return words(fc.make_claims(df, s, headroom))
+
+
+def test_claims_are_decided_on_per_seed_scores_with_seed_level_intervals():
+    df, _, s = synthetic_summary()
+    claims = claims_of(df, s)
     assert {"estimate", "ci_low", "ci_high", "n_seeds", "n_examples", "verdict"} <= set(claims.columns)
     near = [c for c in claims.index if "lora" in c and "within" in c][0]
-    assert claims.loc[near, "word"] == "agrees" and claims.loc[near, "estimate"] == pytest.approx(-0.01)
-    assert claims.loc[near, "n_seeds"] == 5 and claims.loc[near, "n_examples"] == 800
-    assert claims.loc[near, "role"] == "primary" and (claims["role"] == "primary").sum() == 1    # the headline
+    # the score's difference, not the final round's (0.2 lower for every run: the same difference here)
+    assert claims.loc[near, "word"] == "agrees" and claims.loc[near, "estimate"] == pytest.approx(-0.01, abs=0.003)
+    assert claims.loc[near, "n_seeds"] == 5 and f"last {s['score_last_k']} evaluated" in claims.loc[near, "detail"]
+    assert claims.loc[near, "role"] == "primary" and (claims["role"] == "primary").sum() == len(s["primary"])
     assert claims.loc[near, "verdict"] == "agrees" and claims.loc[near, "p_holm"] < 0.05
+    assert "Student t over 5 seeds" in claims.loc[near, "interval"]
     head_near = [c for c in claims.index if "head" in c and "within" in c][0]
     assert claims.loc[head_near, "verdict"] == "disagrees (exploratory)"    # 0.10 below full, tolerance 0.03
     lora = [c for c in claims.index if "sends < 2%" in c][0]
     assert claims.loc[lora, "word"] == "agrees"
     assert claims.loc[lora, "estimate"] == pytest.approx(100 * 25_731 / 22_566_531)
     clip = [c for c in claims.index if "[lora] per-sample clipping alone" in c][0]
-    assert claims.loc[clip, "estimate"] == pytest.approx(0.0)      # synthetic: clipping costs nothing
+    assert claims.loc[clip, "estimate"] == pytest.approx(0.0, abs=0.005)      # synthetic: clipping costs nothing
     noise = [c for c in claims.index if "[full] DP noise at eps=2" in c][0]
-    assert claims.loc[noise, "word"] == "agrees" and claims.loc[noise, "estimate"] == pytest.approx(0.4, abs=2e-3)
+    assert claims.loc[noise, "word"] == "agrees" and claims.loc[noise, "estimate"] == pytest.approx(0.4, abs=0.005)
     trained = [c for c in claims.index if "beats head-only" in c][0]
     assert claims.loc[trained, "word"] == "agrees"
     assert not any("any" in c for c in claims.index)          # one comparison per row
-    dp = [c for c in claims.index if "[eps=8] lora loses less" in c][0]
-    assert claims.loc[dp, "word"] == "agrees" and claims.loc[dp, "estimate"] == pytest.approx(0.15, abs=2e-3)
+    dp = "[eps=8] lora loses less accuracy than full FT to DP noise (each method's drop from its own clip-only run)"
+    assert claims.loc[dp, "word"] == "agrees" and claims.loc[dp, "estimate"] == pytest.approx(0.15, abs=0.005)
     het = [c for c in claims.index if "[lora] strong label skew" in c][0]
-    assert claims.loc[het, "word"] == "agrees"                          # iid +0.02, alpha 0.1 -0.05
+    assert claims.loc[het, "word"] == "agrees" and "vs Dir(1)" in het   # from the base: alpha 0.1 -0.05
     # the opposite numbers disagree
-    df, correct, s = synthetic_summary(lora_acc=0.50, head_acc=0.40, dp_drop={"full": 0.01, "lora": 0.1, "head": 0.1},
-                                       unstable={"full": 0.0, "lora": 0.2, "head": 0.2})
-    claims = words(fp.make_claims(df, correct, s))
+    df, _, s = synthetic_summary(lora_acc=0.50, head_acc=0.40, dp_drop={"full": 0.01, "lora": 0.1, "head": 0.1},
+                                 unstable={"full": 0.0, "lora": 0.2, "head": 0.2})
+    claims = claims_of(df, s)
     assert claims.loc[near, "word"] == "disagrees" and claims.loc[dp, "word"] == "disagrees"
     stab = [c for c in claims.index if "lora keeps its standing" in c][0]
     assert claims.loc[stab, "word"] == "disagrees"
     # full FT no better than head-only: "within 0.03 of full FT" is not interpretable (no assay sensitivity)
-    df, correct, s = synthetic_summary(head_acc=0.70)
-    claims = words(fp.make_claims(df, correct, s))
+    df, _, s = synthetic_summary(head_acc=0.70)
+    claims = claims_of(df, s)
     assert claims.loc[near, "word"] == claims.loc[head_near, "word"] == \
         "not interpretable: reference does not beat head-only"
+
+
+def test_near_full_claims_need_headroom_on_validation():
+    """Full FT beats head-only on test, but on validation by less than 0.05: "within a margin" is not decided."""
+    from fedbench.experiments import fedpeft_claims as fc
+    df, _, s = synthetic_summary()
+    near = f"[tweet_sentiment] {fp.variant('lora', s['depth'])} is within 0.03 of full fine-tuning"
+    assert claims_of(df, s, gain=0.02).loc[near, "word"].startswith("no headroom: fine-tuning beats")
+    assert claims_of(df, s, gain=0.06).loc[near, "word"] == "agrees"
+    lr = pd.DataFrame({"task": ["tweet_sentiment"] * 4 + ["ng20"] * 2, "method": ["full", "full", "head", "lora",
+                       "full", "head"], "privacy": ["none", "none", "none", "none", "clip only", "none"],
+                       "validation_accuracy": [0.5, 0.62, 0.55, 0.9, 0.9, 0.1]})
+    h = fc.headroom_table(lr, {**s, "tasks": ["tweet_sentiment", "ng20"]}).set_index("task")
+    assert list(h.index) == ["tweet_sentiment"]                          # ng20: no full FT without DP
+    assert h.loc["tweet_sentiment", "gain"] == pytest.approx(0.07) and h.loc["tweet_sentiment", "passes"]
+
+
+def test_the_dp_comparison_measures_each_method_s_drop_from_its_own_clip_only_run():
+    """Clipping alone helps full FT by 0.05 (its no-DP run is under-trained): from no DP full FT's drop looks
+    0.05 smaller than the noise's cost; from clip only the comparison sees the noise alone."""
+    df, _, s = synthetic_summary(clip_gain={"full": 0.05, "lora": 0.0, "head": 0.0},
+                                 dp_drop={"full": 0.1, "lora": 0.06, "head": 0.02})
+    claims = claims_of(df, s)
+    noise = claims.loc["[eps=8] lora loses less accuracy than full FT to DP noise (each method's drop from its own "
+                       "clip-only run)"]
+    nodp = claims.loc["[eps=8] lora loses less accuracy than full FT under DP-SGD (drop from no DP)"]
+    assert noise["estimate"] == pytest.approx(0.04, abs=0.005) and nodp["estimate"] == pytest.approx(-0.01, abs=0.005)
+    assert noise["n_seeds"] == nodp["n_seeds"] == 3
+    clip = claims.loc["[full] per-sample clipping alone (noise 0) costs accuracy"]
+    assert clip["estimate"] == pytest.approx(-0.05, abs=0.005) and clip["word"] == "disagrees"
+
+
+def test_three_primary_claims_form_one_holm_family_on_five_seeds():
+    df, _, s = synthetic_summary(dp_seeds=[0, 1, 2, 3, 4], clip_seeds=[0, 1, 2, 3, 4], axis_seeds=[0, 1, 2, 3, 4],
+                                 heterogeneity=["dirichlet-1.0", "iid", "dirichlet-0.1"],
+                                 primary=["near_full", "dp_noise", "skew_drop"],
+                                 skew_drop={"full": 0.08, "lora": 0.05, "head": 0.02})
+    claims = claims_of(df, s)
+    prim = claims[claims["role"] == "primary"]
+    assert len(prim) == 3 and (prim["n_seeds"] == 5).all() and prim["p_holm"].notna().all()
+    assert list(claims["role"])[:3] == ["primary"] * 3                    # primaries first
+    skew = "[Dir(0.1)] lora's drop from Dir(1) is no larger than full FT's (within 0.03)"
+    assert prim.loc[skew, "estimate"] == pytest.approx(0.03, abs=0.005) and prim.loc[skew, "verdict"] == "agrees"
+    assert prim["level"].max() > 0.95                                   # intervals at their Holm step's level
+    head_skew = "[Dir(0.1)] head's drop from Dir(1) is no larger than full FT's (within 0.03)"
+    assert claims.loc[head_skew, "role"] == "exploratory" and claims.loc[head_skew, "word"] == "agrees"
 
 
 def words(table):
@@ -279,14 +397,15 @@ def words(table):
 
 
 def test_dp_claims_pair_the_seeds_both_sides_ran():
-    df, correct, s = synthetic_summary(dp_seeds=[0, 1], clip_seeds=[0], dp_first_seed_methods=["head"])
+    df, _, s = synthetic_summary(dp_seeds=[0, 1], clip_seeds=[0], dp_first_seed_methods=["head"])
     assert fp.dp_seeds_for(s, "head", 8.0) == [0] and fp.dp_seeds_for(s, "lora", 8.0) == [0, 1]
-    claims = fp.make_claims(df, correct, s).set_index("claim")
-    n = claims["n_seeds"]
+    n = claims_of(df, s)["n_seeds"]
     assert n["[lora] per-sample clipping alone (noise 0) costs accuracy"] == 1
     assert n["[lora] DP noise at eps=8 costs accuracy beyond clip only"] == 1        # clip ran on seed 0 only
-    assert n["[eps=8] lora loses less accuracy than full FT under DP-SGD"] == 2
-    assert n["[eps=8] head loses less accuracy than full FT under DP-SGD"] == 1      # head: first seed only
+    assert n["[eps=8] lora loses less accuracy than full FT under DP-SGD (drop from no DP)"] == 2
+    assert n["[eps=8] lora loses less accuracy than full FT to DP noise (each method's drop from its own clip-only "
+             "run)"] == 1
+    assert n["[eps=8] head loses less accuracy than full FT under DP-SGD (drop from no DP)"] == 1  # head: 1 seed
     dp = fp.axis_table(df, s, "dp").set_index(["method", "dp"])
     assert dp.loc[("lora", "eps=8"), "seeds"] == 2 and dp.loc[("lora", "clip only"), "seeds"] == 1
 
@@ -308,12 +427,12 @@ def test_tables_average_over_seeds_and_measure_drops():
     df, _, s = synthetic_summary(seeds=[0, 1], axis_seeds=[0], dp_seeds=[0], clip_seeds=[0])
     head = fp.headline_table(df, s).set_index("method")
     assert head.loc["lora", "seeds"] == 2
-    assert head.loc["lora", "final_accuracy_mean"] == pytest.approx(0.695, abs=1e-3)
-    assert head.loc["lora", "final_accuracy_std"] == pytest.approx(np.std([0.69, 0.70], ddof=1), abs=2e-3)
+    assert head.loc["lora", "score_mean"] == pytest.approx(0.695, abs=3e-3)
+    assert head.loc["lora", "final_accuracy_mean"] == pytest.approx(0.495, abs=3e-3)   # the last round alone
     assert head.loc["full", "bytes_pct_of_full"] == 100
     dp = fp.axis_table(df, s, "dp").set_index(["method", "dp"])
-    assert dp.loc[("full", "eps=8"), "drop_vs_base"] == pytest.approx(0.2, abs=2e-3)
-    assert dp.loc[("full", "eps=2"), "drop_vs_base"] == pytest.approx(0.4, abs=2e-3)
+    assert dp.loc[("full", "eps=8"), "drop_vs_base"] == pytest.approx(0.2, abs=5e-3)
+    assert dp.loc[("full", "eps=2"), "drop_vs_base"] == pytest.approx(0.4, abs=5e-3)
     assert dp.loc[("lora", "eps=2"), "dp_epsilon_spent_max"] == pytest.approx(1.995)
 
 

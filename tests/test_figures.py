@@ -152,7 +152,8 @@ def test_the_named_defects_are_gone():
     assert im.cmap.name == "RdBu_r" and im.norm.vmin == pytest.approx(-im.norm.vmax)   # diverging, centred at 0
     fed = fedpeft_figures()
     het = [t.get_text() for t in fed["heterogeneity_heatmap.png"].axes[0].get_xticklabels()]
-    assert het[0] == "iid" and het == sorted(het, key=lambda h: -np.inf if h == "iid" else -float(h.split("-")[1]))
+    assert het[0] == "iid" or "iid" not in het                             # quick: Dir(1.0), Dir(0.1) only
+    assert het == sorted(het, key=lambda h: -np.inf if h == "iid" else -float(h.split("-")[1]))
     assert "DP-SGD" not in fed["dp_drop.png"].axes[0].get_ylabel()
     auto = autofednlp_figures()
     (leg,) = auto["accuracy_vs_sim_time"].legends

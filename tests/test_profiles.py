@@ -21,16 +21,16 @@ def test_a_variant_lays_its_keys_over_the_profile_it_extends(tmp_path):
     (tmp_path / "configs" / "fedpeft").mkdir(parents=True)
     (tmp_path / "configs" / "fedpeft" / "quick.yaml").write_text(QUICK.read_text())   # found beside it
     p = write(tmp_path, "experiment: fedpeft\nextends: quick\nresults: more-seeds\n"
-                        "base: {fl: {rounds: 3}}\nsettings: {seeds: [0, 1, 2, 3]}\n")
+                        "base: {fl: {rounds: 12}}\nsettings: {seeds: [0, 1, 2, 3]}\n")
     d, up = read_profile_file(p), read_profile_file(QUICK)
     assert d["profile"] == "quick" and d["results"] == "more-seeds"
     assert d["settings"]["seeds"] == [0, 1, 2, 3]
     assert {k: v for k, v in d["settings"].items() if k != "seeds"} == \
         {k: v for k, v in up["settings"].items() if k != "seeds"}
-    assert d["base"]["fl"] == {**up["base"]["fl"], "rounds": 3}        # merged field by field
+    assert d["base"]["fl"] == {**up["base"]["fl"], "rounds": 12}        # merged field by field
     assert d["base"]["data"] == up["base"]["data"]
     s = fedpeft.settings_for("quick", path=p)
-    assert tuple(s["seeds"]) == (0, 1, 2, 3) and s["rounds"] == 3
+    assert tuple(s["seeds"]) == (0, 1, 2, 3) and s["rounds"] == 12
 
 
 def test_a_variant_writes_its_own_folder_not_the_profile_s(tmp_results, tmp_path):

@@ -16,7 +16,7 @@ EXPERIMENT_TABLE = [
     ("quickstart", "00_quickstart", "LoRA FedAvg on one offline task vs a linear probe",
      Headline("summary.csv", ("task", "method"), ("final_accuracy", "linear_probe_accuracy", "total_mb")), True),
     ("fedpeft", "01_fedpeft", "FedPEFT: which parameters to train and send (arXiv 2210.01708)",
-     Headline("headline.csv", ("task", "variant"), ("seeds", "final_accuracy", "MB_per_client_per_round",
+     Headline("headline.csv", ("task", "variant"), ("seeds", "final_accuracy", "score", "MB_per_client_per_round",
                                                     "bytes_pct_of_full")), False),
     ("fl_tac", "02_fl_tac", "FL-TAC: per-task adapters clustered on the server (arXiv 2404.15384)",
      Headline("summary.csv", ("method", "arm", "task"), ("accuracy", "lr")), True),
