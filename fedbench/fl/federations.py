@@ -462,10 +462,11 @@ def check_task_sequence(cfg) -> None:
 
 
 def sequence_tasks() -> dict:
-    """{name: TaskInfo} of the tasks a class-incremental sequence can cut: >= 4 classes, text or image (CIFAR-100
-    on a ViT: LoRM's paper profile); check_against_backbone matches the modality to the backbone."""
+    """{name: TaskInfo} of the tasks a class-incremental sequence can cut (>= 4 classes): the offline text tasks
+    and the hub's, images too (CIFAR-100 on a ViT: LoRM's paper profile; no vision backbone ships offline, so the
+    offline image tasks stay out); check_against_backbone matches the modality to the backbone."""
     from fedbench.data import list_tasks
-    return {t.name: t for t in list_tasks() if t.num_classes >= 4}
+    return {t.name: t for t in list_tasks() if t.num_classes >= 4 and (t.modality == "text" or not t.offline)}
 
 
 def sequence_pool(o: TaskSequenceOptions, task: str, backbone: str, max_length: int) -> SequencePool:
