@@ -181,8 +181,24 @@ def test_fedpeft_paper_runs_one_round_on_cifar100_stand_ins_on_a_vit(hub_stand_i
     s = fedpeft.settings_for("paper", **{"model.backbone": vit_dir, "clients": 4, "rounds": 1, "max_train_samples": 40,
                                          "max_test_samples": 20, "batch_size": 8, "train.local_steps": 2,
                                          "validation_samples": 10})
-    assert s["tasks"] == ["cifar100"] and 8.0 in s["dp_epsilons"]
+    assert list(s["tasks"]) == ["cifar100"] and 8.0 in s["dp_epsilons"]
     cell = fedpeft.base_cell(s, "cifar100", "lora", 0, dp_epsilon=dp)
     cfg = fedpeft.make_config(cell, s, lr=1e-3)
     assert cfg.model.backbone == vit_dir and cfg.train.dp.enabled == (dp is not None)
     _one_round_ran(run_federated(cfg))
+
+
+def test_reproduce_with_the_paper_profile_skips_experiments_without_one(tmp_path):
+    """`make reproduce PROFILE=paper` (tools/run_notebooks.py) runs only the notebooks whose experiment has a
+    paper.yaml: the others are skipped and say so, and nothing is written for them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FEDBENCH_RESULTS_ROOT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(root / "tools" / "run_notebooks.py"), "--profile", "paper", "--only",
+                           "00_quickstart", "06_robustness"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("skipped") == 2 and "no configs/quickstart/paper.yaml" in proc.stdout
+    assert not any(tmp_path.iterdir())
