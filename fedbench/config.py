@@ -23,7 +23,9 @@ from fedbench.registry import AGGREGATORS, ATTACKS, CONFIG_CHECKS, FEDERATIONS, 
 PARTITIONS = ("iid", "dirichlet", "quantity_skew")
 OPTIMIZERS = ("adamw", "sgd")
 POOLINGS = ("mean", "cls")
-PROFILES = ("smoke", "quick", "full")
+# "paper": the paper's own backbone, data and schedule through the hub loaders (configs/<exp>/paper.yaml, where
+# reachable): for a GPU and the model hub; `make reproduce` runs quick unless PROFILE=paper is asked for
+PROFILES = ("smoke", "quick", "full", "paper")
 PRECISIONS = ("fp32", "bf16")
 
 

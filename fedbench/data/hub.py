@@ -1,4 +1,4 @@
-"""Hugging Face hub tasks (GLUE, CIFAR), mapped to fedbench's task schema.
+"""Hugging Face hub tasks (GLUE, CIFAR, AG News), mapped to fedbench's task schema.
 
 Users with internet get the real data through ``datasets.load_dataset``; anyone can pass local
 files in the hub's own schema (``local_files={"train": ..., "test": ...}``, parquet/csv/json by
@@ -10,6 +10,7 @@ Mapping to the schema of :func:`fedbench.data.load_task`:
 - GLUE: ``train`` -> ``train``; ``validation`` -> ``test`` (GLUE's own test labels are hidden,
   stored as -1). Single-sentence tasks give ``text``; pair tasks give ``text`` + ``text_pair``.
   Rows with a negative label (unlabelled) are dropped.
+- AG News (AutoFedNLP's main task): ``text`` and ``label`` as they are; its ``test`` split is the test.
 - CIFAR-10/100: ``img`` -> ``image``; CIFAR-100 uses ``fine_label`` as ``label``. Images are
   decoded once into ``datasets.Array3D((32, 32, 3), 'uint8')`` (RGB), matching the offline image
   tasks, which store uint8 arrays too; no torchvision/PIL is needed downstream.
@@ -89,6 +90,14 @@ def _cifar(name, *, label_column, class_names, description) -> HubTaskSpec:
     )  # fmt: skip
 
 
+def _ag_news() -> HubTaskSpec:
+    return HubTaskSpec(
+        name="ag_news", hub_id="fancyzhx/ag_news", config=None, text_columns=("text",), image_column=None,
+        image_shape=None, label_column="label", class_names=("World", "Sports", "Business", "Sci/Tech"),
+        test_split="test", n_train=120000, n_test=7600, description="AG News topic classification, 4 classes",
+    )  # fmt: skip
+
+
 HUB_TASK_SPECS: dict[str, HubTaskSpec] = {
     spec.name: spec
     for spec in (
@@ -106,6 +115,7 @@ HUB_TASK_SPECS: dict[str, HubTaskSpec] = {
                description="CIFAR-10 32x32 RGB images, 10 classes"),
         _cifar("cifar100", label_column="fine_label", class_names=CIFAR100_CLASSES,
                description="CIFAR-100 32x32 RGB images, 100 fine classes"),
+        _ag_news(),
     )
 }  # fmt: skip
 

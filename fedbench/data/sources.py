@@ -712,7 +712,7 @@ def _hub_module():
 
 
 HUB_TASKS: tuple[str, ...] = (
-    "glue/sst2", "glue/qnli", "glue/qqp", "glue/rte", "glue/mrpc", "cifar10", "cifar100",
+    "glue/sst2", "glue/qnli", "glue/qqp", "glue/rte", "glue/mrpc", "cifar10", "cifar100", "ag_news",
 )  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """What every experiment shares: YAML profiles and typed settings, output folders, tables, figures.
 
-Profiles are YAML files a user can read and copy, ``configs/<experiment>/{smoke,quick,full}.yaml``::
+Profiles are YAML files a user can read and copy, ``configs/<experiment>/{smoke,quick,full}.yaml`` (and
+``paper.yaml`` where the paper's own backbone and data are reachable through the hub loaders)::
 
     experiment: fedpeft
     profile: quick

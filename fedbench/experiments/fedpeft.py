@@ -205,9 +205,9 @@ def settings_for(profile: str = "quick", path=None, **overrides) -> dict:
 
 def validate_settings(s: dict) -> dict:
     """Check every parameter; raise ConfigError naming the parameter, its value and what is allowed."""
-    from fedbench.data import OFFLINE_TASKS
-    tasks = tuple(OFFLINE_TASKS)
-    check_list("tasks", s["tasks"], lambda t: t in tasks, f"a non-empty list of offline text tasks from {list(tasks)}")
+    from fedbench.data import HUB_TASKS, OFFLINE_TASKS
+    tasks = tuple(OFFLINE_TASKS) + tuple(HUB_TASKS)     # hub: CIFAR-100 on a ViT (the paper profile)
+    check_list("tasks", s["tasks"], lambda t: t in tasks, f"a non-empty list of tasks from {list(tasks)}")
     for key in ("methods", "task_methods", "axis_methods", "dp_methods"):
         check_list(key, s[key], lambda m: m in TUNERS, f"a list of methods from {TUNERS.names()}",
                     nonempty=key == "methods")

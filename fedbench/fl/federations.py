@@ -19,6 +19,7 @@ it is built once per process and shared by every run over it, with its frozen-pr
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -202,14 +203,14 @@ def multitask_data(cfg, o: "MultiTaskOptions", pool: Pool) -> MultiTaskData:
 # -- the multitask federation ----------------------------------------------------------------------------------
 
 def binary_tasks() -> list[str]:
+    """Binary text tasks: offline ones, derived ones and the hub's (GLUE: FL-TAC's paper profile)."""
     from fedbench.data import list_tasks
-    return sorted([t.name for t in list_tasks() if t.offline and t.modality == "text" and t.num_classes == 2]
-                  + list(DERIVED))
+    return sorted([t.name for t in list_tasks() if t.modality == "text" and t.num_classes == 2] + list(DERIVED))
 
 
 @dataclass(frozen=True)
 class MultiTaskOptions(Options):
-    """FL-TAC's federation: ``tasks`` (>= 2 distinct binary offline text tasks), each subsampled to
+    """FL-TAC's federation: ``tasks`` (>= 2 distinct binary text tasks, offline or GLUE's), each subsampled to
     ``max_train_per_task`` training + ``val_per_task`` validation rows and ``max_test_per_task`` test rows
     (seeded by ``data_seed``), split over the clients with each client's share of a task at least ``min_share``;
     ``heads``: one classifier head per task (the task-head arm) instead of one shared; ``validation``: also score
@@ -227,7 +228,7 @@ class MultiTaskOptions(Options):
         ok = binary_tasks()
         if (not isinstance(self.tasks, tuple) or len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks)
                 or not all(t in ok for t in self.tasks)):
-            raise ConfigError(f"{prefix}.tasks", self.tasks, f"at least 2 distinct binary offline text tasks from {ok}")
+            raise ConfigError(f"{prefix}.tasks", self.tasks, f"at least 2 distinct binary text tasks from {ok}")
         for key, low in (("data_seed", 0), ("max_train_per_task", 2), ("val_per_task", 2), ("max_test_per_task", 1)):
             check_int(f"{prefix}.{key}", getattr(self, key), low)
         check_number(f"{prefix}.min_share", self.min_share, 0, 1, high_open=True)
@@ -317,9 +318,8 @@ class TaskSequenceData(FederatedData):
         return mask
 
     def seen_view(self, split, t: int):
-        """`split` scored over the classes of tasks 0..t (the task id is never given)."""
-        from fedbench.models.inputs import TokenizedSplit
-        return TokenizedSplit(split.input_ids, split.labels, class_mask=self.seen_mask(t).expand(len(split), -1))
+        """`split` (token ids or images) scored over the classes of tasks 0..t (the task id is never given)."""
+        return dataclasses.replace(split, class_mask=self.seen_mask(t).expand(len(split), -1))
 
 
 @dataclass
@@ -359,10 +359,18 @@ def prepare_sequence_pool(o: "TaskSequenceOptions", task: str, backbone: str, ma
         val.append(v)
         test_rows.append(pick_rows(np.flatnonzero(te == c), o.max_test_per_class, rng_for(o.data_seed, "subsample", c, 1)))
     train_rows, test_rows = np.concatenate(train_rows), np.concatenate(test_rows)
-    tok = load_tokenizer(backbone)
-    train = tokenize_split(ds["train"].select(train_rows.tolist()), tok, max_length)
-    test = tokenize_split(ds["test"].select(test_rows.tolist()), tok, max_length)
-    return SequencePool(train, test, tr[train_rows], np.concatenate(val), te[test_rows], names, tok.pad_token_id or 0)
+    if "image" in ds["train"].column_names:      # an image task (CIFAR-100 on a ViT): uint8 images, no tokens
+        from fedbench.models.backbone import pretrained_config
+        from fedbench.models.inputs import image_split
+        from fedbench.models.vision import image_normalization
+        config, (mean, std) = pretrained_config(backbone), image_normalization(backbone)
+        encode, pad_id = (lambda split: image_split(split, config.image_size, config.num_channels, mean, std)), 0
+    else:
+        tok = load_tokenizer(backbone)
+        encode, pad_id = (lambda split: tokenize_split(split, tok, max_length)), tok.pad_token_id or 0
+    train = encode(ds["train"].select(train_rows.tolist()))
+    test = encode(ds["test"].select(test_rows.tolist()))
+    return SequencePool(train, test, tr[train_rows], np.concatenate(val), te[test_rows], names, pad_id)
 
 
 def sequence_pool_caches(pool: SequencePool, model_cfg, top_depths) -> tuple:
@@ -383,7 +391,6 @@ def sequence_pool_caches(pool: SequencePool, model_cfg, top_depths) -> tuple:
 def sequence_data(cfg, o: "TaskSequenceOptions", pool: SequencePool) -> TaskSequenceData:
     """The seed's task sequence: class order, per-task Dirichlet partition, held-out inputs per client."""
     from fedbench.data import partition_dirichlet
-    from fedbench.models.inputs import TokenizedSplit
     n_labels = len(pool.class_names)
     order = rng_for(cfg.seed, "partition", 10**6).permutation(n_labels)      # the task order, per seed
     groups = [sorted(int(c) for c in g) for g in np.array_split(order, o.num_tasks)]
@@ -407,7 +414,8 @@ def sequence_data(cfg, o: "TaskSequenceOptions", pool: SequencePool) -> TaskSequ
                                      counts[:, classes.index(int(pool.train_class[r]))].sum()) for r in vrows])
         task_held.append([vrows[owner == i] for i in range(K)])
         task_test.append(np.flatnonzero(np.isin(pool.test_class, classes)))
-    train = TokenizedSplit(pool.train.input_ids, pool.train.labels, class_mask=own)
+    # the pool's split (token ids or images) with each example's own task's classes
+    train = dataclasses.replace(pool.train, class_mask=own)
     clients = [np.sort(np.concatenate([tc[i] for tc in task_clients])) for i in range(K)]
     return TaskSequenceData(train=train, test=pool.test, client_indices=clients,
                             test_indices=np.concatenate(task_test), class_names=pool.class_names, pad_id=pool.pad_id,
@@ -440,19 +448,25 @@ class TaskSequenceOptions(Options):
 
 
 def check_task_sequence(cfg) -> None:
-    from fedbench.data import list_tasks
     o = cfg.data.federation_options
-    info = {t.name: t for t in list_tasks() if t.offline}
-    if cfg.data.task not in info or info[cfg.data.task].modality != "text" or info[cfg.data.task].num_classes < 4:
-        text = sorted(n for n, t in info.items() if t.modality == "text" and t.num_classes >= 4)
-        raise ConfigError("data.task", cfg.data.task, f"an offline text task with >= 4 classes with "
-                                                       f"data.federation='task_sequence': {text}")
+    info = sequence_tasks()
+    if cfg.data.task not in info:
+        raise ConfigError("data.task", cfg.data.task, f"a task with >= 4 classes with "
+                                                       f"data.federation='task_sequence': {sorted(info)}")
     if o["num_tasks"] > info[cfg.data.task].num_classes:
         raise ConfigError("data.federation_options.num_tasks", o["num_tasks"],
                           f"at most the {info[cfg.data.task].num_classes} classes of {cfg.data.task!r}")
     if o["num_tasks"] * o["rounds_per_task"] != cfg.fl.rounds:
         raise ConfigError("fl.rounds", cfg.fl.rounds, f"num_tasks x rounds_per_task = "
                                                       f"{o['num_tasks'] * o['rounds_per_task']} (data.federation_options)")
+
+
+def sequence_tasks() -> dict:
+    """{name: TaskInfo} of the tasks a class-incremental sequence can cut (>= 4 classes): the offline text tasks
+    and the hub's, images too (CIFAR-100 on a ViT: LoRM's paper profile; no vision backbone ships offline, so the
+    offline image tasks stay out); check_against_backbone matches the modality to the backbone."""
+    from fedbench.data import list_tasks
+    return {t.name: t for t in list_tasks() if t.num_classes >= 4 and (t.modality == "text" or not t.offline)}
 
 
 def sequence_pool(o: TaskSequenceOptions, task: str, backbone: str, max_length: int) -> SequencePool:
