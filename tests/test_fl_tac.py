@@ -476,7 +476,8 @@ def test_bad_parameters_name_field_and_allowed_values():
            ({"peft.method": "head", "peft.depth": None}, "peft.method"), ({"embedding": "tsne"}, "embedding"),
            ({"silhouette_n_init": 0}, "silhouette_n_init"), ({"lr_extend": -1}, "lr_extend"),
            ({"lr_extend": 1, "lr_grid": [1e-3]}, "lr_grid"), ({"seeds_per_method": {"fedit": 3}}, "seeds_per_method"),
-           ({"seeds_per_method": {"fedprox": 1}}, "seeds_per_method")]
+           ({"seeds_per_method": {"fedprox": 1}}, "seeds_per_method"), ({"lr_grids": {"local": []}}, "lr_grids"),
+           ({"lr_grids": {"local": [1e-3]}, "lr_extend": 1}, "lr_grids"), ({"lr_grids": {"x": [1e-3]}}, "lr_grids")]
     for overrides, name in bad:
         with pytest.raises(ConfigError) as e:
             fl_tac.settings_for("smoke", **overrides)
@@ -511,6 +512,10 @@ def test_lr_choice_at_a_grid_edge_is_bracketed_on_validation():
     s, _ = fl_tac.settings_for("smoke", lr_grid=[1e-3, 2e-3], seeds=[5])       # lr_extend 0: the grid as it is
     best, rows = fl_tac.choose_lr(s, "fedit", get)
     assert best == pytest.approx(2e-3) and len(rows) == 2 and rows[0]["chosen_at_grid_edge"]
+    s, _ = fl_tac.settings_for("smoke", lr_grid=[1e-3], lr_grids={"local": [2e-3, 4e-3, 8e-3]}, seeds=[5])
+    best, rows = fl_tac.choose_lr(s, "local", get)                       # a method's own grid: bracketed inside it
+    assert best == pytest.approx(4e-3) and [r["lr"] for r in rows] == [2e-3, 4e-3, 8e-3]
+    assert fl_tac.choose_lr(s, "fedit", get)[0] == pytest.approx(1e-3)   # the others keep lr_grid
 
 
 def test_tweet_polarity_is_tweet_sentiment_without_neutral():

@@ -55,10 +55,10 @@ LABELS = {"fl_tac": "FL-TAC (k-means, k = T)", "fl_tac_update": "FL-TAC clusteri
 FEDIT_STEPS = {"fedit": "split", "fedit_heads": "split", "fedit_matched": "matched"}
 HEADS = ("fedit_heads", "fl_tac_heads")             # the task-head arm; every other method: one shared head
 ARM = {m: "task heads" if m in HEADS else "shared head" for m in METHODS}
-# the methods that train per-task adapters exactly as FL-TAC does take its lr (chosen on validation); the lr
-# grid runs only for fl_tac and fedit (each extra grid value for every method would cost a fourth seed)
-LR_FROM = {"fl_tac_update": "fl_tac", "oracle": "fl_tac", "local": "fl_tac", "fedit_heads": "fedit",
-           "fl_tac_heads": "fl_tac"}
+# the methods that train per-task adapters exactly as FL-TAC does take its lr (chosen on validation), to save a
+# grid each; local chooses its own (a side of a primary claim; in calibration at quick's 64 rows per task its
+# validation preferred 2e-3 where the oracle's preferred 4e-3)
+LR_FROM = {"fl_tac_update": "fl_tac", "oracle": "fl_tac", "fedit_heads": "fedit", "fl_tac_heads": "fl_tac"}
 
 
 @dataclass
@@ -80,6 +80,7 @@ class FlTacSettings(Settings):
     evolution_panels: int = 4
     seeds_per_method: dict = field(default_factory=dict)   # method -> run on the first n seeds (exploratory arms)
     lr_extend: int = 0               # validation's choice at a grid edge: score up to this many steps beyond it
+    lr_grids: dict = field(default_factory=dict)           # method -> its own lr grid (else lr_grid)
 
     def validate(self) -> None:
         ok = binary_tasks()
@@ -108,6 +109,13 @@ class FlTacSettings(Settings):
             raise ConfigError("lr_extend", self.lr_extend, "an integer >= 0")
         if self.lr_extend and len(self.lr_grid) < 2:
             raise ConfigError("lr_grid", self.lr_grid, "at least 2 values with lr_extend > 0 (the step is their ratio)")
+        grids = self.lr_grids
+        if not isinstance(grids, dict) or any(
+                m not in METHODS or not isinstance(g, (list, tuple)) or len(g) < (2 if self.lr_extend else 1)
+                or not all(is_number(x) and x > 0 for x in g) for m, g in grids.items()):
+            raise ConfigError("lr_grids", grids, f"a mapping of methods {list(METHODS)} to lists of numbers > 0 "
+                                                 f"(at least 2 with lr_extend > 0)")
+        self.lr_grids = {m: tuple(sorted(float(x) for x in g)) for m, g in grids.items()}
         spm = self.seeds_per_method
         if not isinstance(spm, dict) or any(m not in METHODS or not is_int(n) or not 1 <= n <= len(self.seeds)
                                             for m, n in spm.items()):
@@ -269,12 +277,12 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
 
 def choose_lr(s: FlTacSettings, method: str, get) -> tuple[float, list[dict]]:
     """`method`'s lr: the best validation accuracy of its runs on the first seed (``get(method, seed, lr)`` ->
-    (result, run key)) over ``lr_grid``; a choice at an end of the values scored scores one grid step beyond it,
+    (result, run key)) over ``lr_grids[method]`` or ``lr_grid``; a choice at an end of the values scored scores one grid step beyond it,
     at most ``lr_extend`` times (rows with ``extension`` > 0), so the choice is bracketed where the budget allows."""
     def score(lr):
         res, h = get(method, s.seeds[0], lr)
         return val_accuracy(res), {"run": h}
-    return select_lr(method, s.lr_grid, score, metric="val_accuracy", extend=s.lr_extend)
+    return select_lr(method, s.lr_grids.get(method, s.lr_grid), score, metric="val_accuracy", extend=s.lr_extend)
 
 
 def tables(s, base, per_run, lr_selection, pool) -> FlTacResult:
@@ -467,19 +475,20 @@ PROTOCOL = """\
 | aspect | paper (arXiv 2404.15384) | official code (siqi2000/FL-TAC, `configs/glue_bert.yaml`) | ours (quick; full) | why ours differs |
 |---|---|---|---|---|
 | backbone | BERT-base (GLUE), ViT (CIFAR), LLaMA (Dolly) | `bert-base-uncased`, `num_labels=2` | MiniLM-L6 (bundled, offline) | CPU-only, offline benchmark |
-| tasks | GLUE: SST-2, QNLI, QQP, MRPC, RTE (all binary) | same, `max_len` 128 | 4 binary offline tasks: rt_sentiment, subjectivity, sms_spam, tweet_polarity (tweet_sentiment without neutral, made here); quick: 600 train / 200 validation / 1,000 test rows per task, max_length 32 | offline; GLUE needs the hub; CPU cost |
+| tasks | GLUE: SST-2, QNLI, QQP, MRPC, RTE (all binary) | same, `max_len` 128 | 4 binary offline tasks: rt_sentiment, subjectivity, sms_spam, tweet_polarity (tweet_sentiment without neutral, made here); quick: 64 train / 200 validation / 1,000 test rows per task, max_length 32; full: 4,000 train rows per task | offline; GLUE needs the hub; quick's 64 rows: the data-starved regime (next rows) |
 | head | one per model | one 2-class head (`num_labels=2`) for every task; no task id | one 2-class head, no task id, no class mask | - |
 | what an adapter is / what travels | LoRA adapters | `get_adapter_state`: every trainable parameter, i.e. LoRA A, B **and the 2-class head**, per task (FL-TAC) or one per client (FedIT) | the same: LoRA factors + head per (client, task); clustered and averaged together | - (the issue's "only lora_ keys" reading does not match the code, whose docstring says the head is federated too) |
 | clients, partition | 10 clients per task, Dirichlet(0.5) | `n_clients` 10, `dirichlet_alpha` 0.5, shares < 1% zeroed | 10 clients, Dirichlet(0.5) per task, shares < 1% zeroed (`data.num_clients`, `data.alpha`, `min_share`) | - |
+| data per client (regime) | GLUE-sized: thousands of rows per client and task | the whole GLUE training sets split over 10 clients | quick: 64 rows per task, ~6 per client per task on average (`partition.csv`), chosen so that local-only training is below federated training: at 600 rows (the previous quick) local-only beat FL-TAC on test (0.738 vs 0.696), and at 160 rows (calibration, 3 x 8 steps, first seed, validation only) it still led: local 0.755, oracle 0.780, FL-TAC 0.686, compute-matched FedIT 0.691 (lr 2e-3); at 64 rows (calibration, 3 x 6 steps, first seed, validation only): local 0.756 at lr 2e-3 (0.719 at 4e-3), oracle 0.779 at 4e-3 (0.757 at 2e-3), FL-TAC 0.743 at 4e-3 (0.709 at 2e-3), compute-matched FedIT 0.679 at 2e-3: only the oracle clears local-only (+0.023), so 64 rows was kept as the most starved of the sizes tried; the test gap over 5 seeds is in `claims.csv`; full: 4,000 rows per task | with MiniLM's features a client's few dozen rows of one task train a good local adapter; the paper's question (does sharing through clusters help?) needs clients that cannot learn alone |
 | participation | full | full (`sel = range(n_clients)`) | full (`fl.clients_per_round` 1.0; sampling/dropout by config) | - |
-| rounds x local steps | 20 rounds | 20 rounds x 50 steps per (client, task) adapter (FL-TAC); FedIT `max(1, local_steps // n_tasks)` per task, i.e. ~50 per client: FL-TAC gets n_tasks x FedIT's compute | the official split of steps, at quick 6 rounds x 4 steps (FedIT 1 step per task; 120-128 FL-TAC steps vs 32-37 FedIT steps per round over all clients, `runs.csv`); full 20 x 50 (`configs/fl_tac/full.yaml`, not run). Between methods not compute-matched, as in the official code | CPU budget (quick <= 12 min on 2 cores); a FedIT matched to FL-TAC's compute (local_steps per task) is a config change (`train.local_steps`), not run |
-| budget (optimizer steps per seed, all clients) | - | official: FL-TAC ~31 adapters x 20 x 50 = ~31,000 steps of batch 32 (~1.0 M examples); FedIT 10 clients x 20 x ~50 = ~10,000 steps | compute-matched to the CPU bar (quick): FL-TAC / oracle / local 720-768 steps of batch 8 (~6,000 examples), FedIT 192-222 steps: ~42x fewer steps and ~165x fewer examples than official; full = the official budget (not run) | the quick bar (12 min on 2 cores for every method, 3 seeds); official budget in `full` |
+| rounds x local steps | 20 rounds | 20 rounds x 50 steps per (client, task) adapter (FL-TAC); FedIT `max(1, local_steps // n_tasks)` per task, i.e. ~50 per client: FL-TAC gets n_tasks x FedIT's compute | quick: 3 rounds x 5 steps per (client, task) adapter (few rounds of several steps, as the official 20 x 50; the previous quick ran 6 x 4; 3 x 6 ran over the 12-minute bar), so adapters move before the first k-means; the official FedIT (`fedit`) 1-5 steps per task per round (5 // n_tasks); the compute-matched FedIT (`fedit_matched`, `fl.options.steps_per_task: matched`) 5 per task per round: the same optimiser steps as FL-TAC (`local_steps_per_round` in `runs.csv`); full 20 x 50 (`configs/fl_tac/full.yaml`, not run) | CPU budget (quick <= 12 min on 2 cores with 5 seeds on the primaries) |
+| budget (optimizer steps per seed, all clients) | - | official: FL-TAC ~31 adapters x 20 x 50 = ~31,000 steps of batch 32 (~1.0 M examples); FedIT 10 clients x 20 x ~50 = ~10,000 steps | quick: FL-TAC, the oracle, local and the compute-matched FedIT {STEPS} steps of batch 8 per seed, the official FedIT {FEDIT_STEPS}; full = the official budget (not run) | the quick bar |
 | LoRA | r = 4 | r 4, alpha 16, dropout 0.05, query/value of every layer | r 4, alpha 16, no dropout, query/value of the top 2 layers (quick; every layer in full), the frozen prefix cached | CPU cost |
-| optimizer, lr | lr 5e-4 (BERT) | AdamW (wd 0.01 default), lr 5e-4, batch 32; a fresh optimizer per (client, task, round) | AdamW (wd 0), fresh per (client, task, round), batch 8 (quick); lr from {5e-4, 1e-3} on a validation split carved from the training data (first seed) for FL-TAC and FedIT; the oracle and local take FL-TAC's | never chosen on test; quick: two grid values for two methods only (CPU budget) |
-| server | k-means, k = tasks, FedAvg per cluster | sklearn KMeans(n_init=10, random_state=seed) on the flattened adapters; FedAvg by samples per cluster; each (client, task) gets its cluster's aggregate | the same (`fedbench.strategies.fl_tac`); k-means seed derived per round; silhouette k (k = 2..2T) recorded beside k = T (quick: 3 restarts for the silhouette's k-means, `silhouette_n_init`); a diagnostic (`fl_tac_update`) clusters the round's updates (adapter - what was sent): smoke and full, not quick | CPU budget: the silhouette search was ~8 s of a 54 s FL-TAC run; `fl_tac_update` is ~45 s a seed |
+| optimizer, lr | lr 5e-4 (BERT) | AdamW (wd 0.01 default), lr 5e-4, batch 32; a fresh optimizer per (client, task, round) | AdamW (wd 0), fresh per (client, task, round), batch 8 (quick); lr chosen on a validation split carved from the training data (first seed) from {4e-3, 8e-3, 1.6e-2} for FL-TAC, the compute-matched FedIT and the official FedIT, from {1e-3, 2e-3, 4e-3} for local (`lr_grids`), each grid centred on what validation chose in a first cold run at 3 x 6 steps over {1e-3, 2e-3, 4e-3} + one extension (FL-TAC and both FedITs 8e-3, still at the edge; local 2e-3); a choice at a grid edge scores one grid step beyond it (`lr_extend` 1; `extension` rows in `lr_selection.csv`); the oracle takes FL-TAC's (its first-seed validation accuracy is reported) | never chosen on test; higher lrs than the official 5e-4 because quick trains 15 steps per adapter, not 1,000 |
+| server | k-means, k = tasks, FedAvg per cluster | sklearn KMeans(n_init=10, random_state=seed) on the flattened adapters; FedAvg by samples per cluster; each (client, task) gets its cluster's aggregate | the same (`fedbench.strategies.fl_tac`); k-means seed derived per round; silhouette k (k = 2..2T) recorded beside k = T (quick: 3 restarts for the silhouette's k-means, `silhouette_n_init`); ARI of the clusters against the true tasks every round (`clustering.csv` per seed, `ari_rounds.csv` mean and t interval, `ari_vs_round.png`); a diagnostic (`fl_tac_update`) clusters the round's updates (adapter - what was sent): smoke, quick-complete and full | CPU budget |
 | adapter-evolution figure | UMAP of the adapters over rounds, colour = task | - | UMAP (umap-learn, `random_state` derived from the run's seed and the round, n_neighbors min(15, n - 1)) of what the server clustered, every round; PCA when umap-learn is absent (or < 5 adapters; smoke uses PCA); `adapter_embedding.csv` holds the plotted coordinates and which embedding | umap-learn is optional (the dev extra); its first fit JIT-compiles for ~15 s |
-| FedIT | one adapter, FedAvg | one shared adapter, tasks in turn, `max(1, local_steps // n_tasks)` steps each | the same (`fedit_tasks`) | - |
-| evaluation | per task | task t scored with the first client's copy of the adapter for t | each test row of task t scored by the adapter of one client holding t, drawn with probability proportional to its samples (the same owners for every method of a seed); the validation split is scored only by the runs that choose the lr (first seed) | every client's adapter counts, at the cost of one pass over the test set |
-| task-head arm | - | - | "FedIT + task heads" (`fedit_heads`, quick, 3 seeds, FedIT's lr) and "FL-TAC + task heads" (`fl_tac_heads`, smoke and full): one classifier head per task (each task its own label count, a class mask per example), task t scored with head t; heads FedAvg'd per task over the clients holding t, weighted by their samples of t, never per cluster; k-means on the LoRA factors only; otherwise the paper arm's schedule (FedIT: tasks in turn, `local_steps // n_tasks` each) | shows what task identity in the heads gives FedIT's one adapter (the earlier setting, where FedIT beat FL-TAC, had heads and mixed batches); `fl_tac_heads` left out of quick for time (~45 s a seed) |
-| statistics | one run | one seed (42) | 3 seeds (partition, init, batches, scoring owners), the same test rows; claims via `fedbench.claims` (seed-level intervals: seeds x test examples as crossed random effects; t interval for ARI) | - |
+| FedIT | one adapter, FedAvg | one shared adapter, tasks in turn, `max(1, local_steps // n_tasks)` steps each | the official one (`fedit`: `fedit_tasks`, `steps_per_task: split`) and the compute-matched one (`fedit_matched`: `steps_per_task: matched`, `local_steps` on each task in turn) | the official FedIT trains a quarter of FL-TAC's steps per task with 4 tasks: only the matched one isolates what clustering adds |
+| evaluation | per task | task t scored with the first client's copy of the adapter for t | each test row of task t scored by the adapter of one client holding t, drawn with probability proportional to its samples (the same owners for every method of a seed); the validation split is scored only by the first seed's runs | every client's adapter counts, at the cost of one pass over the test set |
+| task-head arm | - | - | "FedIT + task heads" (`fedit_heads`) and "FL-TAC + task heads" (`fl_tac_heads`): smoke, quick-complete (`configs/fl_tac/quick-complete.yaml`, 3 seeds, extends quick) and full: one classifier head per task (each task its own label count, a class mask per example), task t scored with head t; heads FedAvg'd per task over the clients holding t, weighted by their samples of t, never per cluster; k-means on the LoRA factors only; otherwise the paper arm's schedule | moved out of quick for time (issue 29: 5 seeds on the primaries) |
+| statistics | one run | one seed (42) | quick: 5 seeds (partition, init, batches, scoring owners) for FL-TAC, the compute-matched FedIT and local (the primary claims: FL-TAC vs compute-matched FedIT, FL-TAC vs local-only; Holm over the two, intervals at the Holm level), 3 seeds for the official FedIT and the oracle (exploratory rows, paired on the seeds both sides ran); the same test rows; claims via `fedbench.claims` (seeds x test examples; t interval for ARI) | - |
 """
