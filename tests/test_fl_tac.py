@@ -477,7 +477,7 @@ def test_bad_parameters_name_field_and_allowed_values():
            ({"silhouette_n_init": 0}, "silhouette_n_init"), ({"lr_extend": -1}, "lr_extend"),
            ({"lr_extend": 1, "lr_grid": [1e-3]}, "lr_grid"), ({"seeds_per_method": {"fedit": 3}}, "seeds_per_method"),
            ({"seeds_per_method": {"fedprox": 1}}, "seeds_per_method"), ({"lr_grids": {"local": []}}, "lr_grids"),
-           ({"lr_grids": {"local": [1e-3]}, "lr_extend": 1}, "lr_grids"), ({"lr_grids": {"x": [1e-3]}}, "lr_grids")]
+           ({"lr_grids": {"local": [1e-3]}, "lr_extend": 1, "lr_grid": [1e-3, 2e-3]}, "lr_grids"), ({"lr_grids": {"x": [1e-3]}}, "lr_grids")]
     for overrides, name in bad:
         with pytest.raises(ConfigError) as e:
             fl_tac.settings_for("smoke", **overrides)
