@@ -286,6 +286,30 @@ def test_oracle_groups_by_task_local_keeps_every_adapter_and_fedit_splits_its_st
         assert u.num_steps == n * max(1, 4 // n) and list(u.state) == [f"shared/{k}" for k in fedit.strategy.keys]
 
 
+def test_compute_matched_fedit_trains_fl_tacs_steps_per_task_on_one_adapter(tiny):
+    """fedit_matched: local_steps on each task in turn (FL-TAC's steps per (client, task)), one adapter up; with a
+    single task held it is the official FedIT exactly; a bad steps_per_task names the option."""
+    from fedbench.fl import FederatedRun
+    _, _, pool, data = tiny
+    runs = {m: FederatedRun(_cfg(tiny, m), data, pool.caches) for m in ("fedit_matched", "fedit", "fl_tac")}
+    assert runs["fedit_matched"].cfg.fl.options == {"steps_per_task": "matched"}
+    assert runs["fedit"].cfg.fl.options == {"steps_per_task": "split"}
+    plan = runs["fedit"].select_clients(1)
+    multi = 0
+    for c in plan.reporting:
+        ups = {m: r.client_update(c, 1, r.configure(plan)[c]) for m, r in runs.items()}
+        n = len(runs["fedit"].strategy.tasks_of(c))
+        assert ups["fedit_matched"].num_steps == ups["fl_tac"].num_steps == 4 * n
+        assert list(ups["fedit_matched"].state) == [f"shared/{k}" for k in runs["fedit"].strategy.keys]
+        same = all(torch.equal(ups["fedit_matched"].state[k], ups["fedit"].state[k]) for k in ups["fedit"].state)
+        assert same == (n == 1)            # more tasks: 4 steps each instead of 4 // n
+        multi += n > 1
+    assert multi                           # the tiny federation has a client with both tasks
+    with pytest.raises(ConfigError) as e:
+        _cfg(tiny, "fedit", **{"fl.options": {"steps_per_task": "all"}})
+    assert e.value.field_name == "fl.options.steps_per_task"
+
+
 def test_resume_from_a_checkpoint_is_bit_identical(tiny, tmp_path):
     from fedbench.fl.server import run_federated
     _, _, pool, data = tiny
@@ -450,7 +474,10 @@ def test_bad_parameters_name_field_and_allowed_values():
            ({"methods": ["fl_tac", "fedprox"]}, "methods"), ({"k": 0}, "k"), ({"seeds": [0, 0]}, "seeds"),
            ({"min_share": 0.5}, "min_share"), ({"lr_grid": [-1.0]}, "lr_grid"), ({"colour": 1}, "colour"),
            ({"peft.method": "head", "peft.depth": None}, "peft.method"), ({"embedding": "tsne"}, "embedding"),
-           ({"silhouette_n_init": 0}, "silhouette_n_init")]
+           ({"silhouette_n_init": 0}, "silhouette_n_init"), ({"lr_extend": -1}, "lr_extend"),
+           ({"lr_extend": 1, "lr_grid": [1e-3]}, "lr_grid"), ({"seeds_per_method": {"fedit": 3}}, "seeds_per_method"),
+           ({"seeds_per_method": {"fedprox": 1}}, "seeds_per_method"), ({"lr_grids": {"local": []}}, "lr_grids"),
+           ({"lr_grids": {"local": [1e-3]}, "lr_extend": 1, "lr_grid": [1e-3, 2e-3]}, "lr_grids"), ({"lr_grids": {"x": [1e-3]}}, "lr_grids")]
     for overrides, name in bad:
         with pytest.raises(ConfigError) as e:
             fl_tac.settings_for("smoke", **overrides)
@@ -459,6 +486,36 @@ def test_bad_parameters_name_field_and_allowed_values():
         fl_tac.settings_for("huge")
     s, _ = fl_tac.settings_for("smoke", methods=["local", "fl_tac"], seeds=[3])
     assert s.methods == ("fl_tac", "local") and s.seeds == (3,)
+    s, _ = fl_tac.settings_for("smoke", seeds=[4, 2, 7], seeds_per_method={"oracle": 2})
+    assert s.seeds_of("oracle") == (4, 2) and s.seeds_of("fl_tac") == (4, 2, 7)
+
+
+def test_lr_choice_at_a_grid_edge_is_bracketed_on_validation():
+    """choose_lr scores one grid step beyond an edge choice (lr_extend times at most), on the first seed only."""
+    from types import SimpleNamespace
+
+    from fedbench.experiments import fl_tac
+    val = {1e-3: 0.60, 2e-3: 0.70, 4e-3: 0.75, 8e-3: 0.65}      # rises past the grid's top, then falls
+    calls = []
+
+    def get(method, seed, lr):
+        calls.append((method, seed, lr))
+        pred = np.zeros(100, dtype=int)
+        pred[: int(round(100 * val[round(lr, 10)]))] = 1
+        res = SimpleNamespace(summary={"fl_tac": {"val_predictions": {"label": [1] * 100, "prediction": pred}}})
+        return res, f"run{lr:g}"
+    s, _ = fl_tac.settings_for("smoke", lr_grid=[1e-3, 2e-3], lr_extend=3, seeds=[5, 6])
+    best, rows = fl_tac.choose_lr(s, "fedit", get)
+    assert best == pytest.approx(4e-3) and [r["extension"] for r in rows] == [0, 0, 1, 2]
+    assert {c[1] for c in calls} == {5} and not rows[0]["chosen_at_grid_edge"]
+    assert [r["run"] for r in rows] == ["run0.001", "run0.002", "run0.004", "run0.008"]
+    s, _ = fl_tac.settings_for("smoke", lr_grid=[1e-3, 2e-3], seeds=[5])       # lr_extend 0: the grid as it is
+    best, rows = fl_tac.choose_lr(s, "fedit", get)
+    assert best == pytest.approx(2e-3) and len(rows) == 2 and rows[0]["chosen_at_grid_edge"]
+    s, _ = fl_tac.settings_for("smoke", lr_grid=[1e-3], lr_grids={"local": [2e-3, 4e-3, 8e-3]}, seeds=[5])
+    best, rows = fl_tac.choose_lr(s, "local", get)                       # a method's own grid: bracketed inside it
+    assert best == pytest.approx(4e-3) and [r["lr"] for r in rows] == [2e-3, 4e-3, 8e-3]
+    assert fl_tac.choose_lr(s, "fedit", get)[0] == pytest.approx(1e-3)   # the others keep lr_grid
 
 
 def test_tweet_polarity_is_tweet_sentiment_without_neutral():
@@ -499,11 +556,13 @@ def test_end_to_end_reproduces_exactly(tmp_path, monkeypatch):
     assert clu.loc[clu["round"] == 1, "changed_clusters"].isna().all()
     assert clu.loc[clu["round"] == 2, "changed_clusters"].notna().all()
     assert {"estimate", "ci_low", "ci_high", "verdict", "role", "n_seeds"} <= set(res.claims.columns)
-    head = res.claims.iloc[0]
-    assert (head["claim"], head["role"]) == ("FL-TAC beats FedIT (mean over tasks)", "primary")
-    # FL-TAC, oracle and local train n_tasks x FedIT's steps; every method is scored on the same test rows
+    assert list(res.claims["claim"][:2]) == list(fl_tac.PRIMARY) and set(res.claims["role"][:2]) == {"primary"}
+    # FL-TAC, oracle, local and the compute-matched FedIT train n_tasks x FedIT's steps; every method is scored on
+    # the same test rows
     steps = res.runs.groupby("method")["local_steps_per_round"].mean()
-    assert steps["fl_tac"] == steps["oracle"] == steps["local"] > steps["fedit"]
+    assert steps["fl_tac"] == steps["oracle"] == steps["local"] == steps["fedit_matched"] > steps["fedit"]
+    ari = pd.read_csv(out / "ari_rounds.csv")
+    assert list(ari["round"][ari["method"] == "fl_tac"]) == [1, 2] and (ari["n_seeds"] == 2).all()
     assert {m: c.shape for m, c in res.correct.items()} == {m: (2, 24) for m in fl_tac.METHODS}
     assert (out / "PROTOCOL.md").exists() and (out / "REPORT.md").exists()
 
@@ -521,7 +580,8 @@ def test_a_run_built_from_its_config_alone_equals_the_experiments(tiny):
 
 
 def test_claims_primary_first_and_the_oracle_gate():
-    """FL-TAC vs FedIT is the primary claim; "as good as the oracle" is decided only when the oracle beats FedIT."""
+    """FL-TAC vs compute-matched FedIT and vs local are the primary family (Holm); "as good as the oracle" is decided
+    only when the oracle beats the compute-matched FedIT; a method on fewer seeds is paired on the seeds it ran."""
     from types import SimpleNamespace
 
     from fedbench.claims import check_table
@@ -529,17 +589,27 @@ def test_claims_primary_first_and_the_oracle_gate():
     rng = np.random.default_rng(0)
     task_of = np.repeat([0, 1], 200)
     fedit = (rng.random((5, 400)) < 0.6).astype(int)
+    local = (rng.random((5, 400)) < 0.55).astype(int)
     s = SimpleNamespace(tasks=["a", "b"])
 
-    def claims(oracle):
-        c = ft.compute_claims(s, None, pd.DataFrame(), {"fl_tac": oracle.copy(), "fedit": fedit, "oracle": oracle},
-                              task_of)
-        return check_table(c).set_index("claim")
+    def claims(oracle, **extra):
+        correct = {"fl_tac": oracle.copy(), "fedit_matched": fedit, "oracle": oracle, "local": local, **extra}
+        seeds = {m: list(range(len(v))) for m, v in correct.items()}
+        return check_table(ft.compute_claims(s, None, pd.DataFrame(), correct, task_of, seeds)).set_index("claim")
 
     same = claims(fedit.copy())                                  # the oracle no better than FedIT
-    assert same.index[0] == "FL-TAC beats FedIT (mean over tasks)" and same["role"].iloc[0] == "primary"
+    assert list(same.index[:2]) == list(ft.PRIMARY) and list(same["role"][:2]) == ["primary"] * 2
+    assert (same["role"][2:] == "exploratory").all()
     near = "FL-TAC is as good as perfect clustering (within 0.02)"
-    assert same.loc[near, "verdict"] == "not interpretable: reference does not beat FedIT (exploratory)"
-    better = claims(np.maximum(fedit, (rng.random((5, 400)) < 0.5).astype(int)))
+    assert same.loc[near, "verdict"] == "not interpretable: reference does not beat compute-matched FedIT (exploratory)"
+    oracle = np.maximum(fedit, (rng.random((5, 400)) < 0.5).astype(int))
+    better = claims(oracle, fedit=fedit[:3] * 0)
     assert better.loc[near, "verdict"] == "agrees (exploratory)"        # fl_tac = oracle: within 0.02
-    assert better.loc["FL-TAC beats FedIT (mean over tasks)", "verdict"] == "agrees"   # primary, 5 seeds, Holm m=1
+    assert better.loc[ft.PRIMARY[0], "verdict"] == "agrees"              # primary, 5 seeds, Holm m=2
+    assert better.loc[ft.PRIMARY[0], "p_holm"] >= better.loc[ft.PRIMARY[0], "p_value"]
+    official = "FL-TAC beats FedIT with the official split of steps (mean over tasks)"
+    assert better.loc[official, "n_seeds"] == 3                          # fedit ran the first 3 seeds only
+    from fedbench.claims import paired_accuracy_difference
+    want = paired_accuracy_difference(oracle[:3], fedit[:3] * 0, "x", "y")          # FL-TAC's first 3 seeds
+    assert better.loc[official, ["estimate", "ci_low", "ci_high"]].tolist() == pytest.approx(
+        [want.estimate, want.ci_low, want.ci_high])

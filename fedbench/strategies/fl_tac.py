@@ -16,6 +16,8 @@ trainable parameter), called an *adapter* here. Strategies (``fl.strategy``):
 - ``fl_tac_local``: every (client, task) adapter is its own group: local training (nothing is averaged).
 - ``fedit_tasks``: FedIT as the official code runs it: one adapter per client trained on its tasks in turn,
   ``train.local_steps // n_tasks`` steps each (n_tasks = the tasks the client holds), FedAvg over clients.
+  ``fl.options.steps_per_task="matched"`` trains ``train.local_steps`` steps on each task instead: the same
+  optimiser steps per (client, task) as FL-TAC, the control that separates FL-TAC's clustering from its compute.
 
 Task heads (``MultiTaskData.head_rows`` set; the "task-head arm"): the classifier holds one head per task (task
 t's rows ``head_rows[t]``, each task its own label count; a class mask keeps every example's softmax on its
@@ -247,7 +249,8 @@ class TaskClusters(FedAvg):
         adapters = store.setdefault("adapters", {})
         base = run.cfg.train if ins.local_steps is None else run.cfg.train.with_steps(ins.local_steps)
         shared = self.shared_adapter
-        steps = max(1, (base.local_steps or 1) // max(1, len(tasks))) if shared else base.local_steps
+        split = shared and self.options.steps_per_task == "split"     # FedIT: the official split of the steps
+        steps = max(1, (base.local_steps or 1) // max(1, len(tasks))) if split else base.local_steps
         cfg = base.with_steps(steps) if steps else base
         state_out, extras, losses, n_steps, n_all, eps = OrderedDict(), {}, [], 0, 0, []
         cur = self._received(ins, "shared") if shared else None
@@ -438,9 +441,21 @@ class TaskLocal(TaskClusters):
         return [f"pair{c}_{t}" for c, t, _, _ in subs]
 
 
-@STRATEGIES.register("fedit_tasks", check=_check("fedit_tasks"))
+@dataclass(frozen=True)
+class FedITOptions(Options):
+    """FedIT's local budget: ``steps_per_task`` "split" (the official code: ``max(1, local_steps // n_tasks)``
+    steps on each of the client's n_tasks tasks, so FedIT trains 1 / n_tasks of FL-TAC's steps) or "matched"
+    (``local_steps`` steps on each task: FL-TAC's optimiser steps per (client, task), compute-matched)."""
+    steps_per_task: str = "split"
+
+    def validate(self, prefix):
+        check_choice(f"{prefix}.steps_per_task", self.steps_per_task, ("split", "matched"))
+
+
+@STRATEGIES.register("fedit_tasks", check=_check("fedit_tasks"), options=FedITOptions)
 class FedITTasks(TaskClusters):
-    """FedIT as in the official code: one adapter per client, local_steps // n_tasks steps on each task in turn."""
+    """FedIT as in the official code: one adapter per client, local_steps // n_tasks steps on each task in turn
+    (``steps_per_task="matched"``: local_steps on each task)."""
     shared_adapter = True
 
     def groups(self, gm, subs, round_idx):
