@@ -152,6 +152,17 @@ def stack_semantics(strategy, global_model, states, weights, new_state, round_id
 
 # -- the default strategy -------------------------------------------------------------------------------
 
+def check_lora_factor_strategy(cfg, name: str, why: str) -> None:
+    """A strategy that decides what the LoRA factors mean (`name`, `why` it does): a tuner with factors and the
+    plain 'factors' semantics, so the two never both rewrite the factors."""
+    if not has_lora_factors(cfg.peft.method):
+        raise ConfigError("fl.strategy", name, f"a LoRA tuner (peft.method={cfg.peft.method!r} has no factors)")
+    if cfg.fl.lora_aggregation != "factors":
+        raise ConfigError("fl.lora_aggregation", cfg.fl.lora_aggregation,
+                          f"'factors' with fl.strategy={name!r} ({why})")
+    check_lora_semantics(cfg)
+
+
 def check_lora_semantics(cfg) -> None:
     """LoRA semantics other than 'factors' act on LoRA factors: meaningless for a tuner without them."""
     if cfg.fl.lora_aggregation != "factors" and not has_lora_factors(cfg.peft.method):

@@ -5,20 +5,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from fedbench.errors import ConfigError
-from fedbench.fl.strategy import FedAvg, GlobalModel, check_lora_semantics, has_lora_factors
+from fedbench.fl.strategy import FedAvg, GlobalModel, check_lora_factor_strategy
 from fedbench.registry import STRATEGIES
 
 
 def _needs_lora(name: str):
-    def check(cfg) -> None:
-        if not has_lora_factors(cfg.peft.method):
-            raise ConfigError("fl.strategy", name, f"a LoRA tuner (peft.method={cfg.peft.method!r} has no factors)")
-        if cfg.fl.lora_aggregation != "factors":
-            raise ConfigError("fl.lora_aggregation", cfg.fl.lora_aggregation,
-                              f"'factors' with fl.strategy={name!r} (it fixes which factor travels)")
-        check_lora_semantics(cfg)
-    return check
+    return lambda cfg: check_lora_factor_strategy(cfg, name, "it fixes which factor travels")
 
 
 @STRATEGIES.register("ffa_lora", check=_needs_lora("ffa_lora"))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from fedbench.errors import ConfigError
 from fedbench.fl.seeding import rng_for
-from fedbench.fl.strategy import ClientInstruction, FedAvg, GlobalModel, check_lora_semantics, has_lora_factors
+from fedbench.fl.strategy import ClientInstruction, FedAvg, GlobalModel, check_lora_factor_strategy
 from fedbench.merging.lora_family import factor_rank, pad_factors, truncate_factors
 from fedbench.models.state import state_nbytes
 from fedbench.options import Options, check_choice
@@ -62,12 +62,7 @@ def assign_ranks(options: RankOptions, num_clients: int, rank: int, seed: int) -
 def check_family(name: str):
     """The family's config check: LoRA factors, its own semantics ('factors'), tiers within peft.rank."""
     def check(cfg) -> None:
-        if not has_lora_factors(cfg.peft.method):
-            raise ConfigError("fl.strategy", name, f"a LoRA tuner (peft.method={cfg.peft.method!r} has no factors)")
-        if cfg.fl.lora_aggregation != "factors":
-            raise ConfigError("fl.lora_aggregation", cfg.fl.lora_aggregation,
-                              f"'factors' with fl.strategy={name!r} (the strategy decides what the factors mean)")
-        check_lora_semantics(cfg)
+        check_lora_factor_strategy(cfg, name, "the strategy decides what the factors mean")
         ranks = (cfg.fl.options or {}).get("ranks")
         if ranks is not None and isinstance(ranks, (list, tuple)) and any(
                 isinstance(r, int) and r > cfg.peft.rank for r in ranks):
