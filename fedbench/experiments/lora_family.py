@@ -325,7 +325,8 @@ def flower_parity(base, s, chosen, runner) -> pd.DataFrame:
     cols = ["round", "bytes_up", "bytes_down", "accuracy", "loss"]
     out = ref[cols].merge(flw[cols], on="round", suffixes=("_inprocess", "_flower"))
     out["same"] = ((out.bytes_up_inprocess == out.bytes_up_flower) & (out.bytes_down_inprocess == out.bytes_down_flower)
-                   & ((out.accuracy_inprocess - out.accuracy_flower).abs() <= 1e-6))
+                   & (((out.accuracy_inprocess - out.accuracy_flower).abs() <= 1e-6)      # rounds not evaluated:
+                      | (out.accuracy_inprocess.isna() & out.accuracy_flower.isna())))   # NaN on both engines
     return out.assign(method=m, condition=c)
 
 
