@@ -324,7 +324,9 @@ def test_every_profile_resolves_and_its_primaries_run_on_their_seeds(profile):
         for seed in s.primary_seeds:
             assert (m, c, seed, "primary") in cells and ("fedit", c, seed, "primary") in cells
     if profile != "smoke":
-        assert len(s.primary_seeds) >= 5 and set(s.primaries) == set(X.PRIMARIES)
+        assert len(s.primary_seeds) >= 5 and s.primaries and set(s.primaries) <= set(X.PRIMARIES)
+    if profile in ("full", "quick-complete"):      # quick runs the primaries that fit its budget (its comment)
+        assert set(s.primaries) == set(X.PRIMARIES)
     roles = {role for *_, role in cells}
     assert roles == ({"primary", "exploratory"} if s.explore else {"primary"})
 
