@@ -26,7 +26,7 @@ def test_heterogeneity_levels_parse_and_bad_ones_are_named():
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("tasks", ["cifar10"], "tasks"), ("tasks", [], "tasks"), ("methods", ["lorax"], "methods"),
+    ("tasks", ["not_a_task"], "tasks"), ("tasks", [], "tasks"), ("methods", ["lorax"], "methods"),
     ("axis_methods", ["full", "nope"], "axis_methods"), ("seeds", [-1], "seeds"),
     ("stability", [[1.0, 0.0], [0.0, 0.1]], "stability"), ("stability", [[1.0, 1.0]], "stability"),
     ("dp_epsilons", [0.0], "dp_epsilons"), ("lr_grid", {"full": [1e-4]}, "lr_grid"),

@@ -544,7 +544,7 @@ def make_figures(res: AutoFedNlpResult) -> dict:
             rows.append({"baseline": label(m), "seed": seed_, "speedup": _times(sm, m, [seed_])[0][0] / t_ours})
     figs["speedup"] = plots.bars(pd.DataFrame(rows), x="baseline", y="speedup", ratio=True,
                                  ylabel="speed-up to the target (simulated; 1x = equal)",
-                                 title="AutoFedNLP's speed-up over each baseline (a bound where not reached)")
+                                 title="Speed-up to the target (a bound if not reached)")
     return figs
 
 
