@@ -27,8 +27,8 @@ import pandas as pd
 
 from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig
-from fedbench.experiments.common import (Settings, check_list, check_seeds, is_number, output_dir, resolve_profile,
-                                         runs_root, save_figure, save_table, select_lr)
+from fedbench.experiments.common import (Settings, check_list, check_seeds, check_subset, is_number, output_dir,
+                                         resolve_profile, runs_root, save_figure, save_table, select_lr)
 
 EXPERIMENT = "lora_family"
 # method -> (config changes, whether it takes rank tiers); FedIT under rank tiers is its zero-padded version
@@ -91,8 +91,8 @@ class LoraFamilySettings(Settings):
     explore: bool = True                          # also every other (method, condition) pair, exploratory
 
     def validate(self) -> None:
-        self.methods = tuple(check_list_of("methods", self.methods, METHODS))
-        self.conditions = tuple(check_list_of("conditions", self.conditions, CONDITIONS))
+        self.methods = check_subset("methods", self.methods, tuple(METHODS))
+        self.conditions = check_subset("conditions", self.conditions, tuple(CONDITIONS))
         if "fedit" not in self.methods:
             raise ConfigError("methods", list(self.methods), "a list including 'fedit' (every claim compares with it)")
         if "iid" not in self.conditions:
@@ -114,11 +114,6 @@ class LoraFamilySettings(Settings):
             raise ConfigError("flower_cell", self.flower_cell, "null or [method, condition] from the grid")
         if not isinstance(self.explore, bool):
             raise ConfigError("explore", self.explore, "true or false")
-
-
-def check_list_of(name, value, allowed) -> list:
-    check_list(name, value, lambda x: x in allowed, f"a non-empty list from {list(allowed)}")
-    return [x for x in allowed if x in value]
 
 
 def settings_for(profile: str = "quick", path=None, **overrides):
