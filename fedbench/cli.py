@@ -138,7 +138,7 @@ def _run_profile(args, overrides: dict) -> int:
     import importlib
 
     from fedbench.errors import ConfigError
-    from fedbench.experiments.common import output_dir, read_profile_file
+    from fedbench.bench import output_dir, read_profile_file
     from fedbench.registry import EXPERIMENTS
     profile = read_profile_file(args.config)
     entry = EXPERIMENTS.entry(profile["experiment"], "experiment")
@@ -154,7 +154,7 @@ def _run_profile(args, overrides: dict) -> int:
         check_results_folder(args.results)
         os.environ["FEDBENCH_RESULTS_ROOT"] = os.path.abspath(os.path.expanduser(args.results))
     try:
-        from fedbench.experiments.common import results_root
+        from fedbench.bench import results_root
         check_results_folder(results_root(), "results folder")
         module = importlib.import_module(entry.obj)
         prof = profile["profile"] or "quick"
@@ -177,7 +177,7 @@ def _cmd_export(args) -> int:
     import importlib
 
     from fedbench.config import ConfigError
-    from fedbench.experiments.common import read_profile_file
+    from fedbench.bench import read_profile_file
     from fedbench.registry import EXPERIMENTS
     try:
         profile = read_profile_file(args.config)
@@ -200,7 +200,7 @@ def _cmd_report(args) -> int:
     """Rewrite a profile's REPORT.md from its outputs (nothing is recomputed)."""
     from fedbench.bench.report import write_report
     from fedbench.config import ConfigError
-    from fedbench.experiments.common import output_dir, read_profile_file
+    from fedbench.bench import output_dir, read_profile_file
     try:
         profile = read_profile_file(args.config)
         path = write_report(profile["experiment"], output_dir(profile["experiment"], profile["profile"] or "quick",

@@ -5,7 +5,7 @@ import pytest
 
 from fedbench.config import ConfigError, ModelConfig, PeftConfig
 from fedbench.experiments import fedpeft as fp
-from fedbench.experiments.common import output_dir
+from fedbench.bench import output_dir
 
 REQUIRED = ["task", "method", "partition", "alpha", "participation", "dropout", "dp_epsilon_target",
             "dp_epsilon_spent", "seed", "trainable_params", "bytes_up_per_round", "bytes_down_per_round",
@@ -97,7 +97,7 @@ def test_quick_meets_the_issue_floor():
     assert s["lr_extend"] >= 1
     f = settings("full")
     assert set(f["dp_methods"]) == set(f["methods"]) == set(fp.METHODS) and len(f["dp_seeds"]) >= 3
-    from fedbench.experiments.common import profile_path
+    from fedbench.bench import profile_path
     c = settings("quick", path=profile_path("fedpeft", "quick").parent / "quick-complete.yaml")
     assert set(c["methods"]) == set(fp.METHODS) and {"tweet_sentiment", "ng20"} <= set(c["tasks"])
     assert len(c["task_seeds"]) >= 3
@@ -441,7 +441,7 @@ def test_end_to_end_tiny_grid_is_reproducible(tmp_results, tmp_path, monkeypatch
                 axis_methods=["head"], heterogeneity=["dirichlet-1.0", "iid"], stability=[[1.0, 0.0], [0.5, 0.5]],
                 dp_epsilons=[8.0], dp_methods=["head"], clip_only=False, progress=False)
     res = fp.run(profile="smoke", **over)
-    # overrides: its own custom-<hash>/ folder under smoke's (fedbench.experiments.common.output_dir)
+    # overrides: its own custom-<hash>/ folder under smoke's (fedbench.bench.output_dir)
     out = output_dir("fedpeft", "smoke", overrides={k: v for k, v in over.items() if k != "progress"})
     assert out.parent == tmp_results / "fedpeft" / "smoke" and out.name.startswith("custom-")
     for name in ("summary.csv", "metrics.csv", "claims.csv", "headline.csv", "accuracy_vs_rounds.png",

@@ -33,7 +33,7 @@ def one_line_error(capsys, argv, *needles) -> str:
 # -- defect 1: a profile with overrides never writes the committed results/<experiment>/ -----------------------
 
 def test_an_override_or_a_profile_file_of_your_own_writes_its_own_folder(tmp_results, tmp_path):
-    from fedbench.experiments.common import output_dir, profile_path
+    from fedbench.bench import output_dir, profile_path
     assert output_dir("quickstart", "quick") == tmp_results / "quickstart"                 # the committed one
     assert output_dir("quickstart", "quick", profile_path("quickstart", "quick")) == tmp_results / "quickstart"
     assert output_dir("quickstart", "quick", overrides={"rounds": None}) == tmp_results / "quickstart"  # unset
@@ -181,7 +181,7 @@ def test_numbers_as_ml_users_write_them(tmp_path):
 
 
 def test_profiles_are_read_with_the_same_loader(tmp_path):
-    from fedbench.experiments.common import read_profile_file
+    from fedbench.bench import read_profile_file
     p = tmp_path / "p.yaml"
     p.write_text("experiment: quickstart\nbase: {train: {lr: 1e-3}}\nsettings: {}\n")
     assert read_profile_file(p)["base"]["train"]["lr"] == 1e-3

@@ -529,7 +529,7 @@ def test_tweet_polarity_is_tweet_sentiment_without_neutral():
 
 def test_end_to_end_reproduces_exactly(tmp_path, monkeypatch):
     from fedbench.experiments import fl_tac
-    from fedbench.experiments.common import output_dir
+    from fedbench.bench import output_dir
     monkeypatch.delenv("FEDBENCH_RESULTS", raising=False)
     names = ("summary.csv", "clustering.csv", "accuracy_rounds.csv", "claims.csv", "adapter_embedding.csv")
     tables = []

@@ -20,7 +20,7 @@ LAYERS = [
     {"fl"},                                     # the loop: client training, privacy, client store, FedAvg, rounds
     {"strategies"},                             # the paper strategies, one module per family
     {"engines"},                                # Flower
-    {"bench"},                                  # what every experiment shares (its report)
+    {"bench"},                                  # what every experiment shares: profiles, runner, caches, lr search, report
     {"experiments"},                            # the paper experiments
     {"cli", "__init__"},                        # the command line; `import fedbench`
 ]

@@ -315,7 +315,7 @@ def test_fedsa_keeps_each_clients_b_at_its_rank(data):
 @pytest.mark.parametrize("profile", ["smoke", "quick", "full", "quick-complete"])
 def test_every_profile_resolves_and_its_primaries_run_on_their_seeds(profile):
     from fedbench.experiments import lora_family as X
-    from fedbench.experiments.common import configs_root
+    from fedbench.bench import configs_root
     p = X.settings_for(profile.split("-")[0], path=configs_root() / "lora_family" / f"{profile}.yaml")
     s = p.settings
     assert max(s.ranks) == p.base.peft.rank

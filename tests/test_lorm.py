@@ -455,7 +455,7 @@ def test_lr_is_the_best_on_validation_ties_to_the_smaller_and_edges_are_flagged(
 
 def test_end_to_end_reproduces_exactly_and_resumes(tmp_path, monkeypatch):
     from fedbench.experiments import lorm
-    from fedbench.experiments.common import output_dir
+    from fedbench.bench import output_dir
     monkeypatch.delenv("FEDBENCH_RESULTS", raising=False)
     kw = dict(TINY, methods=["lorm", "lorm_mean", "lorm_avg", "fedit", "fedit_lorm_lr", "joint"])
     names = ("summary.csv", "per_task.csv", "merge_error.csv", "claims.csv")

@@ -14,7 +14,7 @@ import torch
 import fedbench.data.hub as hub
 from fedbench.config import PROFILES
 from fedbench.errors import ConfigError
-from fedbench.experiments.common import check_profile, profile_path, read_profile_file
+from fedbench.bench import check_profile, profile_path, read_profile_file
 
 PAPER = {"fedpeft": "google/vit-base-patch16-224-in21k", "lorm": "google/vit-base-patch16-224-in21k",
          "fl_tac": "google-bert/bert-base-uncased", "autofednlp": "google-bert/bert-base-uncased"}

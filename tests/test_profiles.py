@@ -5,7 +5,7 @@ import pytest
 
 from fedbench.config import ConfigError
 from fedbench.experiments import fedpeft
-from fedbench.experiments.common import output_dir, profile_path, read_profile_file
+from fedbench.bench import output_dir, profile_path, read_profile_file
 
 QUICK = profile_path("fedpeft", "quick")
 
@@ -69,7 +69,7 @@ def test_a_bad_profile_file_names_its_key(tmp_path, text, field):
 
 
 def test_a_variant_s_protocol_preamble_names_what_it_changes(tmp_path):
-    from fedbench.experiments.common import variant_note
+    from fedbench.bench import variant_note
     p = write(tmp_path, "experiment: fedpeft\nextends: quick\nresults: more-seeds\n"
                         "base: {fl: {rounds: 3}}\nsettings: {seeds: [0, 1, 2, 3]}\n")
     note = variant_note(p)

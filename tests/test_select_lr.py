@@ -1,7 +1,7 @@
-"""The one validation lr search (experiments.common.select_lr): ties, grid-edge flags and bracketing extension."""
+"""The one validation lr search (fedbench.bench.select_lr): ties, grid-edge flags and bracketing extension."""
 import pytest
 
-from fedbench.experiments.common import select_lr
+from fedbench.bench import select_lr
 
 
 def scores(table):

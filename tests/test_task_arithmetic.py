@@ -45,7 +45,7 @@ def test_profiles_resolve_with_a_base_and_meet_the_protocol():
     # the paper's regime: zero-shot heads, 5 seeds for the pre-stated primaries, steps heterogeneous by >= 8x
     assert q["head"] == "zero_shot" and len(q["seeds"]) >= 5 and 1 <= len(q["primary"]) <= 3
     assert max(q["hetero_steps"]) / min(q["hetero_steps"]) >= 8
-    from fedbench.experiments.common import profile_path
+    from fedbench.bench import profile_path
     folder = profile_path("task_arithmetic", "quick").parent
     c = ta.settings_for("quick", path=folder / "quick-complete.yaml")     # the arms quick moves out, put back
     assert c["hetero_lrs"] and 1 in c["rounds"] and max(c["rounds"]) > 1 and c["pairs"] and len(c["lrs"]) >= 2

@@ -1,6 +1,6 @@
 """One module per paper experiment. Each exposes ``run(profile=..., **overrides)`` that computes (or
 loads, by config hash) every run it needs and writes its tables and figures under
-``results/<experiment>/`` (see :func:`fedbench.experiments.common.output_dir`). Its profiles are
+``results/<experiment>/`` (see :func:`fedbench.bench.output_dir`). Its profiles are
 ``configs/<experiment>/{smoke,quick,full}.yaml`` (``paper.yaml`` too for fedpeft, fl_tac, autofednlp, lorm).
 
 The experiments are registered by name (:data:`fedbench.registry.EXPERIMENTS`) with the module that runs

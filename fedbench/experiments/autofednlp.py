@@ -35,7 +35,7 @@ import pandas as pd
 
 from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig
-from fedbench.experiments.common import (Settings, check_list, check_method, check_seeds, chosen_lr,
+from fedbench.bench import (Settings, check_list, check_method, check_seeds, chosen_lr,
                                          is_int, is_number, no_lr, output_dir, resolve_profile, runs_root,
                                          save_table, select_lr)
 
@@ -321,7 +321,7 @@ def run(profile: str = "quick", progress: bool = True, path=None, **overrides) -
         save_table(cal[name], out, f"{name}.csv")
     from fedbench.results import atomic_write_text
     atomic_write_text(out / "PROTOCOL.md", "# AutoFedNLP: protocol (paper / official code / ours)\n\n" + PROTOCOL)
-    from fedbench.experiments.common import save_figure
+    from fedbench.bench import save_figure
     res.figures = {name: save_figure(fig, out, f"{name}.png") for name, fig in make_figures(res).items()}
     from fedbench.experiments import autofednlp_calibration as K
     res.figures["calibration"] = save_figure(K.figure(cal["calibration"], cal["target"], s.device,

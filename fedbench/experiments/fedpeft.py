@@ -31,7 +31,7 @@ import pandas as pd
 
 from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig, PeftConfig
-from fedbench.experiments.common import (Settings, check_list, output_dir, resolve_profile, runs_root, save_figure,
+from fedbench.bench import (Settings, check_list, output_dir, resolve_profile, runs_root, save_figure,
                                          save_table, variant_note)
 from fedbench.registry import TUNERS
 
@@ -664,12 +664,12 @@ class Runner:
 
 def tune(s: dict, runner: Runner, progress: bool = True) -> pd.DataFrame:
     """The learning-rate search on validation; sets ``s["chosen_lr"]`` and returns the table (lr_selection.csv).
-    Per (task, method, privacy level): fedbench.experiments.common.select_lr over the grid (the highest final
+    Per (task, method, privacy level): fedbench.bench.select_lr over the grid (the highest final
     validation accuracy; ties: the smaller lr), extended past an edge choice by up to ``lr_extend`` grid steps
     (``dp_lr_extend`` under DP)."""
     import time
 
-    from fedbench.experiments.common import select_lr
+    from fedbench.bench import select_lr
     t0 = time.perf_counter()
     groups: dict = {}
     for c, lr in tuning_cells(s):

@@ -37,7 +37,7 @@ import pandas as pd
 from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.fl.federations import BINARY, binary_tasks
-from fedbench.experiments.common import (Settings, check_list, check_method, check_seeds, check_subset, chosen_lr,
+from fedbench.bench import (Settings, check_list, check_method, check_seeds, check_subset, chosen_lr,
                                          is_int, is_number, no_lr, output_dir, resolve_profile, runs_root,
                                          save_figure, save_table, select_lr)
 from fedbench.fl.seeding import derive_seed

@@ -27,7 +27,7 @@ import pandas as pd
 
 from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig
-from fedbench.experiments.common import (Settings, check_list, check_seeds, check_subset, is_number, output_dir,
+from fedbench.bench import (Settings, check_list, check_seeds, check_subset, is_number, output_dir,
                                          resolve_profile, runs_root, save_figure, save_table, select_lr)
 
 EXPERIMENT = "lora_family"

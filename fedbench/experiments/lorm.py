@@ -47,10 +47,10 @@ import torch
 
 from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig, config_hash
-from fedbench.experiments.common import (Settings, TableRunStore, check_list, check_method, check_seeds,
+from fedbench.bench import (Settings, TableRunStore, check_list, check_method, check_seeds,
                                          check_subset, chosen_lr, is_int, is_number, no_lr, output_dir,
                                          resolve_profile, save_figure, save_table)
-from fedbench.experiments.common import select_lr as common_select_lr
+from fedbench.bench import select_lr as common_select_lr
 from fedbench.fl.seeding import derive_seed
 
 EXPERIMENT = "lorm"

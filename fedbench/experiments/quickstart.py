@@ -14,7 +14,7 @@ import pandas as pd
 
 from fedbench.bench.report import write_report
 from fedbench.config import ExperimentConfig, ModelConfig, PeftConfig
-from fedbench.experiments.common import Settings, output_dir, resolve_profile, runs_root, save_figure, save_table
+from fedbench.bench import Settings, output_dir, resolve_profile, runs_root, save_figure, save_table
 
 EXPERIMENT = "quickstart"
 # the notebook's short parameter names -> the config fields they set
@@ -41,7 +41,7 @@ def export(profile: str = "quick", path=None, method: str = "fedavg", seed: int 
            **overrides) -> ExperimentConfig:
     """The quickstart's federated run as a config that runs alone (``fedbench export``); `seed` / `lr` replace
     the profile's. (Its other arm, the linear probe, is not a federated run.)"""
-    from fedbench.experiments.common import check_method
+    from fedbench.bench import check_method
     check_method(method, ("fedavg",))
     cfg = make_config(profile, path, **overrides)
     changes = {k: v for k, v in (("seed", seed), ("train.lr", lr)) if v is not None}

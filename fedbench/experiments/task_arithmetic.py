@@ -58,7 +58,7 @@ import torch
 from fedbench import merging
 from fedbench.bench.report import write_report
 from fedbench.config import ConfigError, ExperimentConfig
-from fedbench.experiments.common import (Settings, TableRunStore, check_list, is_int, is_number, output_dir,
+from fedbench.bench import (Settings, TableRunStore, check_list, is_int, is_number, output_dir,
                                          resolve_profile, save_figure, save_table, variant_note)
 from fedbench.fl.seeding import derive_seed
 from fedbench.registry import MERGES
@@ -224,7 +224,7 @@ def export(profile: str = "quick", path=None, method: str = "lora", seed: int = 
     """The loop's run of one (tuning, seed) as a config that runs alone (``fedbench export``): round 1 is every
     task's fine-tune and one-shot FedAvg of the task vectors. `method` is the tuning (lora or full); `lr` default:
     the lr the profile chose on validation (full fine-tuning: ``full_lr``)."""
-    from fedbench.experiments.common import check_method, chosen_lr, no_lr
+    from fedbench.bench import check_method, chosen_lr, no_lr
     r = settings_for(profile, path, **overrides)
     check_method(method, tuple(r.settings.tunings))
     cfg = run_config(r.base, r.settings, method, int(seed))

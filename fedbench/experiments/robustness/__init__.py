@@ -41,7 +41,7 @@ import pandas as pd
 from fedbench.bench.caches import PrefixCaches
 from fedbench.bench.report import write_report
 from fedbench.config import ExperimentConfig
-from fedbench.experiments.common import output_dir, runs_root, save_figure, save_table
+from fedbench.bench import output_dir, runs_root, save_figure, save_table
 from fedbench.experiments.robustness.analysis import (make_claims, make_figures, nan_arm_table, robustness_table,
                                                       wide_table)
 from fedbench.experiments.robustness.plan import (AGGREGATOR_ORDER, ATTACK_ORDER, EXPERIMENT, NAN_ARM, NAN_COLUMNS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedbench.config import ConfigError, ExperimentConfig
-from fedbench.experiments.common import Settings, check_list, is_int, is_number, resolve_profile
+from fedbench.bench import Settings, check_list, is_int, is_number, resolve_profile
 
 EXPERIMENT = "robustness"
 AGGREGATOR_ORDER = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")

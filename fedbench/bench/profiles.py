@@ -1,4 +1,4 @@
-"""What every experiment shares: YAML profiles and typed settings, output folders, tables, figures.
+"""Profiles and settings: YAML profiles, typed settings, parameter checks, output folders.
 
 Profiles are YAML files a user can read and copy, ``configs/<experiment>/{smoke,quick,full}.yaml`` (and
 ``paper.yaml`` where the paper's own backbone and data are reachable through the hub loaders)::
@@ -33,11 +33,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from fedbench.config import PROFILES, ConfigError, ExperimentConfig, to_plain
-from fedbench.results import atomic_savefig, atomic_write_csv, project_results_dir
+from fedbench.results import project_results_dir
 
 CORE_SECTIONS = ("name", "seed", "data", "model", "peft", "train", "fl")
 
@@ -301,69 +298,6 @@ def check_subset(name: str, value, allowed: tuple) -> tuple:
     return tuple(m for m in allowed if m in value)
 
 
-def select_lr(method: str, grid, score, metric: str = "val_final_accuracy", extend: int = 0,
-              step: float | None = None) -> tuple[float, list[dict]]:
-    """The lr of `grid` (ascending) with the best validation score (``score(lr)`` -> a number, or (number, extra
-    columns)); ties: the smaller lr. Returns it and one lr_selection row per value scored, with ``chosen``,
-    ``chosen_at_grid_edge`` (a choice at the end of the searched values says the optimum may lie outside them; one
-    value: no choice at all) and ``extension`` (0 for the grid's own values).
-
-    ``extend`` > 0 brackets the choice: while the best value sits at an end of the values scored so far, the next
-    value beyond that end is scored (one grid step further, the step being ``step`` or the ratio of the grid's
-    two values nearest that end; a one-value grid scores both neighbours first), at most ``extend`` times; every added value is a row with its ``extension``
-    number. Validation decides, so the extension is part of the protocol, not a look at test."""
-    grid = sorted(float(x) for x in grid)
-    if extend < 0 or (step is not None and step <= 1):
-        raise ValueError(f"select_lr: extend must be >= 0 and step > 1, got extend={extend}, step={step}")
-    if extend and len(grid) < 2 and step is None:
-        raise ValueError("select_lr: extending a one-value grid needs `step`")
-    rows, scored = [], {}
-
-    def run(lr: float, extension: int) -> None:
-        out = score(lr)
-        value, extra = out if isinstance(out, tuple) else (out, {})
-        scored[lr] = float(value)
-        rows.append({"method": method, "lr": float(lr), metric: float(value), **extra, "extension": extension})
-
-    for lr in grid:
-        run(lr, 0)
-    for n in range(1, extend + 1):
-        values = sorted(scored)
-        best = max(values, key=lambda lr: (scored[lr], -lr))      # ties: the smaller lr
-        if len(values) == 1:                                       # no side known: both neighbours
-            run(float(f"{best / step:.6g}"), n)
-            new = best * step
-        elif best == values[0]:
-            new = best / (step or values[1] / values[0])
-        elif best == values[-1]:
-            new = best * (step or values[-1] / values[-2])
-        else:
-            break
-        run(float(f"{new:.6g}"), n)
-    values = sorted(scored)
-    best = max(values, key=lambda lr: (scored[lr], -lr))
-    edge = len(values) == 1 or best in (values[0], values[-1])
-    for row in rows:
-        row["chosen"] = row["lr"] == best
-        row["chosen_at_grid_edge"] = edge
-    if not extend:  # the tables written before extension existed keep their columns
-        for row in rows:
-            del row["extension"]
-    return best, rows
-
-
-def save_table(df: pd.DataFrame, out: Path, name: str) -> Path:
-    path = Path(out) / name
-    atomic_write_csv(path, df)
-    return path
-
-
-def save_figure(fig, out: Path, name: str) -> Path:
-    path = Path(out) / name
-    atomic_savefig(fig, path)
-    return path
-
-
 # -- parameter checks shared by the experiments' settings validators -----------------------------------
 
 def is_int(x) -> bool:
@@ -378,38 +312,3 @@ def is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-# -- a run store for experiments whose runs are a few tables + a summary ---------------------------------
-
-class TableRunStore:
-    """One folder per run key under ``runs_root()/<experiment>/<hash of the key>``: ``key.json``, one CSV per
-    table and ``summary.json`` written last, so a folder without it is an interrupted run and is recomputed.
-
-    pandas >= 3 parses floats round-trip exactly, so a loaded run rewrites byte-identical CSVs.
-    """
-
-    def __init__(self, experiment: str, tables: tuple[str, ...], read_csv_kwargs: dict | None = None):
-        self.experiment, self.tables, self.read_csv_kwargs = experiment, tuple(tables), dict(read_csv_kwargs or {})
-
-    def folder(self, key: dict) -> Path:
-        from fedbench.config import config_hash
-        return runs_root() / self.experiment / config_hash(key)
-
-    def load(self, key: dict) -> dict | None:
-        import json
-        d = self.folder(key)
-        if not (d / "summary.json").exists():
-            return None
-        out = {}
-        for name in self.tables:
-            path = d / f"{name}.csv"
-            out[name] = pd.read_csv(path, **self.read_csv_kwargs) if path.stat().st_size > 1 else pd.DataFrame()
-        out["summary"] = json.loads((d / "summary.json").read_text())
-        return out
-
-    def save(self, key: dict, res: dict) -> None:
-        from fedbench.results import atomic_write_json
-        d = self.folder(key)
-        atomic_write_json(d / "key.json", key)
-        for name in self.tables:
-            atomic_write_csv(d / f"{name}.csv", res[name])
-        atomic_write_json(d / "summary.json", res["summary"])     # last: marks the run finished
