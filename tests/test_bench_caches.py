@@ -40,3 +40,41 @@ def test_filled_at_the_runs_depth_and_extra_depths_with_one_fill_per_depth_value
         for i in idx:
             assert torch.equal(fresh._stores[depth][int(i)], train._stores[depth][int(i)])
     assert set(test._stores) >= {3, n} and len(test._stores[n]) == len(data.test_indices)
+
+
+def test_table_run_store_get_computes_once_and_reloads(tmp_path, monkeypatch):
+    """TableRunStore.get: the first call computes, saves and returns what a load gives; the second only loads."""
+    import pandas as pd
+
+    from fedbench.bench import TableRunStore
+    monkeypatch.setenv("FEDBENCH_RESULTS_ROOT", str(tmp_path))
+    store, calls = TableRunStore("probe", ("t",)), []
+
+    def compute():
+        calls.append(1)
+        return {"t": pd.DataFrame({"x": [0.1 + 0.2, 1 / 3]}), "summary": {"n": 2}}
+    first = store.get({"k": 1}, compute)
+    second = store.get({"k": 1}, compute)
+    assert calls == [1]
+    assert first["summary"] == second["summary"] == {"n": 2}
+    assert first["t"]["x"].tolist() == second["t"]["x"].tolist() == [0.1 + 0.2, 1 / 3]
+    assert (tmp_path / "runs" / "probe").is_dir()
+
+
+def test_runner_runs_a_config_once_through_the_store_and_matches_a_plain_run(tmp_path):
+    """bench.Runner: a run not in the store runs once on the provider's data (here the shared PrefixCaches and
+    their prefix caches) and gives the same numbers as the loop without caches; the second get loads it."""
+    from fedbench.bench import Runner
+    from fedbench.fl import prepare_data
+    from fedbench.fl.server import run_federated
+    cfg = _cfg(method="lora", depth=1).replace(**{"train.local_steps": 1, "data.num_clients": 2})
+    calls = []
+    runner = Runner(root=tmp_path, reload=True)
+    runner.data = lambda c: (calls.append(1), runner.shared.data(c))[1]
+    runner.caches = runner.prefix_caches
+    first = runner.get(cfg)
+    again = runner.get(cfg)
+    assert calls == [1]                                          # the second get loads, builds no data
+    plain = run_federated(cfg, prepare_data(cfg))
+    assert first.summary["final_accuracy"] == again.summary["final_accuracy"] == plain.summary["final_accuracy"]
+    assert np.allclose(first.rounds["loss"].to_numpy(float), plain.rounds["loss"].to_numpy(float), atol=1e-6)

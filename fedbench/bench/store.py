@@ -55,3 +55,12 @@ class TableRunStore:
         for name in self.tables:
             atomic_write_csv(d / f"{name}.csv", res[name])
         atomic_write_json(d / "summary.json", res["summary"])     # last: marks the run finished
+
+    def get(self, key: dict, compute) -> dict:
+        """The run of `key`: loaded, or ``compute()`` (a dict with one DataFrame per table and ``summary``) run
+        once, saved and loaded back (what a later load gives: bit-identical tables whether or not it was on disk)."""
+        res = self.load(key)
+        if res is None:
+            self.save(key, compute())
+            res = self.load(key)
+        return res
