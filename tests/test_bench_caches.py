@@ -78,3 +78,25 @@ def test_runner_runs_a_config_once_through_the_store_and_matches_a_plain_run(tmp
     plain = run_federated(cfg, prepare_data(cfg))
     assert first.summary["final_accuracy"] == again.summary["final_accuracy"] == plain.summary["final_accuracy"]
     assert np.allclose(first.rounds["loss"].to_numpy(float), plain.rounds["loss"].to_numpy(float), atol=1e-6)
+
+
+def test_write_outputs_writes_tables_figures_protocol_and_the_report(tmp_path):
+    """bench.write_outputs: the one writer of an experiment's folder; the report lists what it wrote."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from fedbench.bench import write_outputs
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    claims = pd.DataFrame({"claim": ["a beats b"], "role": ["primary"], "estimate": [0.1], "ci_low": [0.0],
+                           "ci_high": [0.2], "n_seeds": [5], "verdict": ["inconclusive"]})
+    paths = write_outputs("quickstart", tmp_path, {"summary": pd.DataFrame({"task": ["t"], "method": ["m"],
+                                                                            "final_accuracy": [0.5]}),
+                                                   "claims": claims},
+                          {"curve": fig}, protocol="# title\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    assert sorted(paths) == ["PROTOCOL.md", "REPORT.md", "claims.csv", "curve.png", "summary.csv"]
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "| 1 | 2 |" in report and "a beats b" in report and "![curve](curve.png)" in report
+    assert pd.read_csv(tmp_path / "summary.csv")["final_accuracy"].tolist() == [0.5]

@@ -11,11 +11,11 @@ from fedbench.bench.profiles import (Profile, Settings, check_list, check_method
                                      check_subset, chosen_lr, configs_root, is_int, is_number, load_profiles, no_lr,
                                      output_dir, profile_path, read_profile_file, resolve_profile, results_root,
                                      runs_root, variant_note)
-from fedbench.bench.report import Headline, write_report
+from fedbench.bench.report import Headline, write_outputs, write_report
 from fedbench.bench.runner import Runner
 from fedbench.bench.store import TableRunStore, save_figure, save_table
 
 __all__ = ["Headline", "PrefixCaches", "Profile", "Runner", "Settings", "TableRunStore", "check_list", "check_method",
            "check_profile", "check_seeds", "check_subset", "chosen_lr", "configs_root", "is_int", "is_number",
            "load_profiles", "no_lr", "output_dir", "profile_path", "read_profile_file", "resolve_profile",
-           "results_root", "runs_root", "save_figure", "save_table", "select_lr", "variant_note", "write_report"]
+           "results_root", "runs_root", "save_figure", "save_table", "select_lr", "variant_note", "write_outputs", "write_report"]
