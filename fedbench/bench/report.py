@@ -111,14 +111,17 @@ def write_report(experiment: str, folder: str | Path) -> Path:
 def write_outputs(experiment: str, out: str | Path, tables: dict, figures: dict | None = None,
                   protocol: str | None = None) -> dict[str, Path]:
     """Everything a run of `experiment`'s profile writes into `out`, in one place: each table as ``<name>.csv``,
-    each figure as ``<name>.png``, `protocol` (markdown with its own title) as ``PROTOCOL.md``, and then the
+    each figure as ``<name>.png`` (a name may carry its suffix already), `protocol` (markdown with its own title) as ``PROTOCOL.md``, and then the
     report built from them (:func:`write_report`). Every write is atomic. Returns {file name: path}."""
     from fedbench.bench.store import save_figure, save_table
     out = Path(out)
-    paths = {f"{name}.csv": save_table(df, out, f"{name}.csv") for name, df in tables.items()}
+
+    def named(name: str, suffix: str) -> str:         # "summary" and "summary.csv" name the same file
+        return name if name.endswith(suffix) else name + suffix
+    paths = {named(n, ".csv"): save_table(df, out, named(n, ".csv")) for n, df in tables.items()}
     if protocol is not None:
         atomic_write_text(out / "PROTOCOL.md", protocol)
         paths["PROTOCOL.md"] = out / "PROTOCOL.md"
-    paths.update({f"{name}.png": save_figure(fig, out, f"{name}.png") for name, fig in (figures or {}).items()})
+    paths.update({named(n, ".png"): save_figure(fig, out, named(n, ".png")) for n, fig in (figures or {}).items()})
     paths["REPORT.md"] = write_report(experiment, out)
     return paths

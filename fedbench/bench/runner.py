@@ -32,6 +32,13 @@ class Runner:
         self.caches = caches
         self.root, self.reload, self.label = root, reload, label
 
+    @classmethod
+    def with_prefix_caches(cls, **kwargs) -> "Runner":
+        """A Runner whose runs get the shared frozen-prefix caches of their sample (data: ``PrefixCaches.data``)."""
+        runner = cls(**kwargs)
+        runner.caches = runner.prefix_caches
+        return runner
+
     def store(self):
         return self.root if self.root is not None else runs_root()
 

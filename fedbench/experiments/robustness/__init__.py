@@ -38,10 +38,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedbench.bench.caches import PrefixCaches
-from fedbench.bench.report import write_report
+from fedbench.bench import Runner, output_dir, runs_root, write_outputs
 from fedbench.config import ExperimentConfig
-from fedbench.bench import output_dir, runs_root, save_figure, save_table
 from fedbench.experiments.robustness.analysis import (make_claims, make_figures, nan_arm_table, robustness_table,
                                                       wide_table)
 from fedbench.experiments.robustness.plan import (AGGREGATOR_ORDER, ATTACK_ORDER, EXPERIMENT, NAN_ARM, NAN_COLUMNS,
@@ -99,15 +97,9 @@ def run(profile: str = "quick", path=None, progress: bool = True, **overrides) -
     wide = wide_table(table)
     nan = nan_arm_table(summary, rounds, expected)
     claims = make_claims(summary, correct, nan, s)
-    save_table(summary, out, "summary.csv")
-    save_table(rounds, out, "rounds.csv")
-    save_table(table, out, "robustness.csv")
-    save_table(wide, out, "robustness_wide.csv")
-    save_table(nan, out, "nan_arm.csv")
-    save_table(claims, out, "claims.csv")
-    for name, fig in make_figures(summary, rounds).items():
-        save_figure(fig, out, name)
-    write_report(EXPERIMENT, out)
+    write_outputs(EXPERIMENT, out, {"summary": summary, "rounds": rounds, "robustness": table,
+                                    "robustness_wide": wide, "nan_arm": nan, "claims": claims},
+                  make_figures(summary, rounds))
     return RobustnessResult(s, base, summary, rounds, table, wide, nan, claims, out)
 
 
@@ -130,9 +122,7 @@ def run_cells(cells: list[Cell], base: ExperimentConfig, s: RobustnessSettings, 
     """Run (or load) every applicable cell. Returns (summary, rounds, correct, expected): `correct` maps a
     cell's key to (test indices, 0/1 per test example) of its final evaluation, `expected` a NaN-arm cell's
     key to the NaN updates its clients send per round."""
-    from fedbench.fl import run_cached
-    from fedbench.results import load_run, run_key
-    shared, root = PrefixCaches(), store_root()
+    runner = Runner.with_prefix_caches(root=store_root())
     rows, round_frames, correct, expected = [], [], {}, {}
     t0 = time.perf_counter()
     counts = {"computed": 0, "loaded": 0, "n/a": 0}
@@ -152,11 +142,9 @@ def run_cells(cells: list[Cell], base: ExperimentConfig, s: RobustnessSettings, 
                              "majority_baseline": float("nan"), "config_hash": "", "note": plan.note})
             else:
                 cfg = plan.cfg
-                result = load_run(run_key(cfg), root)
+                result = runner.done(cfg)
                 if result is None:
-                    data = shared.data(cfg)
-                    caches = shared.get(cfg, data)
-                    result = run_cached(cfg, data, root=root, caches=caches)
+                    result = runner.get(cfg)
                     counts["computed"] += 1
                 else:
                     counts["loaded"] += 1
