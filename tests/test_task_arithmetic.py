@@ -93,6 +93,14 @@ def test_the_merge_table_agrees_with_the_merges_registry():
         assert ta.scale_of(name) == entry.scale in ("sum", "mean")
         assert (facts.grid is None) == (entry.search is None), name     # a grid exactly for a second parameter
     assert ta.merge_names() == list(ta.MERGE_METHODS)
+    from fedbench.registry import TUNERS
+    r = ta.settings_for("smoke", tunings=["lora", "full"])
+    for tuning, facts in ta.TUNING_FACTS.items():      # each tuning is a TUNERS entry; its facts shape the config
+        assert tuning in TUNERS
+        cfg = ta.run_config(r.base, r.settings, tuning, 0)
+        assert cfg.peft.method == tuning and (cfg.fl.lora_aggregation == "stack") == facts.lora
+        assert (cfg.train.lr == r.settings.full_lr) == facts.own_lr
+        assert ta.lr_grid(r.settings, tuning, cfg) == ([cfg.train.lr] if facts.own_lr else list(r.settings.lrs))
     s = ta.settings_for("smoke").settings
     g = torch.Generator().manual_seed(1)
     tvs = [{"w": torch.randn(6, 3, generator=g)} for _ in range(3)]

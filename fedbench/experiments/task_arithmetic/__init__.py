@@ -55,48 +55,21 @@ import pandas as pd
 
 from fedbench.bench import TableRunStore, output_dir, variant_note, write_outputs
 from fedbench.config import ExperimentConfig
-from fedbench.experiments.task_arithmetic.analysis import (
-    make_claims,
-    make_figures,
-    method_table,
-    pair_metric,
-)
+from fedbench.experiments.task_arithmetic.analysis import make_claims, make_figures, method_table, pair_metric
 from fedbench.experiments.task_arithmetic.compute import compute_unit
-from fedbench.experiments.task_arithmetic.plan import (
-    EXPERIMENT,
-    HEADS,
-    LABELS,
-    MERGE_FACTS,
-    MERGE_METHODS,
-    PRIMARY_CLAIMS,
-    SUMMARY_COLUMNS,
-    TABLES,
-    TUNINGS,
-    VARIANTS,
-    Merge,
-    Resolved,
-    TaskArithmeticSettings,
-    lr_grid,
-    merge,
-    merge_names,
-    per_task_grid,
-    rho_grid,
-    run_config,
-    scale_of,
-    settings_for,
-    unit_key,
-)
-from fedbench.experiments.task_arithmetic.protocol import (
-    protocol_markdown,
-    protocol_table,
-)
+from fedbench.experiments.task_arithmetic.plan import (EXPERIMENT, HEADS, LABELS, MERGE_FACTS, MERGE_METHODS,
+                                                       PRIMARY_CLAIMS, SUMMARY_COLUMNS, TABLES, TUNING_FACTS, TUNINGS,
+                                                       VARIANTS, Merge, Resolved, TaskArithmeticSettings, Tuning,
+                                                       lr_grid, merge, merge_names, per_task_grid, rho_grid,
+                                                       run_config, scale_of, settings_for, unit_key)
+from fedbench.experiments.task_arithmetic.protocol import protocol_markdown, protocol_table
 from fedbench.experiments.task_arithmetic.unit import Unit
 
 __all__ = ["EXPERIMENT", "HEADS", "LABELS", "MERGE_FACTS", "MERGE_METHODS", "PRIMARY_CLAIMS", "STORE",
-           "SUMMARY_COLUMNS", "TABLES", "TUNINGS", "VARIANTS", "Merge", "Resolved", "TaskArithmeticResult",
-           "TaskArithmeticSettings", "Unit", "compute_unit", "export", "lr_grid", "make_claims", "make_figures",
-           "merge", "merge_names", "method_table", "pair_metric", "per_task_grid", "protocol_markdown",
-           "protocol_table", "rho_grid", "run", "run_config", "scale_of", "settings_for", "unit_key"]
+           "SUMMARY_COLUMNS", "TABLES", "TUNING_FACTS", "TUNINGS", "VARIANTS", "Merge", "Resolved",
+           "TaskArithmeticResult", "TaskArithmeticSettings", "Tuning", "Unit", "compute_unit", "export", "lr_grid",
+           "make_claims", "make_figures", "merge", "merge_names", "method_table", "pair_metric", "per_task_grid",
+           "protocol_markdown", "protocol_table", "rho_grid", "run", "run_config", "scale_of", "settings_for", "unit_key"]
 
 # one unit's tables; "bits" (0/1 per test example) stays a string, not a number
 STORE = TableRunStore(EXPERIMENT, TABLES, read_csv_kwargs={"keep_default_na": True, "dtype": {"bits": str}})
@@ -111,7 +84,7 @@ def export(profile: str = "quick", path=None, method: str = "lora", seed: int = 
     r = settings_for(profile, path, **overrides)
     check_method(method, tuple(r.settings.tunings))
     cfg = run_config(r.base, r.settings, method, int(seed))
-    if lr is None and method == "lora" and r.settings.lrs:
+    if lr is None and not TUNING_FACTS[method].own_lr and r.settings.lrs:
         lr = chosen_lr(EXPERIMENT, profile, path, table="lr_search.csv", tuning=method)
         if lr is None:
             raise no_lr(profile, method)

@@ -6,15 +6,8 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from fedbench.experiments.task_arithmetic.plan import (
-    HEADS,
-    LABELS,
-    MERGE_FACTS,
-    MERGE_METHODS,
-    PRIMARY_CLAIMS,
-    VARIANTS,
-    Resolved,
-)
+from fedbench.experiments.task_arithmetic.plan import (HEADS, LABELS, MERGE_FACTS, MERGE_METHODS, PRIMARY_CLAIMS,
+                                                       VARIANTS, Resolved)
 
 # what the claim "<merge> beats task arithmetic" reads in the paper, by the merge's family
 FAMILY_CLAIMS = {"fl": "FL-inspired merges improve on task arithmetic (authors: in heterogeneous settings)",

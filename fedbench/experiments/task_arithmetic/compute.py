@@ -11,15 +11,8 @@ import pandas as pd
 
 from fedbench import merging
 from fedbench.bench import select_lr
-from fedbench.experiments.task_arithmetic.plan import (
-    MERGE_FACTS,
-    VARIANTS,
-    Resolved,
-    lr_grid,
-    merge,
-    per_task_grid,
-    rho_grid,
-)
+from fedbench.experiments.task_arithmetic.plan import (MERGE_FACTS, VARIANTS, Resolved, lr_grid, merge,
+                                                       per_task_grid, rho_grid)
 from fedbench.experiments.task_arithmetic.unit import Unit, equivalence_rows, rounds_run
 
 

@@ -13,10 +13,9 @@ from fedbench import merging
 from fedbench.bench import Settings, check_list, is_int, is_number, resolve_profile
 from fedbench.config import ConfigError, ExperimentConfig
 from fedbench.fl.seeding import derive_seed
-from fedbench.registry import MERGES
+from fedbench.registry import MERGES, TUNERS
 
 EXPERIMENT = "task_arithmetic"
-TUNINGS = ("lora", "full")
 VARIANTS = ("tuned", "1/T")
 SUMMARY_COLUMNS = ["tuning", "seed", "setting", "method", "variant", "lambda", "rho", "task", "accuracy",
                    "normalized_accuracy", "accuracy_ratio"]
@@ -28,6 +27,20 @@ PRIMARY_CLAIMS = {"merge_gap": "The merge loses to the individual models (lambda
                   "fednova_recovers": "FedNova recovers from training heterogeneity (lambda 1/T)",
                   "tuned_beats_1/T": "Tuning lambda on validation beats plain one-shot FedAvg (lambda = 1/T)"}
 TABLES = ("accuracy", "validation", "equivalence", "cosine", "pairs", "rounds", "finetune", "lr_search", "correct")
+
+
+# -- the tunings (peft.method of the fine-tunes): what each changes in a unit --------------------------------
+
+@dataclass(frozen=True)
+class Tuning:
+    """lora: the task vector is the dense LoRA update s B A of each wrapped weight, averaged exactly (``stack``);
+    else every encoder parameter's change. own_lr: trained at ``full_lr`` on every layer, no lr search."""
+    lora: bool
+    own_lr: bool
+
+
+TUNING_FACTS: dict[str, Tuning] = {"lora": Tuning(lora=True, own_lr=False), "full": Tuning(lora=False, own_lr=True)}
+TUNINGS = tuple(TUNING_FACTS)
 
 
 # -- the merges: what the experiment needs of each beyond its MERGES entry --------------------------------
@@ -117,7 +130,8 @@ class TaskArithmeticSettings(Settings):
         check_list("seeds", self.seeds, lambda x: is_int(x) and x >= 0, "a non-empty list of distinct integers >= 0")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("seeds", self.seeds, "a non-empty list of distinct integers >= 0")
-        check_list("tunings", self.tunings, lambda t: t in TUNINGS, f"a non-empty subset of {list(TUNINGS)}")
+        tunings = [t for t in TUNING_FACTS if t in TUNERS]     # the table's tunings that TUNERS holds
+        check_list("tunings", self.tunings, lambda t: t in tunings, f"a non-empty subset of {tunings}")
         if not (is_number(self.full_lr) and self.full_lr > 0):
             raise ConfigError("full_lr", self.full_lr, "a number > 0")
         for key, low in (("val_samples", 1), ("probe_samples", 2), ("cclip_rhos", 1)):
@@ -203,12 +217,13 @@ def run_config(base: ExperimentConfig, s: TaskArithmeticSettings, tuning: str, s
     changes = {"name": EXPERIMENT, "seed": int(seed), "data.task": s.tasks[0], "data.num_clients": len(s.tasks),
                "data.partition": "iid", "peft.method": tuning, "peft.train_head": False, "fl.strategy": "task_clients",
                "fl.rounds": int(rounds), "fl.clients_per_round": 1.0, "fl.dropout": 0.0, "fl.aggregator": "fedavg",
-               "fl.lora_aggregation": "stack" if tuning == "lora" else "factors", "train.local_steps": int(steps),
+               "fl.lora_aggregation": "stack" if TUNING_FACTS[tuning].lora else "factors",
+               "train.local_steps": int(steps),
                "fl.options": {"probe_heads": s.head == "probe", "zero_shot_heads": s.head == "zero_shot"},
                "data.federation": "task_clients",
                "data.federation_options": {"tasks": list(s.tasks), "val_samples": s.val_samples,
                                            "probe_samples": s.probe_samples}}
-    if tuning == "full":
+    if TUNING_FACTS[tuning].own_lr:
         changes.update({"train.lr": float(s.full_lr), "peft.depth": None})
     return base.replace(**changes)
 
@@ -225,9 +240,9 @@ def unit_key(r: Resolved, tuning: str, seed: int, lr: float | None = None) -> di
 
 
 def lr_grid(s: TaskArithmeticSettings, tuning: str, cfg: ExperimentConfig) -> list[float]:
-    """The learning rates searched on validation: the settings' ``lrs`` for LoRA, else the config's one lr (full
-    fine-tuning always uses ``full_lr``)."""
-    return [float(x) for x in s.lrs] if s.lrs and tuning == "lora" else [float(cfg.train.lr)]
+    """The learning rates searched on validation: the settings' ``lrs``, else the config's one lr (a tuning with
+    its own lr, full fine-tuning, always uses ``full_lr``)."""
+    return [float(x) for x in s.lrs] if s.lrs and not TUNING_FACTS[tuning].own_lr else [float(cfg.train.lr)]
 
 
 def per_task_grid(s: TaskArithmeticSettings, T: int) -> list[float]:

@@ -60,8 +60,7 @@ def strength_row(s) -> tuple:
 
 def protocol_table(r) -> pd.DataFrame:
     """Paper / official code / ours, each difference with its reason (`r`: a resolved profile)."""
-    from fedbench.experiments.task_arithmetic.plan import PRIMARY_CLAIMS as PRIMARY
-    from fedbench.experiments.task_arithmetic.plan import per_task_grid
+    from fedbench.experiments.task_arithmetic.plan import PRIMARY_CLAIMS as PRIMARY, per_task_grid
     s, b = r.settings, r.base
     T = len(s.tasks)
     grid = per_task_grid(s, T)

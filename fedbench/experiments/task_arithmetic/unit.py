@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from fedbench import merging
-from fedbench.experiments.task_arithmetic.plan import Resolved, run_config
+from fedbench.experiments.task_arithmetic.plan import TUNING_FACTS, Resolved, run_config
 
 
 class Unit:
@@ -25,7 +25,7 @@ class Unit:
         self.cfg = run_config(r.base, self.s, tuning, seed)
         self.run = FederatedRun(self.cfg)       # the data and the probe heads from the config
         self.td = self.run.data
-        self.modules = lora_modules(self.run.model) if tuning == "lora" else []
+        self.modules = lora_modules(self.run.model) if TUNING_FACTS[tuning].lora else []
         # every LoRA-wrapped base weight named in every model loaded: the loop's base loader only touches the
         # keys it is given, so a model without a delta on a key must say "zero" there
         self.zero_base = {m.base_key: torch.zeros_like(self.run.model.get_parameter(m.base_key))
