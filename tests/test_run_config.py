@@ -132,7 +132,7 @@ def test_no_experiment_writes_to_the_loops_internals():
     """Experiments drive the loop through its API (derive, restart, replay, run_round): no statement under
     fedbench/experiments/ assigns to a run's strategy, config, global model or records."""
     offenders = []
-    for path in sorted((ROOT / "fedbench" / "experiments").glob("*.py")):
+    for path in sorted((ROOT / "fedbench" / "experiments").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             targets = node.targets if isinstance(node, ast.Assign) else (
                 [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])

@@ -82,6 +82,62 @@ def test_grid_includes_one_over_T_and_is_scale_matched():
                                                                           endpoint=False)))
 
 
+
+def test_the_merge_table_agrees_with_the_merges_registry():
+    from fedbench.registry import MERGES
+    for name, facts in ta.MERGE_FACTS.items():
+        if not facts.registered:           # FedIT: the loop's factor average, not a MERGES function
+            assert name not in MERGES and ta.scale_of(name) == "mean"
+            continue
+        entry = MERGES.entry(name)
+        assert ta.scale_of(name) == entry.scale in ("sum", "mean")
+        assert (facts.grid is None) == (entry.search is None), name     # a grid exactly for a second parameter
+    assert ta.merge_names() == list(ta.MERGE_METHODS)
+    from fedbench.registry import TUNERS
+    r = ta.settings_for("smoke", tunings=["lora", "full"])
+    for tuning, facts in ta.TUNING_FACTS.items():      # each tuning is a TUNERS entry; its facts shape the config
+        assert tuning in TUNERS
+        cfg = ta.run_config(r.base, r.settings, tuning, 0)
+        assert cfg.peft.method == tuning and (cfg.fl.lora_aggregation == "stack") == facts.lora
+        assert (cfg.train.lr == r.settings.full_lr) == facts.own_lr
+        assert ta.lr_grid(r.settings, tuning, cfg) == ([cfg.train.lr] if facts.own_lr else list(r.settings.lrs))
+    s = ta.settings_for("smoke").settings
+    g = torch.Generator().manual_seed(1)
+    tvs = [{"w": torch.randn(6, 3, generator=g)} for _ in range(3)]
+    # dispatch by facts gives each merge's own call: its second parameter, steps and seeded stream
+    from fedbench.fl.seeding import derive_seed
+    w, T = 0.3, 3
+    expect = {"fedgma": merging.fedgma(tvs, 0.5, w), "cclip": merging.cclip(tvs, 1.0, w),
+              "ties": merging.ties(tvs, 0.2, w * T), "dare": merging.dare(tvs, 0.5, w, seed=derive_seed(7, "merge", 0)),
+              "fednova": merging.fednova(tvs, [2, 4, 8], w * T), "median": merging.median(tvs, w * T)}
+    rho = {"fedgma": 0.5, "cclip": 1.0, "ties": 0.2, "dare": 0.5}
+    for name, want in expect.items():
+        got = ta.merge(name, tvs, w, rho.get(name, float("nan")), [2, 4, 8], 7)
+        torch.testing.assert_close(got["w"], want["w"], rtol=0, atol=0)
+    assert ta.rho_grid("ties", s, tvs) == list(s.ties_densities) and np.isnan(ta.rho_grid("median", s, tvs)).all()
+
+
+def test_methods_validate_against_the_merges_registry(monkeypatch):
+    from fedbench.registry import MERGES
+    MERGES.names()                                         # loaded, then one merge taken out of the registry
+    monkeypatch.delitem(MERGES._entries, "ties")
+    assert "ties" not in ta.merge_names() and "fedit" in ta.merge_names()
+    for field in ("methods", "hetero_methods"):
+        with pytest.raises(ConfigError) as e:
+            ta.settings_for("smoke", **{"methods": ["task_arithmetic"], field: ["task_arithmetic", "ties"]})
+        assert e.value.field_name == field and "ties" not in e.value.allowed
+
+
+def test_protocol_markdown_fills_the_chosen_lr_from_the_search():
+    p = pd.DataFrame({"aspect": ["lr"], "paper": ["-"], "official code": ["-"], "ours": ["searched"], "why": ["-"]})
+    ls = pd.DataFrame({"tuning": ["lora"] * 4, "seed": [0] * 4, "lr": [1e-3, 1e-3, 2e-3, 2e-3],
+                       "task": ["a", "b", "a", "b"], "individual_val": [0.5, 0.7, 0.8, 0.6],
+                       "chosen": [False, False, True, True]})
+    md = ta.protocol_markdown(p, lr_search=ls)
+    assert "| lora | 0.001 | 0.6 | False |" in md and "| lora | 0.002 | 0.7 | True |" in md
+    assert "learning rate" not in ta.protocol_markdown(p, lr_search=ls.iloc[:0])
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     import os
