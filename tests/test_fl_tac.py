@@ -613,3 +613,61 @@ def test_claims_primary_first_and_the_oracle_gate():
     want = paired_accuracy_difference(oracle[:3], fedit[:3] * 0, "x", "y")          # FL-TAC's first 3 seeds
     assert better.loc[official, ["estimate", "ci_low", "ci_high"]].tolist() == pytest.approx(
         [want.estimate, want.ci_low, want.ci_high])
+
+
+def test_method_table_validates_against_the_strategy_registry():
+    """Every method is a registered strategy with options it takes and an lr source that chooses its own; its run
+    config carries exactly that strategy and those options; a bad fact is a ConfigError naming the method's field."""
+    from fedbench.experiments import fl_tac
+    from fedbench.experiments.fl_tac.plan import Method, check_methods
+    check_methods()
+    s, base = fl_tac.settings_for("smoke")
+    for name, m in fl_tac.METHODS.items():
+        cfg = fl_tac.run_config(s, base, name, 0, 1e-3)
+        assert cfg.fl.strategy == m.strategy and m.options.items() <= dict(cfg.fl.options).items()
+        assert cfg.data.federation_options["heads"] == m.heads == (name in fl_tac.HEADS)
+    bad = [({"x": Method("no_such_strategy", "x")}, "methods.x.strategy"),
+           ({"x": Method("fl_tac_local", "x", {"cluster_on": "update"})}, "methods.x.options"),
+           ({"x": Method("fedit_tasks", "x", {"k": 2})}, "methods.x.options"),
+           ({"a": Method("fl_tac", "a", lr_from="b"), "b": Method("fl_tac", "b", lr_from="a")}, "methods.a.lr_from"),
+           ({"a": Method("fl_tac", "a", lr_from="nope")}, "methods.a.lr_from")]
+    for table, name in bad:
+        with pytest.raises(ConfigError) as e:
+            check_methods(table)
+        assert e.value.field_name == name
+
+
+def test_protocol_fills_schedule_grids_lrs_and_claims_from_settings_and_outputs():
+    """PROTOCOL.md's "ours" column: the schedule and grids from the settings, the lr choices from lr_selection,
+    the steps from runs and the measured gaps from claims; hand-measured calibration only below the table."""
+    from fedbench.experiments import fl_tac
+    s, base = fl_tac.settings_for("quick", **{"fl.rounds": 7, "train.local_steps": 9})
+    lr = pd.DataFrame([
+        {"method": "fl_tac", "lr": 0.004, "val_accuracy": 0.5, "run": "a", "extension": 0.0, "chosen": False,
+         "chosen_at_grid_edge": False},
+        {"method": "fl_tac", "lr": 0.0123, "val_accuracy": 0.8125, "run": "b", "extension": 0.0, "chosen": True,
+         "chosen_at_grid_edge": False},
+        {"method": "local", "lr": 0.0777, "val_accuracy": 0.6875, "run": "c", "extension": 1.0, "chosen": True,
+         "chosen_at_grid_edge": True},
+        {"method": "oracle", "lr": 0.0123, "val_accuracy": 0.9375, "run": "from fl_tac", "extension": np.nan,
+         "chosen": True, "chosen_at_grid_edge": np.nan}])
+    claims = pd.DataFrame([
+        {"comparison": "fl_tac - local, every test example", "estimate": 0.0321, "ci_low": -0.0111, "ci_high": 0.0654,
+         "n_seeds": 5, "role": "primary", "verdict": "inconclusive"},
+        {"comparison": "oracle - local, every test example", "estimate": -0.0432, "ci_low": -0.09, "ci_high": 0.01,
+         "n_seeds": 3, "role": "exploratory", "verdict": "inconclusive (exploratory)"}])
+    runs = pd.DataFrame({"method": ["fl_tac", "fl_tac", "fedit"], "local_steps_per_round": [101.0, 111.0, 37.0]})
+    text = fl_tac.protocol(s, base, "quick", lr, claims, runs)
+    table, calibration = text.split("## Calibration")
+    ours = {line.split(" | ")[0][2:]: line.split(" | ")[3] for line in table.splitlines() if line.startswith("| ")}
+    assert "7 rounds x 9 steps" in ours["rounds x local steps"] and "`fedit`) 2-9 steps" in ours["rounds x local steps"]
+    assert "[0.004, 0.008, 0.016]" in ours["optimizer, lr"] and "`local` from [0.001, 0.002, 0.004]" in ours["optimizer, lr"]
+    assert "`fl_tac` 0.0123 (inside the values scored; validation 0.812)" in ours["optimizer, lr"]
+    assert "`local` 0.0777 (at an edge of the values scored, an extension" in ours["optimizer, lr"]
+    assert "`oracle` 0.0123 (from fl_tac's; first-seed validation 0.938)" in ours["optimizer, lr"]
+    assert "FL-TAC - local +0.032 [-0.011, 0.065] (5 seeds" in ours["data per client (regime)"]
+    assert "oracle - local -0.043 [-0.090, 0.010] (3 seeds" in ours["data per client (regime)"]
+    assert "`fl_tac` 707-777, `fedit` 259" in ours["budget (optimizer steps per seed, all clients)"]
+    assert "{" not in table and "}" not in table
+    assert "0.738" not in table and "0.738 vs 0.696" in calibration       # hand-measured: labelled, out of the table
+    assert fl_tac.protocol(s, base, "quick", lr.iloc[:0], claims.iloc[:0], runs.iloc[:0]).count("no runs yet") == 1
