@@ -307,7 +307,7 @@ def test_smoke_experiment_end_to_end_reproduces_from_the_store(tmp_path, monkeyp
     assert {"accuracy_vs_sim_time", "config_path", "speedup", "calibration"} <= set(a.figures)
     assert (a.out / "summary.csv").exists() and (a.out / "trace.csv").exists()
     # the calibration: on the validation rows only, and it alone fixes the target and the best fixed configuration
-    from fedbench.experiments import autofednlp_calibration as K
+    from fedbench.experiments.autofednlp import calibration as K
     cal = a.calibration
     assert set(cal["calibration"]["method"]) == {"fixed_d1_w8", "fixed_d2_w16"}
     target, best, _ = K.choose(cal["calibration"], cal["plateaus"], 0.95)
@@ -353,7 +353,7 @@ def test_a_speed_up_is_not_called_when_the_censored_side_could_reverse_it():
 def test_without_a_crossover_the_fixed_configuration_comparison_reads_not_testable():
     import dataclasses
 
-    from fedbench.experiments import autofednlp_calibration as K
+    from fedbench.experiments.autofednlp import calibration as K
     s, _ = A.settings_for("smoke")
     s = dataclasses.replace(s, seeds=(0, 1, 2, 3, 4))
     sm = pd.DataFrame([{"method": m, "seed": x, "reached": True, "time_to_target_sim_s": t + x, "total_sim_s": t + x,
@@ -377,7 +377,7 @@ def _curve(method, d, w, t_round, accs):
 
 
 def test_calibration_finds_when_a_deeper_configuration_overtakes_and_fixes_target_and_best_on_it():
-    from fedbench.experiments import autofednlp_calibration as K
+    from fedbench.experiments.autofednlp import calibration as K
     shallow = _curve("fixed_d1_w8", 1, 8, 1.0, [0.3, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])   # ends t=10
     deep = _curve("fixed_d2_w16", 2, 16, 2.0, [0.1, 0.2, 0.3, 0.45, 0.55, 0.6, 0.7, 0.7, 0.7, 0.7])  # ends t=20
     curves = pd.concat([shallow, deep], ignore_index=True)

@@ -1,4 +1,4 @@
-"""AutoFedNLP's calibration (issue 31): does a deeper configuration overtake a shallower one, and when?
+"""AutoFedNLP's calibration: does a deeper configuration overtake a shallower one, and when?
 
 The paper's premise is a crossover: shallow/narrow configurations learn fast per simulated second but plateau lower,
 deep/wide ones are slower per round but end higher. A comparison of the configurator with fixed configurations
@@ -22,14 +22,6 @@ import numpy as np
 import pandas as pd
 
 CURVE_COLUMNS = ["method", "depth", "width", "round", "sim_s", "val_accuracy"]
-
-
-def calibration_config(s, cfg):
-    """The calibration run of the fixed-configuration run `cfg`: calibration_horizon_s simulated seconds (at most
-    calibration_max_rounds rounds), evaluated every round on the validation rows."""
-    from fedbench.experiments.autofednlp import method_clock
-    rounds = min(s.calibration_max_rounds, max(1, int(np.ceil(s.calibration_horizon_s / method_clock(s, cfg) - 1e-9))))
-    return cfg.replace(**{"fl.rounds": rounds, "data.federation_options.validation": s.validation_samples})
 
 
 def smooth(values, k: int) -> np.ndarray:
@@ -127,7 +119,7 @@ def verdict_text(cross: pd.DataFrame) -> str:
 def curves_of(results: dict, clock: dict) -> tuple[pd.DataFrame, dict]:
     """(CURVE_COLUMNS frame, method -> final round's per-row 0/1) of the calibration runs `results`
     ((d, w) -> RunResult evaluated on the validation rows); `clock`: method -> simulated seconds per round."""
-    from fedbench.experiments.autofednlp import fixed_name
+    from fedbench.experiments.autofednlp.plan import fixed_name
     frames, correct = [], {}
     for (d, w), r in results.items():
         m = fixed_name(d, w)
@@ -143,7 +135,7 @@ def curves_of(results: dict, clock: dict) -> tuple[pd.DataFrame, dict]:
 
 def figure(curves: pd.DataFrame, target: float, device: str, fraction: float):
     from fedbench import plots
-    from fedbench.experiments.autofednlp import label
+    from fedbench.experiments.autofednlp.plan import label
     df = curves.assign(method=curves["method"].map(label))
     return plots.curves(df, x="sim_s", y="val_accuracy", hue="method", seed=None, logx=True,
                         hlines={f"target ({fraction:g} x best plateau)": target},
