@@ -209,6 +209,45 @@ def test_bad_settings_name_the_parameter(override, field):
     assert e.value.field_name == field
 
 
+def test_the_method_table_names_registered_components(monkeypatch):
+    """Every row of the method table runs a registered strategy with registered LoRA semantics and options that
+    strategy takes; a row that does not is a ConfigError naming ``methods`` before any run, and each run config
+    takes its strategy and semantics from its row."""
+    from fedbench.experiments import lorm
+    from fedbench.experiments.lorm import plan
+    lorm.check_method_table()
+    s, base = lorm.settings_for("smoke", methods=list(lorm.METHODS))
+    for name, m in lorm.METHODS.items():
+        row = lorm.METHODS[m.config_of] if m.config_of else m
+        cfg = lorm.run_config(s, base, name, 0, 1e-3)
+        assert (cfg.fl.strategy, cfg.fl.lora_aggregation) == (row.strategy, row.semantics)
+        assert all(cfg.fl.options[k] == v for k, v in row.options)
+    for bad in (plan.Method("x", strategy="no_such_strategy"), plan.Method("x", semantics="no_such_rule"),
+                plan.Method("x", "lorm", options=(("no_such_option", 1),)), plan.Method("x", lr_from="nope"),
+                plan.Method("x", peft=(("peft.method", "no_such_tuner"),))):
+        monkeypatch.setitem(plan.METHODS, "fedit", bad)
+        with pytest.raises(ConfigError) as e:
+            lorm.settings_for("smoke")
+        assert e.value.field_name == "methods" and e.value.value == "fedit"
+
+
+def test_the_protocol_is_filled_from_the_settings_and_the_chosen_lrs():
+    from fedbench.experiments import lorm
+    s, base = lorm.settings_for("smoke", **{"data.num_clients": 3, "ridge": 0.02, "seeds": [0, 1, 2],
+                                            "exploratory_seeds": 1})
+    sel = pd.DataFrame([{"method": "lorm", "lr": 0.003, "chosen": True, "lr_from": None},
+                        {"method": "lorm", "lr": 0.01, "chosen": False, "lr_from": None},
+                        {"method": "lorm_avg", "lr": 0.003, "chosen": True, "lr_from": "lorm"},
+                        {"method": "fedit", "lr": 0.01, "chosen": True, "lr_from": None}])
+    text = lorm.protocol(s, base, sel)
+    assert text.startswith("# LoRM: protocol") and "{" not in text
+    assert "chosen lorm 0.003, fedit 0.01 (`lr_selection.csv`)" in text
+    assert "| 3 clients, Dirichlet(0.5)" in text and "relative ridge 0.02 " in text
+    assert "on 3 seeds, Holm" in text and "exploratory on 1 seed;" in text
+    assert "2 tasks x 10 classes" in text and "1 local step |" in text
+    assert lorm.protocol(s, base, sel.assign(lr=[0.03, 0.01, 0.03, 0.1])) != text
+
+
 def test_core_conditions_reach_every_run_by_config():
     from fedbench.experiments import lorm
     s, base = lorm.settings_for("smoke", **{"fl.dropout": 0.3, "fl.clients_per_round": 1.0})
@@ -435,21 +474,27 @@ def test_lorm_rejects_what_it_cannot_run():
 
 
 def test_lr_is_the_best_on_validation_ties_to_the_smaller_and_edges_are_flagged():
+    """LoRM's lr search is bench.select_lr on val_score: the validation accuracy of the served model (not test,
+    not the running mean LoRM's runs score beside it), the run's hash in its row."""
+    from fedbench.bench import select_lr
     from fedbench.experiments import lorm
 
     def get(val_by_lr):
         def one(lr):
-            acc = pd.DataFrame([{"split": "val", "after_task": 0, "task": 0, "accuracy": val_by_lr[lr]},
-                                {"split": "test", "after_task": 0, "task": 0, "accuracy": 1.0}])
-            return {"accuracy": acc}, f"h{lr}"
+            row = {"after_task": 0, "task": 0}
+            acc = pd.DataFrame([{**row, "split": "val", "accuracy": val_by_lr[lr], "merge": "gram"},
+                                {**row, "split": "val", "accuracy": 1.0, "merge": "mean"},
+                                {**row, "split": "test", "accuracy": 1.0, "merge": "gram"}])
+            return lorm.val_score({"accuracy": acc, "predictions": acc, "summary": {"served": "gram"}}, f"h{lr}")
         return one
 
-    best, rows = lorm.select_lr("fedit", (1e-3, 3e-3, 1e-2), get({1e-3: 0.2, 3e-3: 0.5, 1e-2: 0.4}))
+    best, rows = select_lr("fedit", (1e-3, 3e-3, 1e-2), get({1e-3: 0.2, 3e-3: 0.5, 1e-2: 0.4}), metric=lorm.METRIC)
     assert best == 3e-3 and [r["chosen"] for r in rows] == [False, True, False]
     assert not any(r["chosen_at_grid_edge"] for r in rows) and rows[1]["run"] == "h0.003"
-    best, rows = lorm.select_lr("fedit", (1e-3, 3e-3), get({1e-3: 0.5, 3e-3: 0.5}))
+    assert rows[1][lorm.METRIC] == 0.5
+    best, rows = select_lr("fedit", (1e-3, 3e-3), get({1e-3: 0.5, 3e-3: 0.5}), metric=lorm.METRIC)
     assert best == 1e-3 and all(r["chosen_at_grid_edge"] for r in rows)      # a tie goes to the smaller lr
-    best, rows = lorm.select_lr("fedit", (3e-3,), get({3e-3: 0.1}))
+    best, rows = select_lr("fedit", (3e-3,), get({3e-3: 0.1}), metric=lorm.METRIC)
     assert best == 3e-3 and rows[0]["chosen_at_grid_edge"]                    # one value is no choice
 
 
