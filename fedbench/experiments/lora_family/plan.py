@@ -72,6 +72,7 @@ class StrategyFacts:
 
 
 def strategy_facts(strategy: str) -> StrategyFacts:
+    """`strategy`'s facts from its STRATEGIES entry (defaults: no tiers needed, global evaluation)."""
     from fedbench.options import option_fields
     from fedbench.registry import STRATEGIES
     facts = STRATEGIES.entry(strategy).facts
