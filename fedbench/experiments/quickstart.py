@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fedbench.bench.report import write_report
+from fedbench.bench import Settings, output_dir, resolve_profile, runs_root, write_outputs
 from fedbench.config import ExperimentConfig, ModelConfig, PeftConfig
-from fedbench.bench import Settings, output_dir, resolve_profile, runs_root, save_figure, save_table
 
 EXPERIMENT = "quickstart"
 # the notebook's short parameter names -> the config fields they set
@@ -112,12 +111,8 @@ def run(profile: str = "quick", path=None, **overrides) -> QuickstartResult:
         "config_hash": cfg.hash(),
     }])
     claims = make_claims(result, probe, cfg)
-    save_table(rounds, out, "rounds.csv")
-    save_table(summary, out, "summary.csv")
-    save_table(claims, out, "claims.csv")
-    for name, fig in make_figures(rounds, probe["accuracy"], cfg).items():
-        save_figure(fig, out, name)
-    write_report(EXPERIMENT, out)
+    figures = {name.removesuffix(".png"): fig for name, fig in make_figures(rounds, probe["accuracy"], cfg).items()}
+    write_outputs(EXPERIMENT, out, {"rounds": rounds, "summary": summary, "claims": claims}, figures)
     return QuickstartResult(cfg, rounds, summary, probe["accuracy"], claims)
 
 

@@ -18,7 +18,8 @@ from fedbench.strategies.lora_family.ranks import RankOptions, RankTiered, check
 STORE_KEY = "fedsa_b"       # the client's own B factors (at its rank) in its store
 
 
-@STRATEGIES.register("fedsa", check=check_family("fedsa"), options=RankOptions)
+# evaluation: what the experiments report as its accuracy (personalised: the mean over clients' own models)
+@STRATEGIES.register("fedsa", check=check_family("fedsa"), options=RankOptions, evaluation="personalised")
 class FedSA(RankTiered):
     """FedSA-LoRA: A (and the head) shared and averaged; each client's B private, kept in its store."""
 

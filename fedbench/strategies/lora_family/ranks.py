@@ -128,12 +128,13 @@ class RankTiered(FedAvg):
         return self.rank
 
 
-@STRATEGIES.register("fedit_zero_pad", check=check_family("fedit_zero_pad"), options=RankOptions)
+# needs_tiers: without rank tiers the baseline is FedAvg itself (a baseline of heterogeneous ranks only)
+@STRATEGIES.register("fedit_zero_pad", check=check_family("fedit_zero_pad"), options=RankOptions, needs_tiers=True)
 class FedITZeroPad(RankTiered):
     """FedIT over clients of different ranks: factors zero-padded to the largest rank and averaged (baseline)."""
 
 
-@STRATEGIES.register("fedit_truncate", check=check_family("fedit_truncate"), options=RankOptions)
+@STRATEGIES.register("fedit_truncate", check=check_family("fedit_truncate"), options=RankOptions, needs_tiers=True)
 class FedITTruncate(RankTiered):
     """FedIT with every client at the smallest tier's rank (baseline: the weakest device sets the rank)."""
 
