@@ -100,3 +100,35 @@ def test_write_outputs_writes_tables_figures_protocol_and_the_report(tmp_path):
     report = (tmp_path / "REPORT.md").read_text()
     assert "| 1 | 2 |" in report and "a beats b" in report and "![curve](curve.png)" in report
     assert pd.read_csv(tmp_path / "summary.csv")["final_accuracy"].tolist() == [0.5]
+
+
+def test_a_validation_carve_has_its_data_and_evaluation_cache_beside_the_shared_training_cache():
+    """A config evaluated on a validation carve (the single federation's ``validation`` option) gets
+    prepare_validation's data (the test run's training split) and its own evaluation cache; the training cache is
+    the sample's, filled once."""
+    from fedbench.fl import prepare_validation
+    cfg = _cfg()
+    val = cfg.replace(**{"data.federation_options.validation": 6})
+    pc = PrefixCaches()
+    data, vdata = pc.data(cfg), pc.data(val)
+    assert vdata.train is data.train and len(vdata.test) == 6
+    assert np.array_equal(vdata.test_indices, prepare_validation(cfg, 6).test_indices)
+    (vtrain, vtest), (train, test) = pc.get(val, vdata), pc.get(cfg, data)
+    assert vtrain is train and vtest is not test and len(vtest._stores[5]) == 6
+    assert len(test._stores[5]) == len(data.test_indices)
+    assert PrefixCaches.validation_size(val) == 6 and PrefixCaches.validation_size(cfg) is None
+
+
+def test_runner_get_computes_a_missing_run_with_the_given_compute_once(tmp_path):
+    from fedbench.bench import Runner
+    from fedbench.fl.server import run_federated
+    cfg = _cfg(method="head", depth=None).replace(**{"train.local_steps": 1, "data.num_clients": 2})
+    calls = []
+
+    def compute(c, data, caches, ckpt):
+        calls.append(c.hash())
+        return run_federated(c, data, caches=caches, checkpoint_dir=ckpt)
+    runner = Runner(root=tmp_path)
+    first = runner.get(cfg, compute=compute)
+    assert runner.get(cfg, compute=compute).summary["final_accuracy"] == first.summary["final_accuracy"]
+    assert calls == [cfg.hash()] and runner.done(cfg) is not None

@@ -128,16 +128,25 @@ def test_configs_follow_the_cell():
 class FakeRunner:
     """Scores a validation config by a function of its method, privacy and lr (no training)."""
     def __init__(self, acc):
-        self.acc, self.kept = acc, None
+        self.acc = acc
 
-    def run(self, cfg, test_cfg=None):
+    def done(self, cfg):
+        return None
+
+    def get(self, cfg, compute=None):
         from fedbench.results import RunResult
         dp = "none" if not cfg.train.dp.enabled else ("clip only" if cfg.train.dp.noise_multiplier == 0 else "eps")
         a = self.acc(cfg.peft.method, dp, round(cfg.train.lr, 8))
-        return RunResult(config={}, rounds=pd.DataFrame(), summary={"final_accuracy": a, "wall_s": 0.0}), True
+        return RunResult(config={}, rounds=pd.DataFrame(), summary={"final_accuracy": a, "wall_s": 0.0})
+
+
+class SpyHeld(fp.HeldRuns):
+    """Records which reported configs the search keeps held (the chosen lrs')."""
+    kept = None
 
     def keep_only(self, cfgs):
         self.kept = [(c.peft.method, c.train.lr) for c in cfgs]
+        super().keep_only(cfgs)
 
 
 def test_lr_is_the_validation_argmax_per_task_method_and_privacy_level():
@@ -159,12 +168,12 @@ def test_an_edge_choice_extends_the_grid_on_validation_until_bracketed():
     s = settings("smoke", tasks=["tweet_sentiment"], methods=["full"], task_methods=[], axis_methods=[],
                  dp_methods=[], lr_grid={"full": [1e-4, 3e-4]}, lr_extend=3)
     peak = {1e-4: 0.3, 3e-4: 0.4, 9e-4: 0.5, 2.7e-3: 0.45, 8.1e-3: 0.1}
-    runner = FakeRunner(lambda m, dp, lr: peak[lr])
-    table = fp.tune(s, runner, progress=False)
+    runner, held = FakeRunner(lambda m, dp, lr: peak[lr]), SpyHeld()
+    table = fp.tune(s, runner, held, progress=False)
     assert table["lr"].tolist() == pytest.approx([1e-4, 3e-4, 9e-4, 2.7e-3])
     assert table["extension"].tolist() == [0, 0, 1, 2]
     assert s["chosen_lr"][("tweet_sentiment", "full", "none")] == pytest.approx(9e-4)
-    assert not table["chosen_at_grid_edge"].any() and runner.kept == [("full", pytest.approx(9e-4))]
+    assert not table["chosen_at_grid_edge"].any() and held.kept == [("full", pytest.approx(9e-4))]
     s0 = settings("smoke", tasks=["tweet_sentiment"], methods=["full"], task_methods=[], axis_methods=[],
                   dp_methods=[], lr_grid={"full": [1e-4, 3e-4]})
     assert fp.tune(s0, FakeRunner(lambda m, dp, lr: peak[lr]), progress=False)["chosen_at_grid_edge"].all()
@@ -214,7 +223,7 @@ def test_the_lr_search_never_evaluates_on_the_test_split(tmp_results, monkeypatc
     import fedbench.fl.server as server
     s = settings("smoke", tasks=["tweet_sentiment"], methods=["head", "lora"], task_methods=[], axis_methods=[],
                  dp_methods=["head"], dp_epsilons=[8.0])
-    runner = fp.Runner(s)
+    runner = fp.make_runner(s)
     seen = []
     real = server.evaluate
 
@@ -224,8 +233,9 @@ def test_the_lr_search_never_evaluates_on_the_test_split(tmp_results, monkeypatc
     monkeypatch.setattr(server, "evaluate", spy)
     table = fp.tune(s, runner, progress=False)
     assert len(table) == len(fp.tuning_cells(s)) and seen
-    tests = [d.test for (key, kind), d in runner.data.items() if kind == "test"]
-    vals = [d.test for (key, kind), d in runner.data.items() if kind != "test"]
+    datas = list(runner.shared._data.values())          # a validation carve has exactly validation_samples rows
+    tests = [d.test for d in datas if len(d.test) != s["validation_samples"]]
+    vals = [d.test for d in datas if len(d.test) == s["validation_samples"]]
     assert tests and vals
     assert all(any(x is v for v in vals) for x in seen) and not any(any(x is t for t in tests) for x in seen)
     assert set(s["chosen_lr"]) == {fp.lr_key(c) for c in fp.build_cells(s)}
@@ -298,7 +308,7 @@ def synthetic_summary(full_acc=0.70, lora_acc=0.69, head_acc=0.60, dp_drop=None,
 
 
 def claims_of(df, s, gain=None):
-    from fedbench.experiments import fedpeft_claims as fc
+    from fedbench.experiments.fedpeft import claims as fc
     headroom = None if gain is None else pd.DataFrame({"task": [s["tasks"][0]], "gain": [gain]})
     return words(fc.make_claims(df, s, headroom))
 
@@ -346,7 +356,7 @@ def test_claims_are_decided_on_per_seed_scores_with_seed_level_intervals():
 
 def test_near_full_claims_need_headroom_on_validation():
     """Full FT beats head-only on test, but on validation by less than 0.05: "within a margin" is not decided."""
-    from fedbench.experiments import fedpeft_claims as fc
+    from fedbench.experiments.fedpeft import claims as fc
     df, _, s = synthetic_summary()
     near = f"[tweet_sentiment] {fp.variant('lora', s['depth'])} is within 0.03 of full fine-tuning"
     assert claims_of(df, s, gain=0.02).loc[near, "word"].startswith("no headroom: fine-tuning beats")
@@ -498,15 +508,15 @@ def test_a_held_search_run_replays_on_test_as_the_run_trained_for_it(tmp_results
     c = fp.base_cell(s, "tweet_sentiment", method, 0, dp_epsilon=eps)
     lr = s["lr_grid"][method][0]
     val_cfg, test_cfg = fp.make_config(c, s, lr=lr, eval_every=3, validation=True), fp.make_config(c, s, lr=lr)
-    assert val_cfg.hash() != test_cfg.hash() and fp._same_training(val_cfg, test_cfg)
-    runner = fp.Runner(s)
-    runner.run(val_cfg, test_cfg=test_cfg)
-    assert set(runner.held) == {run_key(test_cfg, "inprocess")}
-    replayed, cached = runner.run(test_cfg)
-    assert not cached and not runner.held
-    fresh = fp.Runner(s)
-    data = fresh._data(test_cfg, "test")
-    direct = run_federated(test_cfg, data, caches=fresh.caches.get(test_cfg, data, "test"))
+    assert val_cfg.hash() != test_cfg.hash() and fp.same_training(val_cfg, test_cfg)
+    runner, held = fp.make_runner(s), fp.HeldRuns()
+    runner.get(val_cfg, compute=held.search(test_cfg))
+    assert set(held.held) == {run_key(test_cfg)} and runner.done(test_cfg) is None
+    replayed = runner.get(test_cfg, compute=held.replay(test_cfg))
+    assert not held.held and held.replay(test_cfg) is None
+    fresh = fp.make_runner(s)
+    data = fresh.data(test_cfg)
+    direct = run_federated(test_cfg, data, caches=fresh.caches(test_cfg, data))
     pd.testing.assert_frame_equal(replayed.rounds.drop(columns="wall_s"), direct.rounds.drop(columns="wall_s"))
     assert {k: v for k, v in replayed.summary.items() if k != "wall_s"} == \
         {k: v for k, v in direct.summary.items() if k != "wall_s"}
@@ -525,9 +535,10 @@ def test_a_validation_run_of_another_training_is_not_held(tmp_results):
     s = settings("smoke", tasks=["tweet_sentiment"], methods=["head"], task_methods=[], axis_methods=[],
                  dp_methods=[], rounds=2)
     c = fp.base_cell(s, "tweet_sentiment", "head", 0)
-    runner = fp.Runner(s)
-    runner.run(fp.make_config(c, s, lr=0.01, eval_every=2, validation=True), test_cfg=fp.make_config(c, s, lr=0.03))
-    assert not runner.held
+    runner, held = fp.make_runner(s), fp.HeldRuns()
+    runner.get(fp.make_config(c, s, lr=0.01, eval_every=2, validation=True), compute=held.search(fp.make_config(
+        c, s, lr=0.03)))
+    assert not held.held
 
 
 def test_the_caches_fill_every_depth_the_profile_needs_with_one_fill_s_values(tmp_results):
@@ -536,13 +547,39 @@ def test_the_caches_fill_every_depth_the_profile_needs_with_one_fill_s_values(tm
     from fedbench.models.inputs import ActivationCache
     s = settings("smoke", tasks=["tweet_sentiment"], methods=["full", "head"], task_methods=[], axis_methods=[],
                  dp_methods=[])
-    runner = fp.Runner(s)
+    runner = fp.make_runner(s)
     cfg = fp.make_config(fp.base_cell(s, "tweet_sentiment", "full", 0), s, lr=1e-3)
-    data = runner._data(cfg, "test")
-    train, test = runner.caches.get(cfg, data, "test")
+    data = runner.data(cfg)
+    train, test = runner.caches(cfg, data)
     assert set(train._stores) == {5, 6} and set(test._stores) == {5, 6}
-    model = runner.caches._model
+    model = runner.shared._model
     for depth in (5, 6):
         one = ActivationCache(data.train, data.pad_id)
         one.fill(model, np.arange(len(data.train)), depth)
         assert all(torch.equal(one._stores[depth][i], train._stores[depth][i]) for i in range(len(data.train)))
+
+
+def test_methods_are_facts_of_a_table_checked_against_the_tuner_registry(monkeypatch):
+    """Every method's grid and role come from ARMS; a method runs only where its tuner is registered."""
+    from fedbench.experiments.fedpeft import plan
+    from fedbench.registry import TUNERS
+    assert set(fp.METHODS) <= set(TUNERS.names()) and fp.known_methods() == list(fp.METHODS)
+    assert (fp.REFERENCE, fp.PROBE) == ("full", "head")
+    assert fp.FedPEFTSettings().lr_grid == {m: list(a.lr_grid) for m, a in fp.ARMS.items()}
+    monkeypatch.setattr(plan, "TUNERS", [m for m in TUNERS.names() if m != "ia3"])    # ia3's tuner gone
+    with pytest.raises(ConfigError, match="methods") as e:
+        settings(methods=["full", "ia3"])
+    assert e.value.field_name == "methods" and "ia3" not in str(e.value.allowed)
+    with pytest.raises(ConfigError, match="primary_method"):       # the reference and the probe are not PEFT
+        settings(primary_method="head")
+
+
+def test_the_protocol_quotes_measured_numbers_from_the_run_s_outputs():
+    headroom = pd.DataFrame({"task": ["wordnet_noun"], "gain": [0.0741], "depth": [2]})
+    metrics = pd.DataFrame({**{k: [0] * 4 for k in fp.KEYS}, "round": [4, 8, 10, 10], "value": [0.5, 0.6, 0.41, 9.0],
+                            "metric": ["accuracy", "accuracy", "accuracy", "loss"]})
+    why = fp.protocol_table(headroom, metrics).set_index("aspect")["why"]
+    assert "full FT - head-only: wordnet_noun +0.074 at top 2 layers" in why["trained layers"]
+    assert "fell by up to 0.190" in why["scoring, claims"]
+    empty = fp.protocol_table().set_index("aspect")["why"]
+    assert "not measured by this run" in empty["trained layers"] and "0.190" not in empty["scoring, claims"]

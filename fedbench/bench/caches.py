@@ -6,6 +6,8 @@ data sample (task, sizes, sequence length, backbone, and the seed only when the 
 subsampling every seed sees the same examples) and on the depth; nothing else. Each is filled once, before its
 first run, in a fixed order (by length, then index: :meth:`fedbench.models.inputs.ActivationCache.fill_depths`),
 so the cached values, and every run's numbers, do not depend on which runs came first or were already on disk.
+A run evaluated on a validation carve of the training split (the ``validation`` federation option: a learning-rate
+search) gets that carve's data and its own evaluation cache, beside the training cache of its sample.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ class PrefixCaches:
 
     def __init__(self):
         self._data: dict[str, object] = {}
-        self._caches: dict[str, tuple] = {}
+        self._train: dict[str, object] = {}         # sample -> training cache
+        self._evaluated: dict[str, object] = {}     # sample (test) or validation carve -> evaluation cache
         self._depths: dict[str, int] = {}
         self._filled: set[tuple[str, int]] = set()
         self._model = None
@@ -39,12 +42,25 @@ class PrefixCaches:
                             "max_test_samples": d.max_test_samples, "backbone": cfg.model.backbone,
                             "seed": cfg.seed if seeded else None})
 
+    @staticmethod
+    def validation_size(cfg: ExperimentConfig) -> int | None:
+        """The validation carve `cfg` is evaluated on (the single federation's ``validation`` option, the data
+        :meth:`data` prepares), or None: the test split."""
+        from fedbench.fl.data import SingleOptions
+        from fedbench.registry import FEDERATIONS
+        if FEDERATIONS.entry(cfg.data.federation).options is not SingleOptions:
+            return None
+        return cfg.data.federation_options.get("validation")
+
     def data(self, cfg: ExperimentConfig):
-        """The run's prepared data, built once per (data fields, backbone, seed)."""
-        from fedbench.fl import prepare_data
+        """The run's prepared data, built once per (data fields, backbone, seed); on a validation carve,
+        :func:`fedbench.fl.prepare_validation` of the same clients (the training split shared with test runs)."""
+        from fedbench.fl import prepare_data, prepare_validation
         key = config_hash({"data": cfg.to_dict()["data"], "backbone": cfg.model.backbone, "seed": cfg.seed})
         if key not in self._data:
-            self._data[key] = prepare_data(cfg)
+            size = self.validation_size(cfg)
+            self._data[key] = prepare_data(cfg) if size is None else prepare_validation(
+                cfg, size, self.data(cfg.replace(**{"data.federation_options.validation": None})))
         return self._data[key]
 
     def frozen_depth(self, cfg: ExperimentConfig, num_labels: int) -> int:
@@ -64,15 +80,21 @@ class PrefixCaches:
         from fedbench.models.inputs import ActivationCache
         data = self.data(cfg) if data is None else data
         key = self.sample_key(cfg)
-        if key not in self._caches:
-            self._caches[key] = (ActivationCache(data.train, data.pad_id), ActivationCache(data.test, data.pad_id))
+        size = self.validation_size(cfg)      # a validation carve: its own evaluation cache, the sample's training one
+        evaluated = key if size is None else config_hash({"sample": key, "validation": size, "seed": cfg.seed})
+        if key not in self._train:
+            self._train[key] = ActivationCache(data.train, data.pad_id)
+        if evaluated not in self._evaluated:
+            self._evaluated[evaluated] = ActivationCache(data.test, data.pad_id)
+        pair = (self._train[key], self._evaluated[evaluated])
         if self._model is None:      # the plain pretrained layers compute every prefix
             self._model = build_model(cfg.model, PeftConfig(method="head"), data.num_labels, seed=0)
-        todo = sorted({d for d in (self.frozen_depth(cfg, data.num_labels), *depths)
-                       if d > 0 and (key, d) not in self._filled})
-        if todo:
-            with torch.no_grad():
-                for cache, idx in zip(self._caches[key], (np.arange(len(data.train)), np.asarray(data.test_indices))):
+        want = {d for d in (self.frozen_depth(cfg, data.num_labels), *depths) if d > 0}
+        with torch.no_grad():
+            for cache, idx, k in zip(pair, (np.arange(len(data.train)), np.asarray(data.test_indices)),
+                                     ((key, "train"), (evaluated, "evaluated"))):
+                todo = sorted(d for d in want if (k, d) not in self._filled)
+                if todo:
                     cache.fill_depths(self._model, idx, todo)
-            self._filled.update((key, d) for d in todo)
-        return self._caches[key]
+                    self._filled.update((k, d) for d in todo)
+        return pair

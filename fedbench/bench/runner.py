@@ -22,12 +22,12 @@ class Runner:
     ``data(cfg)`` gives the run's prepared data and ``caches(cfg, data)`` its (train, test) prefix caches or None;
     both are called only for a run that is not in the store. ``reload`` returns what a later load gives even for a
     run just computed (bit-identical tables whether or not it was on disk). ``label(cfg)`` names a run in the
-    progress line (None: no progress printed).
+    progress line (None: no progress printed). ``shared``: the PrefixCaches the providers draw on (default: new).
     """
 
     def __init__(self, data: Callable | None = None, caches: Callable | None = None, *, root=None,
-                 reload: bool = False, label: Callable | None = None):
-        self.shared = PrefixCaches()
+                 reload: bool = False, label: Callable | None = None, shared: PrefixCaches | None = None):
+        self.shared = shared if shared is not None else PrefixCaches()
         self.data = data if data is not None else self.shared.data
         self.caches = caches
         self.root, self.reload, self.label = root, reload, label
@@ -47,16 +47,22 @@ class Runner:
         from fedbench.results import load_run, run_key
         return load_run(run_key(cfg), self.store())
 
-    def get(self, cfg):
+    def get(self, cfg, compute: Callable | None = None):
+        """`compute(cfg, data, caches, checkpoint_dir)`, if given, computes a run not in the store instead of the
+        loop's :func:`~fedbench.fl.server.run_federated` (e.g. a replay of a held run of the same training); its
+        result is stored like any run's."""
         from fedbench.fl.server import run_cached
-        from fedbench.results import load_run, run_key
+        from fedbench.results import cached_run, load_run, run_key
         done = self.done(cfg)
         if done is not None:
             return done
         data = self.data(cfg)
         caches = self.caches(cfg, data) if self.caches is not None else None
         t0 = time.perf_counter()
-        res = run_cached(cfg, data, root=self.store(), caches=caches)
+        if compute is None:
+            res = run_cached(cfg, data, root=self.store(), caches=caches)
+        else:
+            res = cached_run(cfg, lambda ckpt: compute(cfg, data, caches, ckpt), root=self.store())
         if self.label is not None:
             print(f"{self.label(cfg)}: {time.perf_counter() - t0:.0f} s, test accuracy "
                   f"{res.summary['final_accuracy']:.3f}", flush=True)

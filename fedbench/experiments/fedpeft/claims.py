@@ -20,15 +20,11 @@ import numpy as np
 import pandas as pd
 
 from fedbench import claims as C
-from fedbench.experiments import fedpeft as F
+from fedbench.experiments.fedpeft import plan as F
+from fedbench.experiments.fedpeft.analysis import base_mask
+from fedbench.experiments.fedpeft.plan import PRIMARY_KINDS, PROBE, REFERENCE
 
-# the claim kinds a profile may name as primary: what each says about `primary_method` on the first task
-PRIMARY_KINDS = {
-    "near_full": "within near_tolerance of full fine-tuning (non-inferiority, gated by headroom and the assay)",
-    "dp_noise": "loses less accuracy to DP noise than full FT at the first epsilon, each method's drop measured "
-                "from its own clip-only run",
-    "skew_drop": "loses no more accuracy (within near_tolerance) than full FT under the strongest Dirichlet skew",
-}
+__all__ = ["PRIMARY_KINDS", "headroom_table", "make_claims", "scores"]
 
 
 def _none(v):
@@ -56,9 +52,9 @@ def headroom_table(lr_table: pd.DataFrame, s: dict) -> pd.DataFrame:
     nodp = lr_table[lr_table["privacy"] == "none"]
     for task in s["tasks"]:
         best = nodp[nodp["task"] == task].groupby("method")["validation_accuracy"].max()
-        if {"full", "head"} <= set(best.index):
-            gain = float(best["full"] - best["head"])
-            rows.append({"task": task, "full_validation": float(best["full"]), "head_validation": float(best["head"]),
+        if {REFERENCE, PROBE} <= set(best.index):
+            gain = float(best[REFERENCE] - best[PROBE])
+            rows.append({"task": task, "full_validation": float(best[REFERENCE]), "head_validation": float(best[PROBE]),
                          "gain": gain, "margin": C.HEADROOM_MARGIN, "passes": gain >= C.HEADROOM_MARGIN,
                          "depth": s["depth"], "rounds": s["rounds"], "local_steps": s["local_steps"]})
     return pd.DataFrame(rows)
@@ -95,15 +91,15 @@ def make_claims(summary: pd.DataFrame, s: dict, headroom: pd.DataFrame | None = 
         seeds = s["seeds"] if task == main else s["task_seeds"]
         methods = s["methods"] if task == main else s["task_methods"]
         gate = C.headroom_gate(gains[task]) if task in gains else ""
-        v = vectors(lambda sd: {"full": cell(task, "full", sd), "head": cell(task, "head", sd)}, seeds)
+        v = vectors(lambda sd: {"full": cell(task, REFERENCE, sd), "head": cell(task, PROBE, sd)}, seeds)
         if v is not None:
             reference = C.paired_seed_difference(
-                v["full"], v["head"], f"[{task}] {F.variant('full', s['depth'])} beats head-only (the reference is "
+                v["full"], v["head"], f"[{task}] {F.variant(REFERENCE, s['depth'])} beats head-only (the reference is "
                 "trained)", "full fine-tuning is the upper reference", comparison="full - head", detail=scored)
             rows.append(reference)
             gate = gate or C.assay_gate(reference, "head-only")
-        for m in [m for m in methods if m != "full"]:
-            v = vectors(lambda sd: {"m": cell(task, m, sd), "full": cell(task, "full", sd)}, seeds)
+        for m in [m for m in methods if m != REFERENCE]:
+            v = vectors(lambda sd: {"m": cell(task, m, sd), "full": cell(task, REFERENCE, sd)}, seeds)
             if v is None:
                 continue
             add(C.gate(C.paired_seed_difference(
@@ -112,9 +108,9 @@ def make_claims(summary: pd.DataFrame, s: dict, headroom: pd.DataFrame | None = 
                 threshold=-tol, comparison=f"{m} - full", detail=scored), gate),
                 "near_full" if task == main and m == pm else None)
     # 2. LoRA's bytes per round: an exact count
-    by = summary[F._base_mask(summary, s) & (summary["task"] == main)].groupby("method")["bytes_up_per_round"].first()
-    if {"full", "lora"} <= set(by.index):
-        rows.append(C.exact(100 * by["lora"] / by["full"],
+    by = summary[base_mask(summary, s) & (summary["task"] == main)].groupby("method")["bytes_up_per_round"].first()
+    if {REFERENCE, "lora"} <= set(by.index):
+        rows.append(C.exact(100 * by["lora"] / by[REFERENCE],
                             f"{F.variant('lora', s['depth'])} sends < 2% of full fine-tuning's bytes per round",
                             "LoRA/adapters/prompts send < 1% of the model per round", direction=-1, threshold=2.0,
                             comparison="100 * bytes(lora) / bytes(full)", what="exact byte count"))
@@ -146,12 +142,12 @@ def _dp_claims(s, cell, vectors, add, scored):
                                          "clip only", "DP-SGD costs accuracy, more at smaller epsilon",
                                          comparison=f"{m}: clip only - eps={eps:g}", detail=scored))
     for i, eps in enumerate(s["dp_epsilons"]):
-        for m in [m for m in s["dp_methods"] if m != "full"]:
-            seeds = [sd for sd in F.dp_seeds_for(s, m, float(eps)) if sd in F.dp_seeds_for(s, "full", float(eps))]
+        for m in [m for m in s["dp_methods"] if m != REFERENCE]:
+            seeds = [sd for sd in F.dp_seeds_for(s, m, float(eps)) if sd in F.dp_seeds_for(s, REFERENCE, float(eps))]
             for ref, ref_eps, what in (("clip only", math.inf, "to DP noise (each method's drop from its own "
                                         "clip-only run)"), ("no DP", None, "under DP-SGD (drop from no DP)")):
-                v = vectors(lambda sd: {"f_ref": cell(main, "full", sd, dp_epsilon=ref_eps),
-                                        "f_dp": cell(main, "full", sd, dp_epsilon=float(eps)),
+                v = vectors(lambda sd: {"f_ref": cell(main, REFERENCE, sd, dp_epsilon=ref_eps),
+                                        "f_dp": cell(main, REFERENCE, sd, dp_epsilon=float(eps)),
                                         "m_ref": cell(main, m, sd, dp_epsilon=ref_eps),
                                         "m_dp": cell(main, m, sd, dp_epsilon=float(eps))}, seeds)
                 if v is None:
@@ -168,11 +164,11 @@ def _axis_claims(s, cell, vectors, add, scored):
     Heterogeneity: strong label skew costs accuracy (per method, from IID where it is a level), and PEFT's drop
     under it is no larger than full FT's (within `tol`), each drop from the base condition (the first level)."""
     main, tol, seeds, pm = s["tasks"][0], float(s["near_tolerance"]), s["axis_seeds"], s["primary_method"]
-    peft = [m for m in s["axis_methods"] if m != "full"]
+    peft = [m for m in s["axis_methods"] if m != REFERENCE]
     for p, d in s["stability"][1:]:
         for m in peft:
-            v = vectors(lambda sd: {"f_b": cell(main, "full", sd), "m_b": cell(main, m, sd),
-                                    "f_l": cell(main, "full", sd, participation=p, dropout=d),
+            v = vectors(lambda sd: {"f_b": cell(main, REFERENCE, sd), "m_b": cell(main, m, sd),
+                                    "f_l": cell(main, REFERENCE, sd, participation=p, dropout=d),
                                     "m_l": cell(main, m, sd, participation=p, dropout=d)}, seeds)
             if v is None:
                 continue
@@ -206,7 +202,8 @@ def _axis_claims(s, cell, vectors, add, scored):
     ref_name = name(ref)
     at_ref = {"partition": ref[0], "alpha": ref[1]}
     for m in peft:
-        v = vectors(lambda sd: {"f_ref": cell(main, "full", sd, **at_ref), "f_skew": cell(main, "full", sd, **at_skew),
+        v = vectors(lambda sd: {"f_ref": cell(main, REFERENCE, sd, **at_ref),
+                                "f_skew": cell(main, REFERENCE, sd, **at_skew),
                                 "m_ref": cell(main, m, sd, **at_ref), "m_skew": cell(main, m, sd, **at_skew)}, seeds)
         if v is None:
             continue
