@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import OrderedDict
 
 import numpy as np
 import pandas as pd
@@ -18,8 +17,6 @@ from fedbench.experiments.task_arithmetic.unit import Unit, equivalence_rows, ro
 
 def compute_unit(r: Resolved, tuning: str, seed: int, log, lr: float | None = None) -> dict:
     """Every table of one (tuning, seed); `lr` given: fine-tune with it (no search; the first seed's choice)."""
-    from fedbench.fl.strategy import FedAvg
-    from fedbench.models import lora_delta
     start = time.perf_counter()
     s = r.settings
     u = Unit(r, tuning, seed, log)
@@ -70,11 +67,7 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log, lr: float | None = No
         f"({time.perf_counter() - start:.0f} s)")
     tvs = [u.task_vector(x.state) for x in updates]
     steps = [x.num_steps for x in updates]
-    fedit_tv = None
-    if u.modules:
-        g_fit = FedAvg(u.cfg.replace(**{"fl.lora_aggregation": "factors", "fl.strategy": "fedavg", "fl.options": {}}),
-                       u.run.model).aggregate(u.g0, updates, 1)
-        fedit_tv = OrderedDict((m.base_key, lora_delta(g_fit.state, m) - lora_delta(u.init, m)) for m in u.modules)
+    fedit_tv = u.fedit_task_vector(updates)
     # probe (theta_0 + frozen heads) and individual models
     probe_test = keep("homogeneous", "probe", "-", u.g0, 0.0, nan)
     ind_test, ind_val = {}, {}
@@ -150,12 +143,7 @@ def compute_unit(r: Resolved, tuning: str, seed: int, log, lr: float | None = No
         h_updates, g_het = u.first_round(het_steps, het_lrs, reuse=u.reuse_of(updates))
         h_tvs = [u.task_vector(x.state) for x in h_updates]
         h_steps = [x.num_steps for x in h_updates]
-        h_fedit = None
-        if u.modules:
-            g_hfit = FedAvg(u.cfg.replace(**{"fl.lora_aggregation": "factors", "fl.strategy": "fedavg", "fl.options": {}}),
-                            u.run.model).aggregate(u.g0, h_updates, 1)
-            h_fedit = OrderedDict((m.base_key, lora_delta(g_hfit.state, m) - lora_delta(u.init, m))
-                                  for m in u.modules)
+        h_fedit = u.fedit_task_vector(h_updates)
         for t in ids:
             acc = u.accuracies(u.merged_model(h_tvs[t]), "test", [t])[0][t]
             rows.append({"setting": setting, "method": "individual", "variant": "-", "lambda": 1.0,

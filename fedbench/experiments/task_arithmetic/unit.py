@@ -42,6 +42,17 @@ class Unit:
             return merging.lora_task_vector(state, self.modules, self.init)
         return merging.state_task_vector(state, self.init, self.encoder_keys)
 
+    def fedit_task_vector(self, updates) -> dict | None:
+        """FedIT's round on `updates` (FedAvg of the LoRA factors, mean(B) mean(A)) as a task vector per LoRA
+        module; None without LoRA factors (full fine-tuning)."""
+        if not self.modules:
+            return None
+        from fedbench.fl.strategy import FedAvg
+        from fedbench.models import lora_delta
+        cfg = self.cfg.replace(**{"fl.lora_aggregation": "factors", "fl.strategy": "fedavg", "fl.options": {}})
+        g = FedAvg(cfg, self.run.model).aggregate(self.g0, updates, 1)
+        return OrderedDict((m.base_key, lora_delta(g.state, m) - lora_delta(self.init, m)) for m in self.modules)
+
     def merged_model(self, tv: dict):
         """theta_0 + tv with the frozen heads: LoRA deltas go into the base weights (factors at init)."""
         from fedbench.fl import GlobalModel
